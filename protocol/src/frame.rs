@@ -1,0 +1,124 @@
+//! One WebSocket binary frame ↔ one y-sync message.
+//!
+//! `y-websocket` reads exactly one message per frame, so the engine sends one per frame and
+//! expects the same from clients: bytes after the first message are a protocol error rather
+//! than something to guess about.
+
+use yrs::encoding::read::{Cursor, Error as ReadError, Read};
+use yrs::sync::protocol::{MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC};
+use yrs::sync::Message;
+use yrs::updates::decoder::{Decode, Decoder, DecoderV1};
+use yrs::updates::encoder::Encode;
+
+use crate::close::CloseCode;
+
+/// Why a frame could not be turned into a message.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown message type {0}")]
+    UnknownType(u64),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] ReadError),
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+}
+
+impl FrameError {
+    /// The close code a server answers this error with.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            FrameError::UnknownType(_) => CloseCode::UNSUPPORTED_DATA,
+            FrameError::Empty | FrameError::Malformed(_) | FrameError::TrailingBytes(_) => {
+                CloseCode::PROTOCOL_ERROR
+            }
+        }
+    }
+}
+
+/// Decodes a frame sent by a client: only the four y-protocols message types are accepted.
+pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
+    let mut cursor = Cursor::new(frame);
+    let tag: u64 = cursor.read_var().map_err(|_| FrameError::Empty)?;
+    match u8::try_from(tag) {
+        Ok(MSG_SYNC | MSG_AWARENESS | MSG_AUTH | MSG_QUERY_AWARENESS) => decode_frame_any(frame),
+        _ => Err(FrameError::UnknownType(tag)),
+    }
+}
+
+/// Decodes any frame, extension types included (as `Message::Custom`). Used by clients and tests.
+pub fn decode_frame_any(frame: &[u8]) -> Result<Message, FrameError> {
+    if frame.is_empty() {
+        return Err(FrameError::Empty);
+    }
+    let mut decoder = DecoderV1::from(frame);
+    let message = Message::decode(&mut decoder)?;
+    let rest = decoder.read_to_end().map(|r| r.len()).unwrap_or(0);
+    if rest != 0 {
+        return Err(FrameError::TrailingBytes(rest));
+    }
+    Ok(message)
+}
+
+/// Encodes one message as one frame.
+pub fn encode_message(message: &Message) -> Vec<u8> {
+    message.encode_v1()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::sync::SyncMessage;
+    use yrs::StateVector;
+
+    #[test]
+    fn rejects_empty_unknown_and_trailing() {
+        assert!(matches!(decode_frame(&[]), Err(FrameError::Empty)));
+        assert!(matches!(
+            decode_frame(&[7, 0]),
+            Err(FrameError::UnknownType(7))
+        ));
+        assert!(matches!(
+            decode_frame(&[100, 1, 1]),
+            Err(FrameError::UnknownType(100))
+        ));
+        // Sync step 1 with an empty state vector, then a stray byte.
+        assert!(matches!(
+            decode_frame(&[0, 0, 1, 0, 9]),
+            Err(FrameError::TrailingBytes(1))
+        ));
+        // Length prefix larger than the frame.
+        assert!(matches!(
+            decode_frame(&[0, 2, 50, 1]),
+            Err(FrameError::Malformed(_))
+        ));
+        // Unknown sync sub-type.
+        assert!(matches!(
+            decode_frame(&[0, 9, 0]),
+            Err(FrameError::Malformed(_))
+        ));
+        assert_eq!(
+            decode_frame(&[7]).unwrap_err().close_code(),
+            CloseCode::UNSUPPORTED_DATA
+        );
+        assert_eq!(
+            decode_frame(&[0, 9]).unwrap_err().close_code(),
+            CloseCode::PROTOCOL_ERROR
+        );
+    }
+
+    #[test]
+    fn round_trip() {
+        let messages = [
+            Message::Sync(SyncMessage::SyncStep1(StateVector::default())),
+            Message::Sync(SyncMessage::SyncStep2(vec![0, 0])),
+            Message::Sync(SyncMessage::Update(vec![1, 2, 3])),
+            Message::AwarenessQuery,
+            Message::Auth(Some("no".into())),
+        ];
+        for m in messages {
+            assert_eq!(decode_frame(&encode_message(&m)).ok(), Some(m));
+        }
+    }
+}
