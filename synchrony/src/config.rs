@@ -1,0 +1,415 @@
+//! All configuration, in one place.
+//!
+//! Every key has a command-line flag and an environment variable in Synchrony's UPPER_SNAKE form
+//! (`synchrony.port` → `SYNCHRONY_PORT`). The library never reads the environment itself: `main`
+//! parses a [`ServeConfig`] and hands typed pieces down.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where documents are stored.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// Database URL: `postgres://…`, Synchrony's JDBC form `jdbc:postgresql://host:port/db`, or
+    /// `sqlite://path`. Unset: SQLite at `<data-dir>/synchrony.db`.
+    #[arg(long = "database-url", env = "SYNCHRONY_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Database user, for URLs (JDBC ones especially) that do not carry it.
+    #[arg(long = "database-username", env = "SYNCHRONY_DATABASE_USERNAME")]
+    pub database_username: Option<String>,
+
+    /// Database password, for URLs that do not carry it.
+    #[arg(
+        long = "database-password",
+        env = "SYNCHRONY_DATABASE_PASSWORD",
+        hide_env_values = true
+    )]
+    pub database_password: Option<String>,
+
+    /// Directory of the embedded SQLite database.
+    #[arg(
+        long = "data-dir",
+        env = "SYNCHRONY_DATA_DIR",
+        default_value = "./synchrony-data"
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("synchrony.database.url: {0}")]
+    DatabaseUrl(String),
+    #[error("synchrony.data.dir: cannot create {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("synchrony.context.path: {0}")]
+    ContextPath(String),
+}
+
+impl StoreConfig {
+    /// The sqlx URL to connect to, creating the data directory for the SQLite default.
+    pub fn resolve_url(&self) -> Result<String, ConfigError> {
+        let Some(raw) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            std::fs::create_dir_all(&self.data_dir).map_err(|e| ConfigError::DataDir {
+                path: self.data_dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            return Ok(format!(
+                "sqlite://{}/synchrony.db?mode=rwc",
+                self.data_dir.display()
+            ));
+        };
+        let raw = raw.trim();
+        if raw.starts_with("sqlite:") {
+            return Ok(raw.to_owned());
+        }
+        // JDBC URLs lower-case their scheme (Synchrony does the same) and lose the `jdbc:` prefix.
+        let lower = raw.to_ascii_lowercase();
+        let rest = lower
+            .strip_prefix("jdbc:")
+            .map(|_| &raw[5..])
+            .unwrap_or(raw);
+        let (scheme, tail) = rest
+            .split_once("://")
+            .ok_or_else(|| ConfigError::DatabaseUrl(format!("{raw:?} is not a URL")))?;
+        if !matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "postgres" | "postgresql"
+        ) {
+            return Err(ConfigError::DatabaseUrl(format!(
+                "unsupported scheme {scheme:?}; use postgres://, jdbc:postgresql:// or sqlite://"
+            )));
+        }
+        let mut url = url::Url::parse(&format!("postgres://{tail}"))
+            .map_err(|e| ConfigError::DatabaseUrl(format!("{raw:?}: {e}")))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(ConfigError::DatabaseUrl(format!("{raw:?} has no host")));
+        }
+        // JDBC carries credentials as query parameters or separate keys; sqlx wants them in the URL.
+        let mut user = self.database_username.clone();
+        let mut password = self.database_password.clone();
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter_map(|(k, v)| match k.as_ref() {
+                "user" => {
+                    user.get_or_insert(v.into_owned());
+                    None
+                }
+                "password" => {
+                    password.get_or_insert(v.into_owned());
+                    None
+                }
+                _ => Some((k.into_owned(), v.into_owned())),
+            })
+            .collect();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+        let bad = |_| ConfigError::DatabaseUrl("cannot carry credentials".into());
+        if let Some(user) = user.filter(|_| url.username().is_empty()) {
+            url.set_username(&user).map_err(bad)?;
+        }
+        if let Some(password) = password.filter(|_| url.password().is_none()) {
+            url.set_password(Some(&password)).map_err(bad)?;
+        }
+        Ok(url.to_string())
+    }
+}
+
+/// Size limits and queue bounds.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Largest WebSocket frame (and message) accepted from a client, in bytes. Larger: close 4413.
+    #[arg(long = "max-frame-bytes", env = "SYNCHRONY_MAX_FRAME_BYTES", default_value_t = 8 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Largest document, in bytes of encoded Yjs state. An update that would pass it: close 4413.
+    #[arg(long = "max-doc-bytes", env = "SYNCHRONY_MAX_DOC_BYTES", default_value_t = 64 << 20)]
+    pub max_doc_bytes: usize,
+
+    /// Messages queued towards one client before it counts as lagging.
+    #[arg(
+        long = "outbound-queue-messages",
+        env = "SYNCHRONY_OUTBOUND_QUEUE_MESSAGES",
+        default_value_t = 512
+    )]
+    pub outbound_queue_messages: usize,
+
+    /// Bytes queued towards one client before it counts as lagging (one message is always allowed).
+    #[arg(long = "outbound-queue-bytes", env = "SYNCHRONY_OUTBOUND_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub outbound_queue_bytes: usize,
+
+    /// Resyncs of a lagging client allowed per minute before it is closed with 1013.
+    #[arg(
+        long = "max-resyncs-per-minute",
+        env = "SYNCHRONY_MAX_RESYNCS_PER_MINUTE",
+        default_value_t = 3
+    )]
+    pub max_resyncs_per_minute: usize,
+}
+
+/// Timers.
+#[derive(Debug, Clone, Args)]
+pub struct TimingConfig {
+    /// Group-commit window: accepted updates are committed at most this long after arrival.
+    #[arg(
+        long = "flush-window-ms",
+        env = "SYNCHRONY_FLUSH_WINDOW_MS",
+        default_value_t = 50
+    )]
+    pub flush_window_ms: u64,
+
+    /// WebSocket ping interval, seconds.
+    #[arg(
+        long = "ping-interval-secs",
+        env = "SYNCHRONY_PING_INTERVAL_SECS",
+        default_value_t = 30
+    )]
+    pub ping_interval_secs: u64,
+
+    /// Close a connection (1001) that sent nothing, not even a pong, for this long, seconds.
+    #[arg(
+        long = "idle-timeout-secs",
+        env = "SYNCHRONY_IDLE_TIMEOUT_SECS",
+        default_value_t = 90
+    )]
+    pub idle_timeout_secs: u64,
+
+    /// Give up on a client whose socket accepts no data for this long, seconds.
+    #[arg(
+        long = "write-timeout-secs",
+        env = "SYNCHRONY_WRITE_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub write_timeout_secs: u64,
+
+    /// Unload a document this long after its last client left, seconds.
+    #[arg(
+        long = "doc-idle-secs",
+        env = "SYNCHRONY_DOC_IDLE_SECS",
+        default_value_t = 30
+    )]
+    pub doc_idle_secs: u64,
+
+    /// Bound on a graceful shutdown (SIGTERM), seconds.
+    #[arg(
+        long = "drain-timeout-secs",
+        env = "SYNCHRONY_DRAIN_TIMEOUT_SECS",
+        default_value_t = 20
+    )]
+    pub drain_timeout_secs: u64,
+}
+
+impl TimingConfig {
+    pub fn flush_window(&self) -> Duration {
+        Duration::from_millis(self.flush_window_ms)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs.max(1))
+    }
+    pub fn doc_idle(&self) -> Duration {
+        Duration::from_secs(self.doc_idle_secs)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+/// When the update log of a document is merged into its snapshot.
+#[derive(Debug, Clone, Args)]
+pub struct CompactionConfig {
+    /// Compact once a loaded document has this many log rows.
+    #[arg(
+        long = "compact-after-updates",
+        env = "SYNCHRONY_COMPACT_AFTER_UPDATES",
+        default_value_t = 1000
+    )]
+    pub compact_after_updates: u64,
+
+    /// Compact once a loaded document's log holds this many bytes.
+    #[arg(long = "compact-after-bytes", env = "SYNCHRONY_COMPACT_AFTER_BYTES", default_value_t = 4 << 20)]
+    pub compact_after_bytes: u64,
+}
+
+/// `synchrony serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on. Loopback by default; set it (e.g. 0.0.0.0) to serve other machines.
+    #[arg(long, env = "SYNCHRONY_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// HTTP and WebSocket port (0 picks a free one; the ready line on stdout tells which).
+    #[arg(long, env = "SYNCHRONY_PORT", default_value_t = 8091)]
+    pub port: u16,
+
+    /// Path prefix of every endpoint.
+    #[arg(
+        long = "context-path",
+        env = "SYNCHRONY_CONTEXT_PATH",
+        default_value = "/synchrony"
+    )]
+    pub context_path: String,
+
+    #[command(flatten)]
+    pub store: StoreConfig,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
+    #[command(flatten)]
+    pub timing: TimingConfig,
+
+    #[command(flatten)]
+    pub compaction: CompactionConfig,
+}
+
+impl ServeConfig {
+    /// The context path with one leading slash and no trailing one ("" for the root).
+    pub fn normalized_context_path(&self) -> Result<String, ConfigError> {
+        let trimmed = self.context_path.trim().trim_matches('/');
+        if trimmed
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "-_./".contains(c)))
+        {
+            return Err(ConfigError::ContextPath(format!(
+                "{:?} may hold only letters, digits and -_./",
+                self.context_path
+            )));
+        }
+        Ok(if trimmed.is_empty() {
+            String::new()
+        } else {
+            format!("/{trimmed}")
+        })
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        <Wrapper as clap::Parser>::parse_from(["synchrony"]).serve
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(url: &str, user: Option<&str>, password: Option<&str>) -> StoreConfig {
+        StoreConfig {
+            database_url: Some(url.into()),
+            database_username: user.map(Into::into),
+            database_password: password.map(Into::into),
+            data_dir: "/nonexistent".into(),
+        }
+    }
+
+    #[test]
+    fn jdbc_and_postgres_urls() {
+        let cases = [
+            (
+                store(
+                    "jdbc:postgresql://db:5432/confluence",
+                    Some("conf"),
+                    Some("p@ss"),
+                ),
+                "postgres://conf:p%40ss@db:5432/confluence",
+            ),
+            (
+                store(
+                    "JDBC:PostgreSQL://db/c?user=u&password=pw&sslmode=disable",
+                    None,
+                    None,
+                ),
+                "postgres://u:pw@db/c?sslmode=disable",
+            ),
+            (
+                store("postgres://a:b@h:1/d", Some("ignored"), None),
+                "postgres://a:b@h:1/d",
+            ),
+            (
+                store("postgresql://h/d", Some("u"), None),
+                "postgres://u@h/d",
+            ),
+            (
+                store("sqlite:///tmp/x.db", None, None),
+                "sqlite:///tmp/x.db",
+            ),
+        ];
+        for (cfg, want) in cases {
+            assert_eq!(
+                cfg.resolve_url().as_deref(),
+                Ok(want),
+                "{:?}",
+                cfg.database_url
+            );
+        }
+        for bad in [
+            "mysql://h/d",
+            "jdbc:oracle:thin:@h:1521:x",
+            "nonsense",
+            "postgres:///d",
+        ] {
+            assert!(
+                matches!(
+                    store(bad, None, None).resolve_url(),
+                    Err(ConfigError::DatabaseUrl(_))
+                ),
+                "{bad} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn default_is_sqlite_in_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig {
+            database_url: None,
+            database_username: None,
+            database_password: None,
+            data_dir: dir.path().join("nested"),
+        };
+        let url = cfg.resolve_url().expect("url");
+        assert!(url.starts_with("sqlite://") && url.contains("nested/synchrony.db"));
+        assert!(dir.path().join("nested").is_dir());
+    }
+
+    #[test]
+    fn context_path_normalization() {
+        let mut cfg = ServeConfig::default();
+        assert_eq!(cfg.port, 8091);
+        assert_eq!(cfg.normalized_context_path().as_deref(), Ok("/synchrony"));
+        cfg.context_path = "synchrony/".into();
+        assert_eq!(cfg.normalized_context_path().as_deref(), Ok("/synchrony"));
+        cfg.context_path = "/".into();
+        assert_eq!(cfg.normalized_context_path().as_deref(), Ok(""));
+        cfg.context_path = "/a b".into();
+        assert!(cfg.normalized_context_path().is_err());
+    }
+}

@@ -1,0 +1,852 @@
+//! Documents: one actor task owns each loaded document.
+//!
+//! [`Docs`] is the registry. The first joiner of a document spawns its [`DocActor`]; later
+//! joiners find the same actor, so N simultaneous first joiners cause one load (the actor loads
+//! before it reads its mailbox). Every change to a document goes through its actor: the actor
+//! applies it, encodes the resulting update once and hands the same bytes to every connection
+//! and to the persister.
+//!
+//! Connections receive frames through a bounded [`Outbound`] queue. The actor never waits on a
+//! connection: when a queue is full the connection is marked lagging, its queue is dropped, and
+//! once the connection asks for it, it is resynced from the document's full state (cached, so a
+//! storm of joiners or laggards costs one encoding).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use synchrony_protocol::{encode_message, ext, CloseCode, DocId, Message, SyncMessage};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use yrs::block::ClientID;
+use yrs::sync::{Awareness, AwarenessUpdate};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{ReadTxn, StateVector, Transact, Update};
+
+use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
+use crate::persist::{DurableWatch, Persister};
+use crate::store::{LogEntry, Store, StoreError};
+
+/// Commands a document's mailbox holds, at most.
+const MAILBOX_LEN: usize = 256;
+
+/// What the rest of the engine needs to run documents.
+#[derive(Clone)]
+pub struct DocDeps {
+    pub store: Store,
+    pub persister: Persister,
+    pub limits: LimitsConfig,
+    pub timing: TimingConfig,
+    pub compaction: CompactionConfig,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Shared between a connection's session task and the actor that feeds it.
+#[derive(Default)]
+pub struct OutboundState {
+    /// Bytes queued and not yet taken by the session.
+    queued_bytes: AtomicUsize,
+    /// Set by the actor when it dropped frames for this connection.
+    lagged: AtomicBool,
+    /// A close the actor asks the session to perform.
+    close: Mutex<Option<(CloseCode, String)>>,
+    /// Wakes the session for `lagged` or `close`.
+    pub notify: Notify,
+}
+
+impl OutboundState {
+    /// Accounts for a frame the session took off the queue.
+    pub fn taken(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// The close the actor asked for, if any.
+    pub fn take_close(&self) -> Option<(CloseCode, String)> {
+        self.close.lock().ok().and_then(|mut c| c.take())
+    }
+
+    /// Whether the actor dropped frames; clears the flag.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+
+    fn request_close(&self, code: CloseCode, reason: &str) {
+        if let Ok(mut close) = self.close.lock() {
+            close.get_or_insert((code, reason.to_owned()));
+        }
+        self.notify.notify_one();
+    }
+}
+
+/// The actor's side of a connection's outbound queue.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<Bytes>,
+    state: Arc<OutboundState>,
+    max_bytes: usize,
+}
+
+impl Outbound {
+    /// Creates the queue; the receiver belongs to the session.
+    pub fn new(limits: &LimitsConfig) -> (Self, mpsc::Receiver<Bytes>, Arc<OutboundState>) {
+        let (tx, rx) = mpsc::channel(limits.outbound_queue_messages.max(4));
+        let state = Arc::new(OutboundState::default());
+        let out = Self {
+            tx,
+            state: state.clone(),
+            max_bytes: limits.outbound_queue_bytes,
+        };
+        (out, rx, state)
+    }
+
+    /// Queues a frame without waiting. Returns false (and marks the connection lagging) when
+    /// the queue is over its bounds.
+    fn push(&self, frame: &Bytes) -> bool {
+        if self.state.lagged.load(Ordering::Acquire) {
+            return false;
+        }
+        let queued = self.state.queued_bytes.load(Ordering::Acquire);
+        // One frame always fits an empty queue, so a full-state resync of a large document works.
+        let fits = queued == 0 || queued + frame.len() <= self.max_bytes;
+        if fits && self.tx.try_send(frame.clone()).is_ok() {
+            self.state
+                .queued_bytes
+                .fetch_add(frame.len(), Ordering::AcqRel);
+            return true;
+        }
+        self.state.lagged.store(true, Ordering::Release);
+        self.state.notify.notify_one();
+        false
+    }
+}
+
+/// A connection joining a document.
+#[derive(Clone)]
+pub struct JoinRequest {
+    pub conn_id: u64,
+    pub out: Outbound,
+    /// The client asked for "persisted through N" acknowledgements.
+    pub wants_persisted_ack: bool,
+}
+
+pub enum DocCommand {
+    Join {
+        request: JoinRequest,
+        reply: oneshot::Sender<Result<(), JoinError>>,
+    },
+    /// A decoded message from a connection.
+    Message {
+        conn_id: u64,
+        message: Message,
+    },
+    /// The connection's session emptied its queue after lagging: send it the full state.
+    Resync {
+        conn_id: u64,
+    },
+    Leave {
+        conn_id: u64,
+    },
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    #[error("document could not be loaded")]
+    LoadFailed,
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Clone)]
+struct DocHandle {
+    tx: mpsc::Sender<DocCommand>,
+    generation: u64,
+}
+
+/// The registry of loaded documents.
+pub struct Docs {
+    loaded: Mutex<HashMap<DocId, DocHandle>>,
+    next_generation: AtomicU64,
+    deps: DocDeps,
+    /// Loads from storage, for observability and the single-flight test.
+    loads: AtomicU64,
+}
+
+/// Where a connection's traffic for a document goes.
+#[derive(Clone)]
+pub struct DocLink {
+    tx: mpsc::Sender<DocCommand>,
+}
+
+impl DocLink {
+    /// Forwards a command; false when the document actor is gone.
+    pub async fn send(&self, command: DocCommand) -> bool {
+        self.tx.send(command).await.is_ok()
+    }
+}
+
+impl Docs {
+    pub fn new(deps: DocDeps) -> Arc<Self> {
+        Arc::new(Self {
+            loaded: Mutex::new(HashMap::new()),
+            next_generation: AtomicU64::new(1),
+            deps,
+            loads: AtomicU64::new(0),
+        })
+    }
+
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn load_count(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Joins a connection to a document, loading it if needed.
+    pub async fn join(
+        self: &Arc<Self>,
+        doc: &DocId,
+        request: JoinRequest,
+    ) -> Result<DocLink, JoinError> {
+        loop {
+            if self.deps.cancel.is_cancelled() {
+                return Err(JoinError::ShuttingDown);
+            }
+            let handle = self.handle(doc);
+            let (reply, answer) = oneshot::channel();
+            let join = DocCommand::Join {
+                request: request.clone(),
+                reply,
+            };
+            if handle.tx.send(join).await.is_err() {
+                // The actor is unloading; once it is forgotten the next handle is a new actor.
+                self.forget(doc, handle.generation);
+                continue;
+            }
+            match answer.await {
+                Ok(Ok(())) => return Ok(DocLink { tx: handle.tx }),
+                Ok(Err(e)) => return Err(e),
+                // Dropped unanswered: the actor unloaded with our request in its mailbox.
+                Err(_) if self.deps.cancel.is_cancelled() => return Err(JoinError::ShuttingDown),
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, doc: &DocId) -> DocHandle {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = loaded.get(doc) {
+            if !handle.tx.is_closed() {
+                return handle.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(MAILBOX_LEN);
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let handle = DocHandle { tx, generation };
+        loaded.insert(doc.clone(), handle.clone());
+        let actor = DocActor::new(doc.clone(), generation, self.clone());
+        self.deps.tracker.spawn(actor.run(rx));
+        handle
+    }
+
+    /// Removes the registry entry of one actor generation (never a newer one).
+    fn forget(&self, doc: &DocId, generation: u64) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.get(doc).is_some_and(|h| h.generation == generation) {
+            loaded.remove(doc);
+        }
+    }
+}
+
+struct Conn {
+    out: Outbound,
+    /// Awareness client ids this connection controls; removed when it leaves.
+    awareness_ids: HashSet<ClientID>,
+    wants_ack: bool,
+    /// Update-bearing messages received from this connection.
+    received: u64,
+    /// (document sequence that must be durable, received count it acknowledges).
+    pending_acks: VecDeque<(u64, u64)>,
+    resyncs: VecDeque<Instant>,
+}
+
+/// Frames derived from the current document state, dropped on every change.
+#[derive(Default)]
+struct StateCache {
+    full_state: Option<Bytes>,
+    step1: Option<Bytes>,
+    /// The last diff computed, keyed by the state vector it answered.
+    last_diff: Option<(Vec<u8>, Bytes)>,
+}
+
+/// Why an update was not applied.
+enum Rejection {
+    Invalid(String),
+    TooLarge,
+    /// yrs panicked or failed half-way: the in-memory document cannot be trusted.
+    Poisoned(String),
+}
+
+struct DocActor {
+    id: DocId,
+    generation: u64,
+    docs: Arc<Docs>,
+    awareness: Awareness,
+    conns: HashMap<u64, Conn>,
+    cache: StateCache,
+    /// Approximate encoded size, for the document size limit.
+    approx_bytes: usize,
+    /// Sequence number of the last update handed to the persister.
+    submitted: u64,
+    durable: DurableWatch,
+    durable_rx: watch::Receiver<u64>,
+    /// Log rows and bytes written since the last compaction.
+    log_rows: u64,
+    log_bytes: u64,
+    compacting: Arc<AtomicBool>,
+}
+
+fn frame(message: &Message) -> Bytes {
+    Bytes::from(encode_message(message))
+}
+
+impl DocActor {
+    fn new(id: DocId, generation: u64, docs: Arc<Docs>) -> Self {
+        let (durable, durable_rx) = watch::channel(0);
+        Self {
+            id,
+            generation,
+            docs,
+            awareness: Awareness::new(yrs::Doc::new()),
+            conns: HashMap::new(),
+            cache: StateCache::default(),
+            approx_bytes: 0,
+            submitted: 0,
+            durable: Arc::new(durable),
+            durable_rx,
+            log_rows: 0,
+            log_bytes: 0,
+            compacting: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn deps(&self) -> &DocDeps {
+        &self.docs.deps
+    }
+
+    #[tracing::instrument(name = "doc", skip_all, fields(doc_id = %self.id))]
+    async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
+        if let Err(error) = self.load().await {
+            tracing::error!(%error, "loading failed");
+            self.docs.forget(&self.id, self.generation);
+            rx.close();
+            while let Some(command) = rx.recv().await {
+                if let DocCommand::Join { reply, .. } = command {
+                    let _ = reply.send(Err(JoinError::LoadFailed));
+                }
+            }
+            return;
+        }
+        let idle = self.deps().timing.doc_idle();
+        let cancel = self.deps().cancel.clone();
+        let mut idle_since = Some(Instant::now());
+        loop {
+            let idle_deadline = idle_since.map(|t| t + idle);
+            tokio::select! {
+                command = rx.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => break,
+                },
+                Ok(()) = self.durable_rx.changed() => self.on_durable(),
+                _ = async { tokio::time::sleep_until(idle_deadline.unwrap_or_else(Instant::now)).await }, if idle_deadline.is_some() => {
+                    if self.conns.is_empty() && *self.durable_rx.borrow() >= self.submitted {
+                        break;
+                    }
+                    // Not everything durable yet: look again shortly.
+                    idle_since = Some(Instant::now() - idle + Duration::from_millis(100));
+                    continue;
+                }
+                _ = cancel.cancelled() => break,
+            }
+            idle_since = match (self.conns.is_empty(), idle_since) {
+                (true, None) => Some(Instant::now()),
+                (true, since) => since,
+                (false, _) => None,
+            };
+        }
+        // Unloading or shutting down: leave the registry, then handle what is already in the
+        // mailbox (updates are applied and persisted; new joiners are turned away to retry).
+        self.docs.forget(&self.id, self.generation);
+        rx.close();
+        while let Some(command) = rx.recv().await {
+            match command {
+                DocCommand::Join { .. } => {}
+                other => self.handle(other).await,
+            }
+        }
+        for conn in self.conns.values() {
+            let code = if cancel.is_cancelled() {
+                CloseCode::SERVICE_RESTART
+            } else {
+                CloseCode::TRY_AGAIN_LATER
+            };
+            conn.out.state.request_close(code, "document unloaded");
+        }
+        if !cancel.is_cancelled() && self.log_rows > 0 {
+            self.spawn_compaction();
+        }
+        tracing::debug!("document unloaded");
+    }
+
+    async fn load(&mut self) -> Result<(), StoreError> {
+        let stored = self.deps().store.load(&self.id).await?;
+        self.docs.loads.fetch_add(1, Ordering::Relaxed);
+        self.log_rows = stored.updates.len() as u64;
+        self.log_bytes = stored.log_bytes() as u64;
+        let doc = yrs::Doc::new();
+        {
+            let mut txn = doc.transact_mut();
+            for bytes in stored.snapshot.iter().chain(stored.updates.iter()) {
+                let applied = catch_unwind(AssertUnwindSafe(|| {
+                    Update::decode_v1(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|u| txn.apply_update(u).map_err(|e| e.to_string()))
+                }));
+                match applied {
+                    Ok(Ok(())) => {}
+                    Ok(Err(reason)) => {
+                        return Err(StoreError::Corrupt {
+                            doc: self.id.to_string(),
+                            reason,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(StoreError::Corrupt {
+                            doc: self.id.to_string(),
+                            reason: "yrs panicked".into(),
+                        })
+                    }
+                }
+            }
+        }
+        let old = std::mem::replace(&mut self.awareness, Awareness::new(doc));
+        // A rebuild keeps the presence of connected clients.
+        if let Ok(states) = old.update() {
+            let _ = self.awareness.apply_update(states);
+        }
+        self.cache = StateCache::default();
+        self.approx_bytes = self.full_state().len();
+        tracing::debug!(
+            bytes = self.approx_bytes,
+            log_rows = self.log_rows,
+            "document loaded"
+        );
+        Ok(())
+    }
+
+    async fn handle(&mut self, command: DocCommand) {
+        match command {
+            DocCommand::Join { request, reply } => {
+                let conn = Conn {
+                    out: request.out,
+                    awareness_ids: HashSet::new(),
+                    wants_ack: request.wants_persisted_ack,
+                    received: 0,
+                    pending_acks: VecDeque::new(),
+                    resyncs: VecDeque::new(),
+                };
+                if reply.send(Ok(())).is_err() {
+                    return;
+                }
+                // Present everyone already here, as y-websocket servers do.
+                if self.awareness.iter().any(|(_, s)| s.data.is_some()) {
+                    if let Ok(update) = self.awareness.update() {
+                        conn.out.push(&frame(&Message::Awareness(update)));
+                    }
+                }
+                self.conns.insert(request.conn_id, conn);
+            }
+            DocCommand::Message { conn_id, message } => self.on_message(conn_id, message).await,
+            DocCommand::Resync { conn_id } => self.resync(conn_id),
+            DocCommand::Leave { conn_id } => self.leave(conn_id),
+        }
+    }
+
+    async fn on_message(&mut self, conn_id: u64, message: Message) {
+        if !self.conns.contains_key(&conn_id) {
+            return;
+        }
+        match message {
+            Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                let diff = self.diff_for(&sv);
+                let step1 = self.step1();
+                if let Some(conn) = self.conns.get(&conn_id) {
+                    // Answer, then ask the client for what it has that we miss (offline edits).
+                    let _ = conn.out.push(&diff) && conn.out.push(&step1);
+                }
+            }
+            Message::Sync(SyncMessage::SyncStep2(update))
+            | Message::Sync(SyncMessage::Update(update)) => {
+                self.on_update(conn_id, update).await;
+            }
+            Message::Awareness(update) => self.on_awareness(conn_id, update),
+            Message::AwarenessQuery => {
+                if let Ok(update) = self.awareness.update() {
+                    let f = frame(&Message::Awareness(update));
+                    if let Some(conn) = self.conns.get(&conn_id) {
+                        conn.out.push(&f);
+                    }
+                }
+            }
+            // Clients have nothing to say in the auth sub-protocol; extensions never get here.
+            Message::Auth(_) | Message::Custom(..) => {}
+        }
+    }
+
+    async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>) {
+        match self.apply(&raw) {
+            Ok(outcome) => {
+                if let Some(update) = outcome.broadcast {
+                    let f = frame(&Message::Sync(SyncMessage::Update(update)));
+                    self.broadcast(&f, Some(conn_id));
+                }
+                if let Some(persist) = outcome.persist {
+                    self.persist(persist).await;
+                }
+                let submitted = self.submitted;
+                if let Some(conn) = self.conns.get_mut(&conn_id) {
+                    conn.received += 1;
+                    if conn.wants_ack {
+                        conn.pending_acks.push_back((submitted, conn.received));
+                    }
+                }
+                self.on_durable();
+            }
+            Err(Rejection::Invalid(reason)) => {
+                tracing::warn!(conn_id, %reason, "invalid update; closing the connection");
+                self.close(conn_id, CloseCode::INVALID_PAYLOAD, "invalid update");
+            }
+            Err(Rejection::TooLarge) => {
+                tracing::warn!(
+                    conn_id,
+                    limit = self.deps().limits.max_doc_bytes,
+                    "update would pass the document size limit"
+                );
+                self.close(conn_id, CloseCode::TOO_LARGE, "document size limit reached");
+            }
+            Err(Rejection::Poisoned(reason)) => {
+                tracing::error!(conn_id, %reason, "yrs failed while applying an update; rebuilding the document from storage");
+                self.close(conn_id, CloseCode::INVALID_PAYLOAD, "invalid update");
+                self.rebuild().await;
+            }
+        }
+    }
+
+    /// Applies a client's update. `persist` is what goes to the log: the update this
+    /// transaction produced, or the raw bytes when some structs wait for missing predecessors
+    /// (the transaction's update would leave them out).
+    fn apply(&mut self, raw: &[u8]) -> Result<Applied, Rejection> {
+        if self.approx_bytes.saturating_add(raw.len()) > self.deps().limits.max_doc_bytes {
+            return Err(Rejection::TooLarge);
+        }
+        let update = match catch_unwind(|| Update::decode_v1(raw)) {
+            Ok(Ok(update)) => update,
+            Ok(Err(e)) => return Err(Rejection::Invalid(e.to_string())),
+            Err(_) => return Err(Rejection::Invalid("update decoder panicked".into())),
+        };
+        let doc = self.awareness.doc();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let mut txn = doc.transact_mut();
+            txn.apply_update(update).map_err(|e| e.to_string())?;
+            let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
+            let encoded = changed.then(|| txn.encode_update_v1());
+            Ok::<_, String>((encoded, txn.has_missing_updates()))
+        }));
+        let (encoded, missing) = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(Rejection::Poisoned(e)),
+            Err(_) => return Err(Rejection::Poisoned("yrs panicked".into())),
+        };
+        if encoded.is_some() {
+            self.cache = StateCache::default();
+        }
+        let persist = if missing {
+            Some(raw.to_vec())
+        } else {
+            encoded.clone()
+        };
+        if let Some(p) = &persist {
+            self.approx_bytes += p.len();
+        }
+        Ok(Applied {
+            broadcast: encoded,
+            persist,
+        })
+    }
+
+    async fn persist(&mut self, update: Vec<u8>) {
+        self.submitted += 1;
+        self.log_rows += 1;
+        self.log_bytes += update.len() as u64;
+        let entry = LogEntry {
+            doc: self.id.clone(),
+            data: Bytes::from(update),
+        };
+        if self
+            .deps()
+            .persister
+            .append(entry, self.submitted, self.durable.clone())
+            .await
+            .is_err()
+        {
+            tracing::error!("persister stopped; an update could not be queued");
+        }
+    }
+
+    /// Sends acknowledgements that became true and starts a compaction when the log is long.
+    fn on_durable(&mut self) {
+        let durable = *self.durable_rx.borrow_and_update();
+        for conn in self.conns.values_mut() {
+            let mut acked = None;
+            while conn
+                .pending_acks
+                .front()
+                .is_some_and(|(seq, _)| *seq <= durable)
+            {
+                acked = conn.pending_acks.pop_front().map(|(_, n)| n);
+            }
+            if let Some(n) = acked {
+                conn.out.push(&Bytes::from(ext::encode_persisted(n)));
+            }
+        }
+        let c = &self.deps().compaction;
+        if durable >= self.submitted
+            && (self.log_rows >= c.compact_after_updates || self.log_bytes >= c.compact_after_bytes)
+        {
+            self.spawn_compaction();
+        }
+    }
+
+    fn spawn_compaction(&mut self) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.log_rows = 0;
+        self.log_bytes = 0;
+        let store = self.deps().store.clone();
+        let id = self.id.clone();
+        let flag = self.compacting.clone();
+        self.deps().tracker.spawn(async move {
+            match store.compact(&id).await {
+                Ok(c) => tracing::debug!(doc_id = %id, merged = c.merged_rows, bytes = c.snapshot_bytes, "compacted"),
+                Err(error) => tracing::warn!(doc_id = %id, %error, "compaction failed; will retry later"),
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
+    fn on_awareness(&mut self, conn_id: u64, update: AwarenessUpdate) {
+        // JavaScript clients JSON.parse every state: one bad string would break all of them.
+        if let Some((id, _)) = update
+            .clients
+            .iter()
+            .find(|(_, e)| serde_json::from_str::<serde::de::IgnoredAny>(&e.json).is_err())
+        {
+            tracing::warn!(
+                conn_id,
+                client_id = id.get(),
+                "awareness state is not JSON; closing the connection"
+            );
+            self.close(
+                conn_id,
+                CloseCode::INVALID_PAYLOAD,
+                "awareness state is not JSON",
+            );
+            return;
+        }
+        let f = frame(&Message::Awareness(update.clone()));
+        match self.awareness.apply_update_summary(update) {
+            Ok(Some(summary)) => {
+                if let Some(conn) = self.conns.get_mut(&conn_id) {
+                    conn.awareness_ids
+                        .extend(summary.added.iter().chain(&summary.updated));
+                    for id in &summary.removed {
+                        conn.awareness_ids.remove(id);
+                    }
+                }
+                // To everyone, the sender too: y-websocket clients count it as a sign of life.
+                self.broadcast(&f, None);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(conn_id, %error, "awareness update rejected; closing the connection");
+                self.close(
+                    conn_id,
+                    CloseCode::INVALID_PAYLOAD,
+                    "invalid awareness update",
+                );
+            }
+        }
+    }
+
+    fn leave(&mut self, conn_id: u64) {
+        let Some(conn) = self.conns.remove(&conn_id) else {
+            return;
+        };
+        let ids: Vec<ClientID> = conn
+            .awareness_ids
+            .into_iter()
+            .filter(|id| self.awareness.state::<serde::de::IgnoredAny>(*id).is_some())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        for id in &ids {
+            self.awareness.remove_state(*id);
+        }
+        if let Ok(update) = self.awareness.update_with_clients(ids) {
+            self.broadcast(&frame(&Message::Awareness(update)), None);
+        }
+    }
+
+    fn close(&mut self, conn_id: u64, code: CloseCode, reason: &str) {
+        if let Some(conn) = self.conns.get(&conn_id) {
+            conn.out.state.request_close(code, reason);
+        }
+        self.leave(conn_id);
+    }
+
+    fn broadcast(&mut self, f: &Bytes, except: Option<u64>) {
+        for (id, conn) in &self.conns {
+            if Some(*id) != except {
+                conn.out.push(f);
+            }
+        }
+    }
+
+    fn resync(&mut self, conn_id: u64) {
+        let limit = self.deps().limits.max_resyncs_per_minute;
+        let now = Instant::now();
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        while conn
+            .resyncs
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            conn.resyncs.pop_front();
+        }
+        if conn.resyncs.len() >= limit {
+            tracing::warn!(conn_id, "client keeps falling behind; closing with 1013");
+            self.close(conn_id, CloseCode::TRY_AGAIN_LATER, "client too slow");
+            return;
+        }
+        conn.resyncs.push_back(now);
+        tracing::debug!(conn_id, "resyncing a lagging client");
+        let full = self.full_state();
+        let step1 = self.step1();
+        let awareness = self
+            .awareness
+            .update()
+            .ok()
+            .map(|u| frame(&Message::Awareness(u)));
+        let durable = *self.durable_rx.borrow();
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        let mut ok = conn.out.push(&full) && conn.out.push(&step1);
+        if let Some(a) = awareness {
+            ok = ok && conn.out.push(&a);
+        }
+        // Acks are cumulative; what is durable now can be acknowledged now.
+        let mut acked = None;
+        while conn
+            .pending_acks
+            .front()
+            .is_some_and(|(seq, _)| *seq <= durable)
+        {
+            acked = conn.pending_acks.pop_front().map(|(_, n)| n);
+        }
+        if let (true, Some(n)) = (ok, acked) {
+            conn.out.push(&Bytes::from(ext::encode_persisted(n)));
+        }
+    }
+
+    /// After yrs failed mid-update the in-memory document is suspect: wait until every accepted
+    /// update is durable, then reload from storage. Connected clients keep their state; they
+    /// have seen only accepted updates, all of which are in storage.
+    async fn rebuild(&mut self) {
+        if self.deps().persister.flush().await.is_err() {
+            tracing::error!("persister stopped during a rebuild");
+        }
+        if let Err(error) = self.load().await {
+            tracing::error!(%error, "rebuild failed; closing all connections");
+            for conn in self.conns.values() {
+                conn.out
+                    .state
+                    .request_close(CloseCode::INTERNAL_ERROR, "document unavailable");
+            }
+            self.conns.clear();
+        }
+    }
+
+    fn full_state(&mut self) -> Bytes {
+        if let Some(f) = &self.cache.full_state {
+            return f.clone();
+        }
+        let update = self
+            .awareness
+            .doc()
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        self.approx_bytes = update.len();
+        let f = frame(&Message::Sync(SyncMessage::SyncStep2(update)));
+        self.cache.full_state = Some(f.clone());
+        f
+    }
+
+    fn step1(&mut self) -> Bytes {
+        if let Some(f) = &self.cache.step1 {
+            return f.clone();
+        }
+        let sv = self.awareness.doc().transact().state_vector();
+        let f = frame(&Message::Sync(SyncMessage::SyncStep1(sv)));
+        self.cache.step1 = Some(f.clone());
+        f
+    }
+
+    /// Step 2 for a client at `sv`; the empty state vector (every new joiner) and a repeated
+    /// one (a reconnect storm) are answered from the cache.
+    fn diff_for(&mut self, sv: &StateVector) -> Bytes {
+        if sv.is_empty() {
+            return self.full_state();
+        }
+        let key = sv.encode_v1();
+        if let Some((cached, f)) = &self.cache.last_diff {
+            if *cached == key {
+                return f.clone();
+            }
+        }
+        let update = self
+            .awareness
+            .doc()
+            .transact()
+            .encode_state_as_update_v1(sv);
+        let f = frame(&Message::Sync(SyncMessage::SyncStep2(update)));
+        self.cache.last_diff = Some((key, f.clone()));
+        f
+    }
+}
+
+struct Applied {
+    broadcast: Option<Vec<u8>>,
+    persist: Option<Vec<u8>>,
+}

@@ -1,0 +1,174 @@
+//! One WebSocket connection: frames in → decoded messages to the document actor; queued frames
+//! out → the socket. Protocol errors close only this connection, with a close code and reason.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use synchrony_protocol::{decode_frame, CloseCode, DocId};
+use tokio::time::{timeout, Instant};
+
+use crate::doc::{DocCommand, JoinError, JoinRequest, Outbound};
+use crate::Engine;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Options a client chose in the query string.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct SessionParams {
+    /// `ack=persisted`: send "persisted through N" extension messages.
+    pub ack: Option<String>,
+}
+
+impl SessionParams {
+    pub fn wants_persisted_ack(&self) -> bool {
+        self.ack.as_deref() == Some("persisted")
+    }
+}
+
+/// Counts open sessions for health and metrics.
+pub struct SessionGuard(Arc<AtomicU64>);
+
+impl SessionGuard {
+    pub fn new(counter: Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn close_frame(code: CloseCode, reason: impl Into<String>) -> WsMessage {
+    let reason: String = reason.into();
+    WsMessage::Close(Some(CloseFrame {
+        code: code.0,
+        reason: reason.into(),
+    }))
+}
+
+#[tracing::instrument(name = "session", skip_all, fields(doc_id = %doc, conn_id))]
+pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: SessionParams) {
+    let _guard = SessionGuard::new(engine.connections.clone());
+    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    tracing::Span::current().record("conn_id", conn_id);
+    let (mut sink, mut stream) = socket.split();
+    let timing = &engine.config.timing;
+    let write_timeout = timing.write_timeout();
+
+    let (out, mut out_rx, state) = Outbound::new(&engine.config.limits);
+    let request = JoinRequest {
+        conn_id,
+        out,
+        wants_persisted_ack: params.wants_persisted_ack(),
+    };
+    let link = match engine.docs.join(&doc, request).await {
+        Ok(link) => link,
+        Err(e) => {
+            let code = match e {
+                JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
+                JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
+            };
+            let _ = timeout(write_timeout, sink.send(close_frame(code, e.to_string()))).await;
+            return;
+        }
+    };
+
+    let cancel = engine.cancel.clone();
+    let mut ping = tokio::time::interval(timing.ping_interval());
+    ping.tick().await;
+    let mut last_seen = Instant::now();
+    let close: Option<(CloseCode, String)> = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break Some((CloseCode::SERVICE_RESTART, "server shutting down".into())),
+            _ = state.notify.notified() => {
+                if let Some(close) = state.take_close() {
+                    break Some(close);
+                }
+                if state.take_lagged() {
+                    // Drop the stale queue; the resync brings the full state instead.
+                    while let Ok(f) = out_rx.try_recv() {
+                        state.taken(f.len());
+                    }
+                    if !link.send(DocCommand::Resync { conn_id }).await {
+                        break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
+                    }
+                }
+            }
+            frame = out_rx.recv() => {
+                let Some(frame) = frame else {
+                    break Some(state.take_close().unwrap_or((CloseCode::SERVICE_RESTART, "document closed".into())));
+                };
+                state.taken(frame.len());
+                match timeout(write_timeout, sink.send(WsMessage::Binary(frame))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break None,
+                    Err(_) => {
+                        tracing::info!("client accepts no data; dropping the connection");
+                        break None;
+                    }
+                }
+            }
+            incoming = stream.next() => {
+                last_seen = Instant::now();
+                match incoming {
+                    Some(Ok(WsMessage::Binary(data))) => match handle_frame(&data) {
+                        Ok(message) => {
+                            if !link.send(DocCommand::Message { conn_id, message }).await {
+                                break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
+                            }
+                        }
+                        Err((code, reason)) => {
+                            tracing::warn!(code = code.0, %reason, "bad frame; closing the connection");
+                            break Some((code, reason));
+                        }
+                    },
+                    Some(Ok(WsMessage::Text(_))) => {
+                        tracing::warn!("text frame; closing the connection");
+                        break Some((CloseCode::UNSUPPORTED_DATA, "text frames are not part of the protocol".into()));
+                    }
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(WsMessage::Close(_))) | None => break None,
+                    Some(Err(error)) => {
+                        let text = error.to_string();
+                        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                            tracing::warn!(%text, "frame over the size limit; closing the connection");
+                            break Some((CloseCode::TOO_LARGE, "frame too large".into()));
+                        }
+                        tracing::debug!(%error, "socket error");
+                        break None;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > timing.idle_timeout() {
+                    break Some((CloseCode::GOING_AWAY, "idle timeout".into()));
+                }
+                if timeout(write_timeout, sink.send(WsMessage::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                    break None;
+                }
+            }
+        }
+    };
+    let _ = link.send(DocCommand::Leave { conn_id }).await;
+    if let Some((code, reason)) = close {
+        let _ = timeout(write_timeout, sink.send(close_frame(code, reason))).await;
+        let _ = timeout(write_timeout, sink.close()).await;
+    }
+}
+
+fn handle_frame(data: &[u8]) -> Result<synchrony_protocol::Message, (CloseCode, String)> {
+    // yrs decoders are written to fail with errors, but a client must never be able to take the
+    // process down: contain anything that slips through.
+    match std::panic::catch_unwind(|| decode_frame(data)) {
+        Ok(Ok(message)) => Ok(message),
+        Ok(Err(e)) => Err((e.close_code(), e.to_string())),
+        Err(_) => Err((CloseCode::PROTOCOL_ERROR, "undecodable frame".into())),
+    }
+}

@@ -1,0 +1,137 @@
+// Real Yjs clients (npm `yjs` + `y-websocket` under Node with `ws`) driven by the Rust tests.
+//
+//   node interop.mjs <scenario> <serviceUrl> <docId> [args...]
+//
+// serviceUrl is `ws://127.0.0.1:PORT/synchrony`. Prints one JSON line with the outcome and exits
+// non-zero with a message on failure. Every wait is bounded.
+import * as Y from 'yjs'
+import { WebsocketProvider } from 'y-websocket'
+import WebSocket from 'ws'
+
+const [scenario, serviceUrl, docId, ...args] = process.argv.slice(2)
+const WAIT_MS = Number(process.env.INTEROP_WAIT_MS || 20000)
+
+function fail (message) {
+  console.error(`FAIL ${scenario}: ${message}`)
+  process.exit(1)
+}
+
+async function waitFor (what, predicate, ms = WAIT_MS) {
+  const start = Date.now()
+  while (!predicate()) {
+    if (Date.now() - start > ms) fail(`timed out after ${ms} ms waiting for ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+function client (name, { connect = true, params = {} } = {}) {
+  const doc = new Y.Doc()
+  const provider = new WebsocketProvider(`${serviceUrl}/v1/ws`, docId, doc, {
+    WebSocketPolyfill: WebSocket,
+    connect,
+    params,
+    disableBc: true,
+    maxBackoffTime: 500
+  })
+  provider.awareness.setLocalStateField('user', { name })
+  return { name, doc, provider, text: doc.getText('content'), map: doc.getMap('meta') }
+}
+
+const synced = (c) => c.provider.synced
+const sameState = (clients) => {
+  const texts = clients.map((c) => c.text.toString())
+  const maps = clients.map((c) => JSON.stringify(c.map.toJSON(), Object.keys(c.map.toJSON()).sort()))
+  return texts.every((t) => t === texts[0]) && maps.every((m) => m === maps[0])
+}
+const awarenessNames = (c) => [...c.provider.awareness.getStates().values()].map((s) => s.user?.name).filter(Boolean).sort()
+
+const scenarios = {
+  // Several clients edit a text and a map at once and converge; presence comes and goes;
+  // a client that edited offline brings its edits on reconnect.
+  async converge () {
+    const n = Number(args[0] || 3)
+    const clients = Array.from({ length: n }, (_, i) => client(`c${i}`))
+    await waitFor('all clients synced', () => clients.every(synced))
+    for (let round = 0; round < 20; round++) {
+      clients.forEach((c, i) => {
+        c.text.insert(Math.min(c.text.length, round % 5), `${c.name}r${round};`)
+        c.map.set(`k${round % 4}`, `${c.name}-${round}`)
+        if (round % 7 === 6 && c.text.length > 3) c.text.delete(1, 2)
+        c.map.set(`own-${i}`, round)
+      })
+      await new Promise((resolve) => setTimeout(resolve, 5))
+    }
+    await waitFor('texts and maps to converge', () => sameState(clients))
+    const names = clients.map((c) => c.name).sort()
+    await waitFor('everyone to see everyone in awareness',
+      () => clients.every((c) => JSON.stringify(awarenessNames(c)) === JSON.stringify(names)))
+
+    // A client leaves: the others drop its presence.
+    const leaver = clients.pop()
+    leaver.provider.destroy()
+    const remaining = clients.map((c) => c.name).sort()
+    await waitFor('the leaver to disappear from awareness',
+      () => clients.every((c) => JSON.stringify(awarenessNames(c)) === JSON.stringify(remaining)))
+
+    // Offline edits: disconnect, edit, reconnect.
+    const offline = clients[0]
+    offline.provider.disconnect()
+    offline.text.insert(0, 'OFFLINE;')
+    offline.map.set('offline', true)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    if (clients.slice(1).some((c) => c.text.toString().includes('OFFLINE'))) fail('offline edit leaked before reconnect')
+    offline.provider.connect()
+    await waitFor('offline edits to reach the others',
+      () => clients.every((c) => c.text.toString().startsWith('OFFLINE;') && c.map.get('offline') === true))
+    await waitFor('final convergence', () => sameState(clients))
+    const result = { text: clients[0].text.toString(), map: clients[0].map.toJSON(), clients: n }
+    clients.forEach((c) => c.provider.destroy())
+    return result
+  },
+
+  // Writes `text` into the document and waits until the server says it is persisted; used with
+  // restarts (a provider never sees our extension, so this uses a raw ack-opting socket check).
+  async write () {
+    const c = client('writer')
+    await waitFor('sync', () => synced(c))
+    c.text.insert(c.text.length, args[0])
+    // y-websocket sends the update immediately; give the group commit a bounded moment.
+    await new Promise((resolve) => setTimeout(resolve, Number(args[1] || 300)))
+    c.provider.destroy()
+    return { text: c.text.toString() }
+  },
+
+  // Connects, syncs, prints the document content.
+  async read () {
+    const c = client('reader')
+    await waitFor('sync', () => synced(c))
+    const result = { text: c.text.toString(), map: c.map.toJSON() }
+    c.provider.destroy()
+    return result
+  },
+
+  // A stock client never receives an extension message, even when other clients ask for acks.
+  async stock () {
+    const c = client('stock')
+    const seen = []
+    const origOnMessage = WebSocket.prototype.emit
+    await waitFor('sync', () => synced(c))
+    c.provider.ws.addEventListener('message', (e) => seen.push(new Uint8Array(e.data)[0]))
+    for (let i = 0; i < 10; i++) c.text.insert(0, `${i}`)
+    await new Promise((resolve) => setTimeout(resolve, 500))
+    c.provider.destroy()
+    void origOnMessage
+    const unknown = seen.filter((t) => t > 3)
+    if (unknown.length) fail(`stock client received message types ${unknown}`)
+    return { types: [...new Set(seen)].sort() }
+  }
+}
+
+const run = scenarios[scenario]
+if (!run) fail(`unknown scenario; choose one of ${Object.keys(scenarios).join(', ')}`)
+const timer = setTimeout(() => fail('scenario took longer than 60 s'), 60000)
+run().then((result) => {
+  clearTimeout(timer)
+  console.log(JSON.stringify({ ok: true, scenario, ...result }))
+  process.exit(0)
+}, (error) => fail(error?.stack || String(error)))
