@@ -1,1 +1,594 @@
+//! The integration harness: starts real engine processes, private PostgreSQL databases and real
+//! JavaScript clients, and stops everything it started when dropped.
+//!
+//! # Layout
+//!
+//! - [`EngineProcess`]: the `synchrony` binary on port 0, its ready line, signals, RSS.
+//! - [`PgDatabase`]: a fresh database on the test PostgreSQL (`SYNCHRONY_TEST_POSTGRES_URL`,
+//!   default `postgres://postgres@127.0.0.1:5432/postgres`), dropped afterwards.
+//! - [`RawClient`]: a WebSocket client that sends whatever bytes a test wants.
+//! - [`YClient`]: a minimal yrs-based y-websocket client with persisted-ack support.
+//! - [`node`]: runs `tests/js/interop.mjs` scenarios with the real `yjs`/`y-websocket` packages.
+#![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use synchrony_protocol::ext::{decode_persisted, MSG_PERSISTED};
+use synchrony_protocol::frame::decode_frame_any;
+use synchrony_protocol::{encode_message, Message, SyncMessage};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use yrs::updates::decoder::Decode;
+use yrs::{GetString, ReadTxn, Text, Transact, Update};
+
+/// Generous bound for anything that should happen "soon" on a loaded, shared machine.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The engine binary built by `cargo build` next to the test executables.
+pub fn engine_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("synchrony");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --bins`), as tests/run.sh does",
+        bin.display()
+    );
+    bin
+}
+
+/// A `synchrony serve` process.
+pub struct EngineProcess {
+    child: Child,
+    pub port: u16,
+    pub pid: u32,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How to start an engine.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// `--database-url`; none means SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// SQLite directory; a temporary one if unset.
+    pub data_dir: Option<PathBuf>,
+    /// Extra `serve` arguments.
+    pub args: Vec<String>,
+}
+
+impl EngineOptions {
+    pub fn sqlite(dir: &Path) -> Self {
+        Self {
+            data_dir: Some(dir.to_path_buf()),
+            ..Self::default()
+        }
+    }
+    pub fn postgres(url: &str) -> Self {
+        Self {
+            database_url: Some(url.to_owned()),
+            ..Self::default()
+        }
+    }
+    pub fn arg(mut self, flag: &str, value: impl ToString) -> Self {
+        self.args.push(flag.to_owned());
+        self.args.push(value.to_string());
+        self
+    }
+}
+
+impl EngineProcess {
+    pub async fn start(options: &EngineOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
+        let log_path = dir.path().join("engine.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(engine_binary());
+        command
+            .arg("serve")
+            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&options.args)
+            .env("SYNCHRONY_LOG", "info,synchrony=debug")
+            .env_remove("SYNCHRONY_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if let Some(url) = &options.database_url {
+            command.args(["--database-url", url]);
+        }
+        let mut child = command.spawn().expect("engine starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "engine printed no ready line within {WAIT:?}; log:\n{}",
+                    read(&log_path)
+                )
+            })
+            .unwrap()
+            .unwrap_or_else(|| panic!("engine exited before ready; log:\n{}", read(&log_path)));
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(ready["event"], "ready", "unexpected first line {line}");
+        // Keep draining stdout so the engine never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            pid: child.id().unwrap(),
+            port: ready["port"].as_u64().unwrap() as u16,
+            child,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn ws_base(&self) -> String {
+        format!("ws://127.0.0.1:{}/synchrony", self.port)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/synchrony{path}", self.port)
+    }
+
+    pub fn ws_url(&self, doc: &str, query: &str) -> String {
+        let sep = if query.is_empty() { "" } else { "?" };
+        format!("{}/v1/ws/{doc}{sep}{query}", self.ws_base())
+    }
+
+    /// GET over plain HTTP/1.1; returns (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, &format!("/synchrony{path}")).await
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        let (status, body) = self.get("/v1/health").await;
+        assert!(status == 200 || status == 503, "health answered {status}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log_path)
+    }
+
+    /// Resident memory of the engine, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        tokio::time::timeout(Duration::from_secs(25), self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "engine did not exit within 25 s of SIGTERM; log:\n{}",
+                    self.log()
+                )
+            })
+            .unwrap()
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal);
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Minimal HTTP GET (keeps the harness free of an HTTP client dependency).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    // Bodies here are small; axum answers with a content-length, not chunked.
+    (status, body)
+}
+
+/// The admin URL of the test PostgreSQL.
+pub fn postgres_admin_url() -> String {
+    std::env::var("SYNCHRONY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own for one test, dropped when the value is.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> Self {
+        sqlx::any::install_default_drivers();
+        let admin = postgres_admin_url();
+        let name = format!(
+            "synchrony_test_{}_{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {admin} is unreachable ({e}); tests/run.sh starts a private one"
+                )
+            });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("bad admin url {admin}"),
+        };
+        Self { url, name }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin = postgres_admin_url();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) =
+                    <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await
+                {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client that sends arbitrary frames.
+pub struct RawClient {
+    pub ws: Socket,
+}
+
+/// What [`RawClient::next_event`] saw.
+#[derive(Debug)]
+pub enum Next {
+    Frame(Vec<u8>),
+    /// Nothing within the time given.
+    Quiet,
+    /// Closed or failed.
+    Ended,
+}
+
+/// What a connection ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    Closed {
+        code: u16,
+        reason: String,
+    },
+    /// The socket ended without a close frame.
+    Dropped,
+}
+
+impl RawClient {
+    pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self { ws })
+    }
+
+    pub async fn send(&mut self, bytes: Vec<u8>) {
+        self.ws.send(WsMessage::Binary(bytes.into())).await.unwrap();
+    }
+
+    pub async fn send_message(&mut self, message: &Message) {
+        self.send(encode_message(message)).await;
+    }
+
+    /// The next binary frame, or None on close, error or timeout.
+    pub async fn next_binary(&mut self, within: Duration) -> Option<Vec<u8>> {
+        match self.next_event(within).await {
+            Next::Frame(b) => Some(b),
+            Next::Quiet | Next::Ended => None,
+        }
+    }
+
+    pub async fn next_event(&mut self, within: Duration) -> Next {
+        loop {
+            match tokio::time::timeout(within, self.ws.next()).await {
+                Ok(Some(Ok(WsMessage::Binary(b)))) => return Next::Frame(b.to_vec()),
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)))) => {
+                    continue
+                }
+                Ok(Some(Ok(WsMessage::Text(_)))) => continue,
+                Err(_) => return Next::Quiet,
+                Ok(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => return Next::Ended,
+            }
+        }
+    }
+
+    /// Reads (and discards) until the connection ends; returns how.
+    pub async fn ended(&mut self, within: Duration) -> Ended {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("connection still open after {within:?}"),
+                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+                    return Ended::Closed {
+                        code: u16::from(frame.code),
+                        reason: frame.reason.to_string(),
+                    }
+                }
+                Ok(Some(Ok(WsMessage::Close(None)))) => {
+                    return Ended::Closed {
+                        code: u16::from(WsCloseCode::Status),
+                        reason: String::new(),
+                    }
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return Ended::Dropped,
+            }
+        }
+    }
+}
+
+/// A minimal y-websocket client on yrs, for tests that need precise control.
+pub struct YClient {
+    pub raw: RawClient,
+    pub doc: yrs::Doc,
+    /// Update-bearing messages sent (updates and step 2 answers), as the engine counts them.
+    pub sent: u64,
+    /// Edits made with [`YClient::append`].
+    pub edits: u64,
+    /// For each message sent, how many edits had been sent up to and including it.
+    edits_at: Vec<u64>,
+    /// Highest "persisted through" received.
+    pub acked: u64,
+    /// Whether the server's answer to our step 1 arrived.
+    pub synced: bool,
+}
+
+impl YClient {
+    /// Connects to `doc` and sends step 1; `ack` opts into persisted acknowledgements.
+    pub async fn connect(engine: &EngineProcess, doc: &str, ack: bool) -> Self {
+        let url = engine.ws_url(doc, if ack { "ack=persisted" } else { "" });
+        let raw = RawClient::connect(&url).await.unwrap();
+        let mut client = Self {
+            raw,
+            doc: yrs::Doc::new(),
+            sent: 0,
+            edits: 0,
+            edits_at: Vec::new(),
+            acked: 0,
+            synced: false,
+        };
+        let sv = client.doc.transact().state_vector();
+        client
+            .raw
+            .send_message(&Message::Sync(SyncMessage::SyncStep1(sv)))
+            .await;
+        client
+    }
+
+    /// Connects and waits for the initial sync.
+    pub async fn synced(engine: &EngineProcess, doc: &str, ack: bool) -> Self {
+        let mut client = Self::connect(engine, doc, ack).await;
+        client.wait_until("initial sync", |c| c.synced).await;
+        client
+    }
+
+    pub fn text(&self) -> String {
+        let text = self.doc.get_or_insert_text("content");
+        text.get_string(&self.doc.transact())
+    }
+
+    /// Appends to the `content` text and sends the update.
+    pub async fn append(&mut self, s: &str) {
+        let text = self.doc.get_or_insert_text("content");
+        let update = {
+            let mut txn = self.doc.transact_mut();
+            let len = text.len(&txn);
+            text.insert(&mut txn, len, s);
+            txn.encode_update_v1()
+        };
+        self.edits += 1;
+        self.send_update(update).await;
+    }
+
+    pub async fn send_update(&mut self, update: Vec<u8>) {
+        self.record_sent();
+        self.raw
+            .send_message(&Message::Sync(SyncMessage::Update(update)))
+            .await;
+    }
+
+    fn record_sent(&mut self) {
+        self.sent += 1;
+        self.edits_at.push(self.edits);
+    }
+
+    /// Edits covered by the persisted acknowledgements received so far.
+    pub fn acked_edits(&self) -> u64 {
+        match self.acked {
+            0 => 0,
+            n => self.edits_at[n as usize - 1],
+        }
+    }
+
+    /// Handles one incoming frame; returns what happened.
+    pub async fn pump_one(&mut self, within: Duration) -> Next {
+        let bytes = match self.raw.next_event(within).await {
+            Next::Frame(bytes) => bytes,
+            other => return other,
+        };
+        match decode_frame_any(&bytes).unwrap() {
+            Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                let diff = self.doc.transact().encode_state_as_update_v1(&sv);
+                self.record_sent();
+                self.raw
+                    .send_message(&Message::Sync(SyncMessage::SyncStep2(diff)))
+                    .await;
+            }
+            Message::Sync(SyncMessage::SyncStep2(u)) => {
+                self.apply(&u);
+                self.synced = true;
+            }
+            Message::Sync(SyncMessage::Update(u)) => self.apply(&u),
+            Message::Custom(MSG_PERSISTED, body) => {
+                self.acked = self.acked.max(decode_persisted(&body).unwrap());
+            }
+            _ => {}
+        }
+        Next::Frame(Vec::new())
+    }
+
+    fn apply(&self, update: &[u8]) {
+        self.doc
+            .transact_mut()
+            .apply_update(Update::decode_v1(update).unwrap())
+            .unwrap();
+    }
+
+    /// Pumps frames until `done` holds; panics with `what` after [`WAIT`].
+    pub async fn wait_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done(self) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                panic!("timed out after {WAIT:?} waiting for {what}");
+            }
+            if let Next::Ended = self.pump_one(left.min(Duration::from_millis(200))).await {
+                panic!("connection ended while waiting for {what}");
+            }
+        }
+    }
+
+    /// Pumps whatever arrives until `quiet` passes in silence.
+    pub async fn drain(&mut self, quiet: Duration) {
+        while let Next::Frame(_) = self.pump_one(quiet).await {}
+    }
+}
+
+/// Runs a `tests/js/interop.mjs` scenario and returns its JSON result.
+pub async fn node(
+    scenario: &str,
+    engine: &EngineProcess,
+    doc: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let js = workspace_root().join("tests/js");
+    assert!(
+        js.join("node_modules/y-websocket").exists(),
+        "tests/js/node_modules is missing: run `npm ci` in tests/js (tests/run.sh does)"
+    );
+    let output = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new("node")
+            .arg(js.join("interop.mjs"))
+            .arg(scenario)
+            .arg(engine.ws_base())
+            .arg(doc)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("node scenario finished within 90 s")
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "node {scenario} failed: {}\n{}\nengine log:\n{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr),
+        engine.log()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
+}
+
+/// The text of a document as storage holds it (snapshot plus log), read without an engine.
+pub async fn stored_text(database_url: &str, doc: &str) -> (String, Vec<u8>) {
+    let store = synchrony::store::Store::connect(database_url)
+        .await
+        .unwrap();
+    let id = synchrony_protocol::DocId::parse(doc).unwrap();
+    let stored = store.load(&id).await.unwrap();
+    let merged = synchrony::store::merge(&id, stored.snapshot.as_deref(), &stored.updates).unwrap();
+    let ydoc = yrs::Doc::new();
+    let text = ydoc.get_or_insert_text("content");
+    let mut txn = ydoc.transact_mut();
+    txn.apply_update(Update::decode_v1(&merged).unwrap())
+        .unwrap();
+    (text.get_string(&txn), txn.state_vector().encode_v1_vec())
+}
+
+trait EncodeVec {
+    fn encode_v1_vec(&self) -> Vec<u8>;
+}
+
+impl EncodeVec for yrs::StateVector {
+    fn encode_v1_vec(&self) -> Vec<u8> {
+        yrs::updates::encoder::Encode::encode_v1(self)
+    }
+}
+
+/// The SQLite URL of an engine's data directory.
+pub fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}/synchrony.db", data_dir.display())
+}

