@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine.
+#
+# Needs: the Rust toolchain, Node.js 20 with npm. PostgreSQL is used at 127.0.0.1:5432 when it
+# answers; otherwise a private cluster is created in a temporary directory on a free port (the
+# Debian packages are installed first if missing). Everything started here is stopped on exit.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+work="$(mktemp -d)"
+cleanup() {
+  if [ -n "${PRIVATE_PGDATA:-}" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PRIVATE_PGDATA" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+ensure_apt() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+start_private_postgres() {
+  command -v pg_ctlcluster >/dev/null 2>&1 || ensure_apt postgresql
+  PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+  PRIVATE_PGDATA="$work/pgdata"
+  mkdir -p "$PRIVATE_PGDATA" && chown postgres "$work" "$PRIVATE_PGDATA"
+  local port; port="$(free_port)"
+  runuser -u postgres -- "$PG_BIN/initdb" -D "$PRIVATE_PGDATA" -A trust -U postgres >/dev/null
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PRIVATE_PGDATA" -w -l "$work/pg.log" \
+    -o "-p $port -k $work -c listen_addresses=127.0.0.1 -c fsync=on" start >/dev/null
+  export SYNCHRONY_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  log "private PostgreSQL on port $port"
+}
+
+if [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
+  if command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 -U postgres; then
+    export SYNCHRONY_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/postgres"
+  else
+    start_private_postgres
+  fi
+fi
+
+log "installing the JavaScript test clients (npm ci)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+
+log "building"
+cargo build --workspace --bins --locked
+
+log "running the tests"
+cargo test --workspace --locked
