@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -91,12 +92,17 @@ async fn websocket(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(params): Query<SessionParams>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // The id is checked first, so a bad one gets the same answer with or without an upgrade.
     let doc = DocId::parse(&doc).map_err(|e| ApiError::BadRequest {
         kind: "invalid-document-id",
         message: e.to_string(),
     })?;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     if !engine.is_ready() {
         return Err(ApiError::Unavailable("not ready"));
     }

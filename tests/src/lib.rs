@@ -311,8 +311,8 @@ pub enum Next {
     Frame(Vec<u8>),
     /// Nothing within the time given.
     Quiet,
-    /// Closed or failed.
-    Ended,
+    /// Closed (with the close code, if a close frame came) or failed.
+    Ended(Option<u16>),
 }
 
 /// What a connection ended with.
@@ -344,7 +344,7 @@ impl RawClient {
     pub async fn next_binary(&mut self, within: Duration) -> Option<Vec<u8>> {
         match self.next_event(within).await {
             Next::Frame(b) => Some(b),
-            Next::Quiet | Next::Ended => None,
+            Next::Quiet | Next::Ended(_) => None,
         }
     }
 
@@ -357,7 +357,10 @@ impl RawClient {
                 }
                 Ok(Some(Ok(WsMessage::Text(_)))) => continue,
                 Err(_) => return Next::Quiet,
-                Ok(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => return Next::Ended,
+                Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                    return Next::Ended(frame.map(|f| u16::from(f.code)))
+                }
+                Ok(Some(Err(_)) | None) => return Next::Ended(None),
             }
         }
     }
@@ -512,7 +515,7 @@ impl YClient {
             if left.is_zero() {
                 panic!("timed out after {WAIT:?} waiting for {what}");
             }
-            if let Next::Ended = self.pump_one(left.min(Duration::from_millis(200))).await {
+            if let Next::Ended(_) = self.pump_one(left.min(Duration::from_millis(200))).await {
                 panic!("connection ended while waiting for {what}");
             }
         }

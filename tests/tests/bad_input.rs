@@ -1,0 +1,181 @@
+//! Malformed frames and updates: each closes only its own connection with its close code; the
+//! other clients of the document carry on, and nothing of the bad input is stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use synchrony_protocol::{encode_message, AwarenessUpdate, Message, SyncMessage};
+use synchrony_tests::{
+    sqlite_url, stored_text, Ended, EngineOptions, EngineProcess, RawClient, YClient, WAIT,
+};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use yrs::sync::awareness::AwarenessUpdateEntry;
+
+const FRAME_LIMIT: usize = 64 * 1024;
+
+enum Input {
+    Binary(Vec<u8>),
+    Text(&'static str),
+}
+
+fn awareness_with(json: &str) -> Vec<u8> {
+    let mut clients = HashMap::new();
+    clients.insert(
+        yrs::block::ClientID::new(77),
+        AwarenessUpdateEntry {
+            clock: 1,
+            json: Arc::from(json),
+        },
+    );
+    encode_message(&Message::Awareness(AwarenessUpdate { clients }))
+}
+
+fn cases() -> Vec<(&'static str, Input, u16)> {
+    let mut trailing = encode_message(&Message::Sync(SyncMessage::SyncStep1(Default::default())));
+    trailing.push(0);
+    vec![
+        ("empty frame", Input::Binary(vec![]), 1002),
+        ("unknown message type", Input::Binary(vec![7, 0]), 1003),
+        (
+            "extension type from a client",
+            Input::Binary(vec![100, 1, 1]),
+            1003,
+        ),
+        (
+            "truncated sync message",
+            Input::Binary(vec![0, 1, 5, 1]),
+            1002,
+        ),
+        ("bad sync sub-type", Input::Binary(vec![0, 9, 0]), 1002),
+        ("trailing bytes", Input::Binary(trailing), 1002),
+        ("malformed awareness", Input::Binary(vec![1, 3, 1, 2]), 1002),
+        ("text frame", Input::Text("hello"), 1003),
+        (
+            "undecodable update",
+            Input::Binary(vec![0, 2, 4, 0xff, 0xff, 0xff, 0xff]),
+            1007,
+        ),
+        (
+            "undecodable step 2",
+            Input::Binary(vec![0, 1, 3, 5, 200, 1]),
+            1007,
+        ),
+        (
+            "awareness state that is not JSON",
+            Input::Binary(awareness_with("{not json")),
+            1007,
+        ),
+        (
+            "frame over the limit",
+            Input::Binary(vec![0; FRAME_LIMIT + 1]),
+            4413,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn each_bad_frame_gets_its_close_code_and_hurts_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions::sqlite(dir.path()).arg("--max-frame-bytes", FRAME_LIMIT);
+    let engine = EngineProcess::start(&options).await;
+    let doc = "app/bad-input";
+    let mut bystander = YClient::synced(&engine, doc, true).await;
+    let mut watcher = YClient::synced(&engine, doc, false).await;
+    bystander.append("base;").await;
+
+    for (i, (name, input, want)) in cases().into_iter().enumerate() {
+        let mut bad = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+        match input {
+            Input::Binary(bytes) => bad.ws.send(WsMessage::Binary(bytes.into())).await.unwrap(),
+            Input::Text(text) => bad.ws.send(WsMessage::Text(text.into())).await.unwrap(),
+        }
+        match bad.ended(WAIT).await {
+            Ended::Closed { code, reason } => {
+                assert_eq!(
+                    code, want,
+                    "{name}: closed with {code} ({reason}), expected {want}"
+                );
+                assert!(!reason.is_empty(), "{name}: close without a reason");
+            }
+            Ended::Dropped => panic!("{name}: dropped without a close frame"),
+        }
+        // The others are unaffected: an edit still travels between them.
+        let marker = format!("ok{i};");
+        bystander.append(&marker).await;
+        watcher
+            .wait_until(&format!("the edit after '{name}'"), |w| {
+                w.text().ends_with(&marker)
+            })
+            .await;
+    }
+    let edits = bystander.edits;
+    bystander
+        .wait_until("acks", |c| c.acked_edits() == edits)
+        .await;
+    assert!(
+        engine.log().contains("WARN"),
+        "bad input is logged as a warning"
+    );
+    assert!(
+        engine.log().contains("doc_id=app/bad-input") || engine.log().contains("app/bad-input")
+    );
+
+    // Storage holds exactly what the good client wrote.
+    let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
+    assert_eq!(stored, bystander.text());
+    assert_eq!(stored, watcher.text());
+}
+
+#[tokio::test]
+async fn an_update_past_the_document_size_limit_is_refused_with_4413() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions::sqlite(dir.path()).arg("--max-doc-bytes", 200_000);
+    let engine = EngineProcess::start(&options).await;
+    let doc = "app/too-big";
+    let mut writer = YClient::synced(&engine, doc, true).await;
+    let mut other = YClient::synced(&engine, doc, false).await;
+    let chunk = "x".repeat(40_000);
+    let mut accepted = 0;
+    let code = loop {
+        writer.append(&chunk).await;
+        match writer.raw.next_event(Duration::from_millis(300)).await {
+            synchrony_tests::Next::Ended(code) => break code,
+            _ => accepted += 1,
+        }
+        assert!(accepted < 20, "the size limit never applied");
+    };
+    assert_eq!(code, Some(4413));
+    assert!(
+        accepted >= 3,
+        "accepted only {accepted} chunks before the limit"
+    );
+    // The other client still works, and storage holds only the accepted chunks.
+    let mut third = YClient::synced(&engine, doc, false).await;
+    third.append("still fine").await;
+    other
+        .wait_until("the edit after the refusal", |c| {
+            c.text().ends_with("still fine")
+        })
+        .await;
+    let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
+    assert!(stored.len() <= 200_000, "stored {} bytes", stored.len());
+    let _ = (&mut writer, &mut third);
+}
+
+#[tokio::test]
+async fn a_bad_document_id_is_refused_before_the_upgrade() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    for bad in ["a%20b", "a/../b", "a//b", &"x".repeat(300)] {
+        let err = RawClient::connect(&engine.ws_url(bad, ""))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
+        assert!(err.to_string().contains("400"), "{bad}: {err}");
+    }
+    let (status, body) = engine.get("/v1/ws/a%20b").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid-document-id"), "{body}");
+    assert_eq!(engine.health().await["documents_loaded"], 0);
+}
