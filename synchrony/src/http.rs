@@ -78,6 +78,7 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
             "status": if storage_ok { "ok" } else { "unreachable" },
         },
         "documents_loaded": engine.docs.loaded_count(),
+        "document_loads_total": engine.docs.load_count(),
         "connections": engine.connections.load(Ordering::Relaxed),
     });
     let status = if healthy {

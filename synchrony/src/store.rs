@@ -297,10 +297,15 @@ pub fn merge(
         txn.apply_update(update)
             .map_err(|e| corrupt(e.to_string()))?;
     }
-    if !txn.has_missing_updates() {
-        return Ok(txn.encode_state_as_update_v1(&StateVector::default()));
-    }
+    let missing = txn.has_missing_updates();
+    // Commit first: yrs garbage-collects deleted content on commit, and only then does the
+    // encoding leave overwritten values out.
     drop(txn);
+    if !missing {
+        return Ok(ydoc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default()));
+    }
     let all = snapshot
         .into_iter()
         .chain(updates.iter().map(Vec::as_slice));
@@ -347,6 +352,27 @@ mod tests {
         let pending_only = merge(&doc, None, &[b.clone()]).expect("merge");
         assert_eq!(text_of(&[&a, &pending_only]), "hello world");
         assert!(merge(&doc, None, &[vec![1, 2, 3]]).is_err());
+    }
+
+    #[test]
+    fn merge_drops_overwritten_content() {
+        use yrs::Map;
+        let doc = DocId::parse("d").expect("id");
+        let writer = yrs::Doc::new();
+        let map = writer.get_or_insert_map("m");
+        let updates: Vec<Vec<u8>> = (0..50)
+            .map(|i| {
+                let mut txn = writer.transact_mut();
+                map.insert(&mut txn, "k", format!("{i}{}", "x".repeat(10_000)));
+                txn.encode_update_v1()
+            })
+            .collect();
+        let merged = merge(&doc, None, &updates).expect("merge");
+        assert!(
+            merged.len() < 20_000,
+            "merged snapshot kept overwritten values: {} bytes",
+            merged.len()
+        );
     }
 
     #[tokio::test]

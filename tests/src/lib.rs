@@ -428,6 +428,25 @@ impl YClient {
         client
     }
 
+    /// Wraps an open connection and sends step 1.
+    pub async fn from_raw(raw: RawClient) -> Self {
+        let mut client = Self {
+            raw,
+            doc: yrs::Doc::new(),
+            sent: 0,
+            edits: 0,
+            edits_at: Vec::new(),
+            acked: 0,
+            synced: false,
+        };
+        let sv = client.doc.transact().state_vector();
+        client
+            .raw
+            .send_message(&Message::Sync(SyncMessage::SyncStep1(sv)))
+            .await;
+        client
+    }
+
     /// Connects and waits for the initial sync.
     pub async fn synced(engine: &EngineProcess, doc: &str, ack: bool) -> Self {
         let mut client = Self::connect(engine, doc, ack).await;
@@ -447,6 +466,19 @@ impl YClient {
             let mut txn = self.doc.transact_mut();
             let len = text.len(&txn);
             text.insert(&mut txn, len, s);
+            txn.encode_update_v1()
+        };
+        self.edits += 1;
+        self.send_update(update).await;
+    }
+
+    /// Inserts at a random position of the `content` text and sends the update.
+    pub async fn insert_at_random(&mut self, rng: &mut impl rand::Rng, s: &str) {
+        let text = self.doc.get_or_insert_text("content");
+        let update = {
+            let mut txn = self.doc.transact_mut();
+            let at = rng.random_range(0..=text.len(&txn));
+            text.insert(&mut txn, at, s);
             txn.encode_update_v1()
         };
         self.edits += 1;

@@ -1,0 +1,150 @@
+//! Document lifecycle and process lifecycle: single-flight loads, many clients on many
+//! documents, unloading when idle, heartbeat, and a graceful shutdown that closes with 1012.
+
+use rand::{Rng, SeedableRng};
+use synchrony_tests::{sqlite_url, Ended, EngineOptions, EngineProcess, YClient, WAIT};
+
+#[tokio::test]
+async fn simultaneous_first_joiners_cause_one_load() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let mut seed = YClient::synced(&engine, "app/other", false).await;
+    seed.append("x").await;
+    let loads_before = engine.health().await["document_loads_total"]
+        .as_u64()
+        .unwrap();
+    let joins = (0..40).map(|_| YClient::connect(&engine, "app/storm", false));
+    let mut clients = futures_util::future::join_all(joins).await;
+    for c in &mut clients {
+        c.wait_until("sync", |c| c.synced).await;
+    }
+    let loads_after = engine.health().await["document_loads_total"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        loads_after - loads_before,
+        1,
+        "40 joiners caused {} loads",
+        loads_after - loads_before
+    );
+}
+
+#[tokio::test]
+async fn many_clients_on_many_documents_converge() {
+    let seed: u64 = std::env::var("TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (TEST_SEED={seed} reproduces)");
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let (docs, per_doc, edits) = (8, 5, 30);
+    let mut tasks = Vec::new();
+    for d in 0..docs {
+        for c in 0..per_doc {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ ((d * 100 + c) as u64));
+            let doc = format!("app/many-{d}");
+            let ws = engine.ws_url(&doc, "");
+            tasks.push(tokio::spawn(async move {
+                let raw = synchrony_tests::RawClient::connect(&ws).await.unwrap();
+                let mut client = YClient::from_raw(raw).await;
+                client.wait_until("sync", |c| c.synced).await;
+                for e in 0..edits {
+                    client
+                        .insert_at_random(&mut rng, &format!("[{d}.{c}.{e}]"))
+                        .await;
+                    if rng.random_bool(0.3) {
+                        let _ = client.pump_one(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                client
+            }));
+        }
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    for d in 0..docs {
+        let group: Vec<usize> = (0..per_doc).map(|c| d * per_doc + c).collect();
+        let expected_len: usize = (0..per_doc)
+            .flat_map(|c| (0..edits).map(move |e| format!("[{d}.{c}.{e}]").len()))
+            .sum();
+        for &i in &group {
+            clients[i]
+                .wait_until("all edits of the document", |c| {
+                    c.text().len() == expected_len
+                })
+                .await;
+        }
+        let first = clients[group[0]].text();
+        for &i in &group {
+            assert_eq!(
+                clients[i].text(),
+                first,
+                "document {d} diverged (seed {seed})"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_documents_unload_and_come_back_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine =
+        EngineProcess::start(&EngineOptions::sqlite(dir.path()).arg("--doc-idle-secs", 1)).await;
+    let mut writer = YClient::synced(&engine, "app/idle", true).await;
+    for i in 0..10 {
+        writer.append(&format!("{i},")).await;
+    }
+    writer.wait_until("acks", |c| c.acked_edits() == 10).await;
+    let text = writer.text();
+    drop(writer);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while engine.health().await["documents_loaded"] != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "document never unloaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Unloading compacts the log into the snapshot.
+    let store = synchrony::store::Store::connect(&sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    let id = synchrony_protocol::DocId::parse("app/idle").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.log_len(&id).await.unwrap() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log not compacted after unload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reader = YClient::synced(&engine, "app/idle", false).await;
+    assert_eq!(reader.text(), text);
+}
+
+#[tokio::test]
+async fn heartbeat_health_and_graceful_shutdown() {
+    let mut engine = EngineProcess::start(&EngineOptions::default()).await;
+    assert_eq!(engine.get("/heartbeat").await, (200, "OK".to_owned()));
+    let health = engine.health().await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["storage"]["backend"], "sqlite");
+    assert_eq!(health["storage"]["status"], "ok");
+    let mut client = YClient::synced(&engine, "app/term", true).await;
+    assert_eq!(engine.health().await["connections"], 1);
+    client.append("before shutdown").await;
+    let status = engine.terminate().await;
+    assert!(status.success(), "{status:?}");
+    // The ack may arrive before the close frame; either way the close says "service restart".
+    let mut ended = None;
+    while ended.is_none() {
+        match client.raw.next_event(WAIT).await {
+            synchrony_tests::Next::Ended(code) => ended = Some(code),
+            synchrony_tests::Next::Quiet => panic!("no close frame"),
+            synchrony_tests::Next::Frame(_) => {}
+        }
+    }
+    assert_eq!(ended, Some(Some(1012)));
+    let _ = Ended::Dropped;
+}

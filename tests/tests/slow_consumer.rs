@@ -1,0 +1,79 @@
+//! A client that stops reading neither grows the engine's memory without bound nor slows the
+//! others; when it reads again it is resynced to the current state (or closed with 1013).
+
+use std::time::Duration;
+
+use synchrony_tests::{EngineOptions, EngineProcess, Next, YClient};
+use yrs::{Map, ReadTxn, Transact};
+
+fn value_of(client: &YClient) -> Option<String> {
+    let map = client.doc.get_or_insert_map("big");
+    let txn = client.doc.transact();
+    map.get(&txn, "value").map(|v| v.to_string(&txn))
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_bounded_and_resynced() {
+    let options = EngineOptions::default()
+        .arg("--outbound-queue-bytes", 1 << 20)
+        .arg("--outbound-queue-messages", 64)
+        .arg("--max-resyncs-per-minute", 100);
+    let engine = EngineProcess::start(&options).await;
+    let doc = "app/slow";
+    let mut slow = YClient::connect(&engine, doc, false).await; // sends step 1, then never reads
+    let mut fast = YClient::synced(&engine, doc, false).await;
+    let mut writer = YClient::synced(&engine, doc, true).await;
+    let rss_before = engine.rss_kib();
+
+    // 1,000 overwrites of one 64 KiB value: 64 MiB of fan-out, a small document (overwritten
+    // values are garbage-collected), so growth in the engine can only come from queues.
+    let payload = "p".repeat(64 * 1024);
+    let map = writer.doc.get_or_insert_map("big");
+    let mut max_rss = rss_before;
+    for round in 0..1000u32 {
+        let update = {
+            let mut txn = writer.doc.transact_mut();
+            map.insert(&mut txn, "value", format!("{round}:{payload}"));
+            txn.encode_update_v1()
+        };
+        writer.send_update(update).await;
+        if round % 50 == 49 {
+            let sent = writer.sent;
+            writer.wait_until("acks", |c| c.acked >= sent).await;
+            fast.wait_until("the fast client to keep up", |c| {
+                value_of(c).is_some_and(|v| v.starts_with(&format!("{round}:")))
+            })
+            .await;
+            max_rss = max_rss.max(engine.rss_kib());
+        }
+    }
+    let growth_mib = max_rss.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 48,
+        "engine RSS grew by {growth_mib} MiB while a client did not read"
+    );
+
+    // The slow client reads again: it is resynced to the final value, or told to retry later.
+    let want = value_of(&writer);
+    let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+    loop {
+        if value_of(&slow) == want {
+            break;
+        }
+        match slow.pump_one(Duration::from_millis(500)).await {
+            Next::Ended(code) => {
+                assert_eq!(code, Some(1013), "slow client closed with {code:?}");
+                break;
+            }
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "slow client never caught up"
+            ),
+        }
+    }
+    let log = engine.log();
+    assert!(
+        log.contains("resyncing a lagging client") || log.contains("closing with 1013"),
+        "the engine never noticed the slow client"
+    );
+}
