@@ -3,7 +3,8 @@
 #
 # Needs: the Rust toolchain, Node.js 20 with npm. PostgreSQL is used at 127.0.0.1:5432 when it
 # answers; otherwise a private cluster is created in a temporary directory on a free port (the
-# Debian packages are installed first if missing). Everything started here is stopped on exit.
+# Debian packages are installed first if missing; SYNCHRONY_TEST_PRIVATE_PG=1 forces this path).
+# Everything started here is stopped on exit.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,7 +43,9 @@ start_private_postgres() {
   log "private PostgreSQL on port $port"
 }
 
-if [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
+if [ "${SYNCHRONY_TEST_PRIVATE_PG:-}" = 1 ]; then
+  start_private_postgres  # forces the path a machine without PostgreSQL takes
+elif [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
   if command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432 -U postgres; then
     export SYNCHRONY_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/postgres"
   else

@@ -310,6 +310,8 @@ struct DocActor {
     /// Log rows and bytes written since the last compaction.
     log_rows: u64,
     log_bytes: u64,
+    /// Compact once this sequence number is durable.
+    compact_at: Option<u64>,
     compacting: Arc<AtomicBool>,
 }
 
@@ -333,6 +335,7 @@ impl DocActor {
             durable_rx,
             log_rows: 0,
             log_bytes: 0,
+            compact_at: None,
             compacting: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -626,9 +629,15 @@ impl DocActor {
                 conn.out.push(&Bytes::from(ext::encode_persisted(n)));
             }
         }
-        // Compaction merges what the database holds; rows still in flight wait for the next one.
+        // Once the log is long enough, compact as soon as the row that made it so is durable
+        // (compaction merges what the database holds, so it must be there).
         let c = &self.deps().compaction;
-        if self.log_rows >= c.compact_after_updates || self.log_bytes >= c.compact_after_bytes {
+        if self.compact_at.is_none()
+            && (self.log_rows >= c.compact_after_updates || self.log_bytes >= c.compact_after_bytes)
+        {
+            self.compact_at = Some(self.submitted);
+        }
+        if self.compact_at.is_some_and(|seq| durable >= seq) {
             self.spawn_compaction();
         }
     }
@@ -637,7 +646,9 @@ impl DocActor {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.log_rows = 0;
+        // Rows submitted after the trigger point are not necessarily in this compaction.
+        let merged_through = self.compact_at.take().unwrap_or(self.submitted);
+        self.log_rows = self.submitted - merged_through;
         self.log_bytes = 0;
         let store = self.deps().store.clone();
         let id = self.id.clone();

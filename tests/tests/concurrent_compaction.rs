@@ -21,9 +21,8 @@ async fn two_engines_one_document(compacting: EngineOptions, plain: EngineOption
             client.wait_until("sync", |c| c.synced).await;
             for i in 0..150 {
                 client.append(&format!("{tag}{i};")).await;
-                if i % 10 == 0 {
-                    let _ = client.pump_one(std::time::Duration::from_millis(1)).await;
-                }
+                // Paced, so that compactions on A interleave with writes from both engines.
+                let _ = client.pump_one(std::time::Duration::from_millis(3)).await;
             }
             client
                 .wait_until("every edit acknowledged", |c| c.acked_edits() == 150)
@@ -31,6 +30,11 @@ async fn two_engines_one_document(compacting: EngineOptions, plain: EngineOption
         }
     };
     tokio::join!(write(&a, "A"), write(&b, "B"));
+    let compactions = a.log().matches("compacted").count();
+    assert!(
+        compactions >= 3,
+        "only {compactions} compactions overlapped the writers"
+    );
     drop(a);
     drop(b);
     let (text, _) = stored_text(url, doc).await;
