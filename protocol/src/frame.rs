@@ -67,6 +67,7 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use yrs::sync::SyncMessage;

@@ -4,7 +4,7 @@
 
 use synchrony_protocol::{decode_frame, encode_message, Message, SyncMessage};
 use yrs::updates::decoder::Decode;
-use yrs::{GetString, ReadTxn, Text, Transact, Update};
+use yrs::{GetString, ReadTxn, Transact, Update};
 
 struct Vector {
     name: String,

@@ -349,7 +349,7 @@ mod tests {
         let merged = merge(&doc, None, &[a.clone(), b.clone()]).expect("merge");
         assert_eq!(text_of(&[&merged]), "hello world");
         // `b` without `a` cannot be integrated: the merge must still carry it.
-        let pending_only = merge(&doc, None, &[b.clone()]).expect("merge");
+        let pending_only = merge(&doc, None, std::slice::from_ref(&b)).expect("merge");
         assert_eq!(text_of(&[&a, &pending_only]), "hello world");
         assert!(merge(&doc, None, &[vec![1, 2, 3]]).is_err());
     }

@@ -1,5 +1,6 @@
 //! Malformed frames and updates: each closes only its own connection with its close code; the
 //! other clients of the document carry on, and nothing of the bad input is stored.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Compaction never drops an update written by anyone: two engines write the same document in
 //! the same database at once while one of them compacts aggressively; and, at the storage
 //! layer, writers append while a compactor loops.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
 //! Real JavaScript clients (npm `yjs` + `y-websocket` on Node with `ws`) against the engine.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! Document lifecycle and process lifecycle: single-flight loads, many clients on many
 //! documents, unloading when idle, heartbeat, and a graceful shutdown that closes with 1012.
+#![allow(clippy::unwrap_used)]
 
 use rand::{Rng, SeedableRng};
 use synchrony_tests::{sqlite_url, Ended, EngineOptions, EngineProcess, YClient, WAIT};
@@ -147,4 +148,35 @@ async fn heartbeat_health_and_graceful_shutdown() {
     }
     assert_eq!(ended, Some(Some(1012)));
     let _ = Ended::Dropped;
+}
+
+#[tokio::test]
+async fn silent_connections_time_out_and_live_ones_stay() {
+    let options = EngineOptions::default()
+        .arg("--ping-interval-secs", 1)
+        .arg("--idle-timeout-secs", 2);
+    let engine = EngineProcess::start(&options).await;
+    let mut silent = synchrony_tests::RawClient::connect(&engine.ws_url("app/idle-conn", ""))
+        .await
+        .unwrap();
+    let mut live = YClient::synced(&engine, "app/idle-conn", false).await;
+    // The live client reads (and so answers pings); the silent one reads nothing for 4 s.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        if let synchrony_tests::Next::Ended(code) =
+            live.pump_one(std::time::Duration::from_millis(100)).await
+        {
+            panic!("a live connection was closed ({code:?})");
+        }
+    }
+    assert_eq!(
+        silent.ended(WAIT).await,
+        Ended::Closed {
+            code: 1001,
+            reason: "idle timeout".into()
+        }
+    );
+    live.append("still here").await;
+    let reader = YClient::synced(&engine, "app/idle-conn", false).await;
+    let _ = reader;
 }

@@ -1,5 +1,6 @@
 //! Durability on SQLite and PostgreSQL: graceful restarts, SIGKILL during continuous editing
 //! (every acknowledged edit survives), and compaction that keeps content identical.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

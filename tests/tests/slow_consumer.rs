@@ -1,10 +1,11 @@
 //! A client that stops reading neither grows the engine's memory without bound nor slows the
 //! others; when it reads again it is resynced to the current state (or closed with 1013).
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use synchrony_tests::{EngineOptions, EngineProcess, Next, YClient};
-use yrs::{Map, ReadTxn, Transact};
+use yrs::{Map, Transact};
 
 fn value_of(client: &YClient) -> Option<String> {
     let map = client.doc.get_or_insert_map("big");

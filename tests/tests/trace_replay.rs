@@ -1,6 +1,7 @@
 //! Replays a real recorded editing session (`../shared/data/traces/friendsforever_flat.json.gz`,
 //! from josephg/editing-traces, CC BY 4.0) through the engine, one update per transaction, and
 //! checks that a fresh client and storage both end with the trace's `endContent`.
+#![allow(clippy::unwrap_used)]
 
 use std::io::Read;
 use std::path::PathBuf;
