@@ -274,7 +274,27 @@ struct Conn {
     received: u64,
     /// (document sequence that must be durable, received count it acknowledges).
     pending_acks: VecDeque<(u64, u64)>,
+    /// The last acknowledgement queued; re-sent on resync since the queue may have dropped it.
+    last_acked: u64,
     resyncs: VecDeque<Instant>,
+}
+
+impl Conn {
+    /// Acknowledges, in one message, every update of this connection durable at `durable`.
+    fn ack_through(&mut self, durable: u64) {
+        let mut acked = None;
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(seq, _)| *seq <= durable)
+        {
+            acked = self.pending_acks.pop_front().map(|(_, n)| n);
+        }
+        if let Some(n) = acked {
+            self.last_acked = n;
+            self.out.push(&Bytes::from(ext::encode_persisted(n)));
+        }
+    }
 }
 
 /// Frames derived from the current document state, dropped on every change.
@@ -463,6 +483,7 @@ impl DocActor {
                     wants_ack: request.wants_persisted_ack,
                     received: 0,
                     pending_acks: VecDeque::new(),
+                    last_acked: 0,
                     resyncs: VecDeque::new(),
                 };
                 if reply.send(Ok(())).is_err() {
@@ -617,17 +638,7 @@ impl DocActor {
     fn on_durable(&mut self) {
         let durable = *self.durable_rx.borrow_and_update();
         for conn in self.conns.values_mut() {
-            let mut acked = None;
-            while conn
-                .pending_acks
-                .front()
-                .is_some_and(|(seq, _)| *seq <= durable)
-            {
-                acked = conn.pending_acks.pop_front().map(|(_, n)| n);
-            }
-            if let Some(n) = acked {
-                conn.out.push(&Bytes::from(ext::encode_persisted(n)));
-            }
+            conn.ack_through(durable);
         }
         // Once the log is long enough, compact as soon as the row that made it so is durable
         // (compaction merges what the database holds, so it must be there).
@@ -772,21 +783,16 @@ impl DocActor {
         let Some(conn) = self.conns.get_mut(&conn_id) else {
             return;
         };
-        let mut ok = conn.out.push(&full) && conn.out.push(&step1);
-        if let Some(a) = awareness {
-            ok = ok && conn.out.push(&a);
-        }
-        // Acks are cumulative; what is durable now can be acknowledged now.
-        let mut acked = None;
-        while conn
-            .pending_acks
-            .front()
-            .is_some_and(|(seq, _)| *seq <= durable)
-        {
-            acked = conn.pending_acks.pop_front().map(|(_, n)| n);
-        }
-        if let (true, Some(n)) = (ok, acked) {
-            conn.out.push(&Bytes::from(ext::encode_persisted(n)));
+        let ok = conn.out.push(&full)
+            && conn.out.push(&step1)
+            && awareness.is_none_or(|a| conn.out.push(&a));
+        if ok {
+            // The old queue may have held an ack; acks are cumulative, so re-send the latest.
+            if conn.wants_ack && conn.last_acked > 0 {
+                conn.out
+                    .push(&Bytes::from(ext::encode_persisted(conn.last_acked)));
+            }
+            conn.ack_through(durable);
         }
     }
 

@@ -89,38 +89,15 @@ const scenarios = {
     return result
   },
 
-  // Writes `text` into the document and waits until the server says it is persisted; used with
-  // restarts (a provider never sees our extension, so this uses a raw ack-opting socket check).
-  async write () {
-    const c = client('writer')
-    await waitFor('sync', () => synced(c))
-    c.text.insert(c.text.length, args[0])
-    // y-websocket sends the update immediately; give the group commit a bounded moment.
-    await new Promise((resolve) => setTimeout(resolve, Number(args[1] || 300)))
-    c.provider.destroy()
-    return { text: c.text.toString() }
-  },
-
-  // Connects, syncs, prints the document content.
-  async read () {
-    const c = client('reader')
-    await waitFor('sync', () => synced(c))
-    const result = { text: c.text.toString(), map: c.map.toJSON() }
-    c.provider.destroy()
-    return result
-  },
-
   // A stock client never receives an extension message, even when other clients ask for acks.
   async stock () {
     const c = client('stock')
     const seen = []
-    const origOnMessage = WebSocket.prototype.emit
     await waitFor('sync', () => synced(c))
     c.provider.ws.addEventListener('message', (e) => seen.push(new Uint8Array(e.data)[0]))
     for (let i = 0; i < 10; i++) c.text.insert(0, `${i}`)
     await new Promise((resolve) => setTimeout(resolve, 500))
     c.provider.destroy()
-    void origOnMessage
     const unknown = seen.filter((t) => t > 3)
     if (unknown.length) fail(`stock client received message types ${unknown}`)
     return { types: [...new Set(seen)].sort() }

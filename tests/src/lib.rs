@@ -410,22 +410,7 @@ impl YClient {
     /// Connects to `doc` and sends step 1; `ack` opts into persisted acknowledgements.
     pub async fn connect(engine: &EngineProcess, doc: &str, ack: bool) -> Self {
         let url = engine.ws_url(doc, if ack { "ack=persisted" } else { "" });
-        let raw = RawClient::connect(&url).await.unwrap();
-        let mut client = Self {
-            raw,
-            doc: yrs::Doc::new(),
-            sent: 0,
-            edits: 0,
-            edits_at: Vec::new(),
-            acked: 0,
-            synced: false,
-        };
-        let sv = client.doc.transact().state_vector();
-        client
-            .raw
-            .send_message(&Message::Sync(SyncMessage::SyncStep1(sv)))
-            .await;
-        client
+        Self::from_raw(RawClient::connect(&url).await.unwrap()).await
     }
 
     /// Wraps an open connection and sends step 1.
