@@ -53,7 +53,7 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
 }
 
 async fn heartbeat(State(engine): State<Arc<Engine>>) -> Response {
-    if engine.is_ready() {
+    if engine.can_serve() {
         (StatusCode::OK, "OK").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()

@@ -57,18 +57,23 @@ pub struct Engine {
     pub connections: Arc<AtomicU64>,
     pub started: Instant,
     ready: AtomicBool,
+    /// Result of the last storage probe.
+    storage_ok: Arc<AtomicBool>,
     /// The persister outlives the documents so that their last updates are committed.
     persist_stop: CancellationToken,
     persist_tracker: TaskTracker,
 }
 
+/// How often storage is probed for the heartbeat.
+const STORAGE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Engine {
-    /// Connects to storage, runs migrations and starts the persister.
-    pub async fn start(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
+    /// Builds the engine without touching storage: the router can answer (heartbeat 503)
+    /// while [`Engine::initialize`] migrates.
+    pub fn new(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
         config.normalized_context_path()?;
         let url = config.store.resolve_url()?;
-        let store = Store::connect(&url).await?;
-        store.migrate().await?;
+        let store = Store::connect_lazy(&url)?;
         let persist_stop = CancellationToken::new();
         let persist_tracker = TaskTracker::new();
         let persister = Persister::spawn(
@@ -88,7 +93,6 @@ impl Engine {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });
-        tracing::info!(backend = store.backend().name(), "storage ready");
         Ok(Arc::new(Self {
             config,
             store,
@@ -98,14 +102,64 @@ impl Engine {
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
-            ready: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            storage_ok: Arc::new(AtomicBool::new(false)),
             persist_stop,
             persist_tracker,
         }))
     }
 
+    /// Migrates storage, then declares the node ready and starts probing storage so that the
+    /// heartbeat fails while the database is unreachable.
+    pub async fn initialize(self: &Arc<Self>) -> Result<(), EngineError> {
+        self.store.probe().await?;
+        self.store.migrate().await?;
+        self.storage_ok.store(true, Ordering::Release);
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(backend = self.store.backend().name(), "storage ready");
+        let (store, flag, cancel) = (
+            self.store.clone(),
+            self.storage_ok.clone(),
+            self.cancel.clone(),
+        );
+        self.tracker.spawn(async move {
+            let mut every = tokio::time::interval(STORAGE_PROBE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let ok = matches!(
+                    tokio::time::timeout(STORAGE_PROBE_INTERVAL, store.ping()).await,
+                    Ok(Ok(()))
+                );
+                if flag.swap(ok, Ordering::AcqRel) != ok {
+                    if ok {
+                        tracing::info!("storage reachable again");
+                    } else {
+                        tracing::error!("storage unreachable; heartbeat failing");
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// [`Engine::new`] then [`Engine::initialize`].
+    pub async fn start(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
+        let engine = Self::new(config)?;
+        engine.initialize().await?;
+        Ok(engine)
+    }
+
+    /// Storage migrated and the node not shutting down: it accepts clients.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.cancel.is_cancelled()
+    }
+
+    /// What the heartbeat answers: ready, and storage answered its last probe.
+    pub fn can_serve(&self) -> bool {
+        self.is_ready() && self.storage_ok.load(Ordering::Acquire)
     }
 
     /// Serves HTTP and WebSockets on `listener` until shutdown begins.

@@ -104,15 +104,11 @@ async fn serve(config: ServeConfig) -> ExitCode {
         }
     };
     let drain_timeout = config.timing.drain_timeout();
-    let engine = match Engine::start(config).await {
+    let engine = match Engine::new(config) {
         Ok(engine) => engine,
-        Err(EngineError::Config(error)) => {
+        Err(error) => {
             tracing::error!(%error, "configuration error");
             return ExitCode::from(exit::CONFIG);
-        }
-        Err(EngineError::Store(error)) => {
-            tracing::error!(%error, "storage unavailable");
-            return ExitCode::from(exit::STORAGE);
         }
     };
     let local = match listener.local_addr() {
@@ -122,6 +118,19 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(exit::BIND);
         }
     };
+    // Serve at once: the heartbeat answers 503 until storage is migrated.
+    let server = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.serve(listener).await })
+    };
+    if let Err(error) = engine.initialize().await {
+        tracing::error!(%error, "storage unavailable");
+        engine.shutdown().await;
+        return ExitCode::from(match error {
+            EngineError::Config(_) => exit::CONFIG,
+            EngineError::Store(_) => exit::STORAGE,
+        });
+    }
     let ctx = engine.config.normalized_context_path().unwrap_or_default();
     let url = format!("http://{local}{ctx}");
     // One machine-readable line on stdout: hosts and tests learn the real port here.
@@ -139,8 +148,10 @@ async fn serve(config: ServeConfig) -> ExitCode {
             engine.begin_shutdown();
         })
     };
-    if let Err(error) = engine.serve(listener).await {
-        tracing::error!(%error, "server failed");
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "server failed"),
+        Err(error) => tracing::error!(%error, "server task failed"),
     }
     signals.abort();
     match tokio::time::timeout(drain_timeout, engine.shutdown()).await {

@@ -9,6 +9,7 @@
 //! transaction runs at REPEATABLE READ, whose DELETE cannot see rows committed after its
 //! snapshot; on SQLite it takes the write lock up front (`BEGIN IMMEDIATE`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -86,10 +87,20 @@ pub struct LogEntry {
     pub data: bytes::Bytes,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Kept for [`Store::probe`]; may hold a password, so never logged.
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
 }
 
 pub fn now_millis() -> i64 {
@@ -102,6 +113,14 @@ pub fn now_millis() -> i64 {
 impl Store {
     /// Connects to `url` (`sqlite://path`, `postgres://...`). Does not migrate.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect_lazy(url)?;
+        store.probe().await?;
+        Ok(store)
+    }
+
+    /// Prepares a pool for `url` without touching the database yet, so that the engine can
+    /// answer its heartbeat (503) while storage comes up.
+    pub fn connect_lazy(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -128,8 +147,21 @@ impl Store {
                 })
             });
         }
-        let pool = options.connect(url).await?;
-        Ok(Self { pool, backend })
+        let pool = options.connect_lazy(url)?;
+        Ok(Self {
+            pool,
+            backend,
+            url: url.into(),
+        })
+    }
+
+    /// Opens one connection outside the pool, so that a failure reports its real cause
+    /// (refused, authentication, unknown database) instead of a pool timeout.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&self.url).await?;
+        conn.execute("SELECT 1").await?;
+        sqlx::Connection::close(conn).await?;
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {

@@ -206,6 +206,26 @@ impl EngineProcess {
     }
 }
 
+/// Runs `synchrony <args>` to completion (bounded) and returns its exit code and stderr.
+pub async fn run_engine_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let output = tokio::time::timeout(
+        WAIT,
+        Command::new(engine_binary())
+            .args(args)
+            .env_remove("SYNCHRONY_DATABASE_URL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("engine exited in time")
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
