@@ -379,30 +379,30 @@ impl DocActor {
         }
         let idle = self.deps().timing.doc_idle();
         let cancel = self.deps().cancel.clone();
-        let mut idle_since = Some(Instant::now());
+        // When to unload; None while clients are connected (or if the idle time is unbounded).
+        let mut unload_at = Instant::now().checked_add(idle);
         loop {
-            let idle_deadline = idle_since.map(|t| t + idle);
             tokio::select! {
                 command = rx.recv() => match command {
                     Some(command) => self.handle(command).await,
                     None => break,
                 },
                 Ok(()) = self.durable_rx.changed() => self.on_durable(),
-                _ = async { tokio::time::sleep_until(idle_deadline.unwrap_or_else(Instant::now)).await }, if idle_deadline.is_some() => {
+                _ = tokio::time::sleep_until(unload_at.unwrap_or_else(Instant::now)), if unload_at.is_some() => {
                     if self.conns.is_empty() && *self.durable_rx.borrow() >= self.submitted {
                         break;
                     }
                     // Not everything durable yet: look again shortly.
-                    idle_since = Some(Instant::now() - idle + Duration::from_millis(100));
+                    unload_at = Some(Instant::now() + Duration::from_millis(100));
                     continue;
                 }
                 _ = cancel.cancelled() => break,
             }
-            idle_since = match (self.conns.is_empty(), idle_since) {
-                (true, None) => Some(Instant::now()),
-                (true, since) => since,
-                (false, _) => None,
-            };
+            if !self.conns.is_empty() {
+                unload_at = None;
+            } else if unload_at.is_none() {
+                unload_at = Instant::now().checked_add(idle);
+            }
         }
         // Unloading or shutting down: leave the registry, then handle what is already in the
         // mailbox (updates are applied and persisted; new joiners are turned away to retry).
