@@ -15,6 +15,9 @@ use crate::Engine;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How long a closing session waits for the client's close reply.
+const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Options a client chose in the query string.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 pub struct SessionParams {
@@ -158,8 +161,22 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: Ses
     };
     let _ = link.send(DocCommand::Leave { conn_id }).await;
     if let Some((code, reason)) = close {
-        let _ = timeout(write_timeout, sink.send(close_frame(code, reason))).await;
-        let _ = timeout(write_timeout, sink.close()).await;
+        tracing::debug!(code = code.0, %reason, "closing the connection");
+        if timeout(write_timeout, sink.send(close_frame(code, reason)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            // Complete the closing handshake: dropping the socket with unread data would reset
+            // the connection, and a client reading late would lose the close code with it.
+            let _ = timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, WsMessage::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     }
 }
 
