@@ -13,6 +13,7 @@
 //!
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
 
+pub mod auth;
 pub mod config;
 pub mod doc;
 pub mod http;
