@@ -55,6 +55,13 @@ pub enum ConfigError {
     DataDir { path: String, reason: String },
     #[error("synchrony.context.path: {0}")]
     ContextPath(String),
+    #[error("jwt.public.key: {0}")]
+    PublicKey(String),
+    #[error(
+        "synchrony.bind is {0}, not a loopback address, and no authentication is configured: set \
+         synchrony.service.authtoken (hosts then register apps), synchrony.jwt.secret or jwt.public.key"
+    )]
+    InsecureBind(std::net::IpAddr),
 }
 
 impl StoreConfig {
@@ -253,6 +260,56 @@ pub struct CompactionConfig {
     pub compact_after_bytes: u64,
 }
 
+/// Who may connect: registered apps, static keys, service URLs.
+#[derive(Debug, Clone, Args, Default)]
+pub struct AuthConfig {
+    /// Public base URL(s) of this service, comma-separated; a token's `aud` must be one of them
+    /// (with or without `/v1`). Unset: audiences are not checked.
+    #[arg(
+        long = "service-url",
+        env = "SYNCHRONY_SERVICE_URL",
+        value_delimiter = ','
+    )]
+    pub service_urls: Vec<String>,
+
+    /// Shared token a host must present to register an app (`POST {ctx}/v1/apps/secret`).
+    #[arg(
+        long = "service-authtoken",
+        env = "SYNCHRONY_SERVICE_AUTHTOKEN",
+        hide_env_values = true
+    )]
+    pub service_authtoken: Option<String>,
+
+    /// Static HS256 secret accepted for tokens of no registered app.
+    #[arg(
+        long = "jwt-secret",
+        env = "SYNCHRONY_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Static public key (PEM, or Synchrony's base64 X.509 form): RS256 or EdDSA tokens.
+    #[arg(long = "jwt-public-key", env = "JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// Clock skew tolerated on token times, seconds.
+    #[arg(
+        long = "jwt-leeway-secs",
+        env = "SYNCHRONY_JWT_LEEWAY_SECS",
+        default_value_t = 30
+    )]
+    pub jwt_leeway_secs: u64,
+}
+
+impl AuthConfig {
+    /// Whether anything makes tokens required (registered apps also do, found at startup).
+    pub fn configured(&self) -> bool {
+        self.service_authtoken.is_some()
+            || self.jwt_secret.is_some()
+            || self.jwt_public_key.is_some()
+    }
+}
+
 /// `synchrony serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -274,6 +331,9 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub store: StoreConfig,
+
+    #[command(flatten)]
+    pub auth: AuthConfig,
 
     #[command(flatten)]
     pub limits: LimitsConfig,

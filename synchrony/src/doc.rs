@@ -27,7 +27,7 @@ use yrs::block::ClientID;
 use yrs::sync::{Awareness, AwarenessUpdate};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{ReadTxn, StateVector, Transact, Update};
+use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
 use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
 use crate::persist::{DurableWatch, Persister};
@@ -134,6 +134,10 @@ pub struct JoinRequest {
     pub out: Outbound,
     /// The client asked for "persisted through N" acknowledgements.
     pub wants_persisted_ack: bool,
+    /// The token grants read access only: updates are refused.
+    pub read_only: bool,
+    /// The token's `session` claim (name, avatar), shown to hosts as who is connected.
+    pub session: Option<serde_json::Value>,
 }
 
 pub enum DocCommand {
@@ -153,10 +157,57 @@ pub enum DocCommand {
     Leave {
         conn_id: u64,
     },
+    /// The document's state, for the REST API.
+    Read {
+        /// Also return the text of this root.
+        text_root: Option<String>,
+        reply: oneshot::Sender<DocRead>,
+    },
+    /// Applies an update from outside the editor; answered once it is durable.
+    Apply {
+        update: Vec<u8>,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    },
+    /// Replaces the content of a text root in one transaction; answered once durable.
+    ResetText {
+        root: String,
+        content: String,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    },
+    /// Deletes the document and its history; its clients are closed with 4404.
+    Delete {
+        reply: oneshot::Sender<Result<(), DocError>>,
+    },
+}
+
+/// A document's state as the REST API shows it.
+#[derive(Debug, Clone)]
+pub struct DocRead {
+    /// The whole state as a Yjs v1 update.
+    pub update: Vec<u8>,
+    /// Each root type as JSON (texts as strings, maps as objects, arrays as arrays).
+    pub json: serde_json::Value,
+    /// The text of the requested root.
+    pub text: Option<String>,
+    /// The `session` claims of connected clients.
+    pub sessions: Vec<serde_json::Value>,
+}
+
+/// Why a REST change was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DocError {
+    #[error("invalid update: {0}")]
+    InvalidUpdate(String),
+    #[error("the document would pass the size limit")]
+    TooLarge,
+    #[error("storage failed")]
+    Storage,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JoinError {
+    #[error("document is being deleted; try again")]
+    Busy,
     #[error("document could not be loaded")]
     LoadFailed,
     #[error("server is shutting down")]
@@ -240,6 +291,31 @@ impl Docs {
         }
     }
 
+    /// Sends a REST command to the document's actor (loading it if needed) and awaits the answer.
+    pub async fn request<T>(
+        self: &Arc<Self>,
+        doc: &DocId,
+        make: impl Fn(oneshot::Sender<T>) -> DocCommand,
+    ) -> Result<T, JoinError> {
+        for _ in 0..100 {
+            if self.deps.cancel.is_cancelled() {
+                return Err(JoinError::ShuttingDown);
+            }
+            let handle = self.handle(doc);
+            let (reply, answer) = oneshot::channel();
+            if handle.tx.send(make(reply)).await.is_err() {
+                self.forget(doc, handle.generation);
+                continue;
+            }
+            match answer.await {
+                Ok(value) => return Ok(value),
+                // The actor went away with our command (unloaded, deleted or failed to load).
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        Err(JoinError::Busy)
+    }
+
     fn handle(self: &Arc<Self>, doc: &DocId) -> DocHandle {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = loaded.get(doc) {
@@ -270,6 +346,8 @@ struct Conn {
     /// Awareness client ids this connection controls; removed when it leaves.
     awareness_ids: HashSet<ClientID>,
     wants_ack: bool,
+    read_only: bool,
+    session: Option<serde_json::Value>,
     /// Update-bearing messages received from this connection.
     received: u64,
     /// (document sequence that must be durable, received count it acknowledges).
@@ -333,6 +411,10 @@ struct DocActor {
     /// Compact once this sequence number is durable.
     compact_at: Option<u64>,
     compacting: Arc<AtomicBool>,
+    /// REST changes waiting for durability: (sequence, reply).
+    waiting: Vec<(u64, oneshot::Sender<Result<(), DocError>>)>,
+    /// Set by a delete: the actor stops and handles nothing more.
+    deleted: bool,
 }
 
 fn frame(message: &Message) -> Bytes {
@@ -357,6 +439,8 @@ impl DocActor {
             log_bytes: 0,
             compact_at: None,
             compacting: Arc::new(AtomicBool::new(false)),
+            waiting: Vec::new(),
+            deleted: false,
         }
     }
 
@@ -384,7 +468,12 @@ impl DocActor {
         loop {
             tokio::select! {
                 command = rx.recv() => match command {
-                    Some(command) => self.handle(command).await,
+                    Some(command) => {
+                        self.handle(command).await;
+                        if self.deleted {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 Ok(()) = self.durable_rx.changed() => self.on_durable(),
@@ -410,7 +499,9 @@ impl DocActor {
         rx.close();
         while let Some(command) = rx.recv().await {
             match command {
+                // Joiners and, after a delete, everyone retry against a new actor.
                 DocCommand::Join { .. } => {}
+                _ if self.deleted => {}
                 other => self.handle(other).await,
             }
         }
@@ -480,7 +571,10 @@ impl DocActor {
                 let conn = Conn {
                     out: request.out,
                     awareness_ids: HashSet::new(),
-                    wants_ack: request.wants_persisted_ack,
+                    // Refused updates are never durable, so read-only clients get no acks.
+                    wants_ack: request.wants_persisted_ack && !request.read_only,
+                    read_only: request.read_only,
+                    session: request.session,
                     received: 0,
                     pending_acks: VecDeque::new(),
                     last_acked: 0,
@@ -500,6 +594,122 @@ impl DocActor {
             DocCommand::Message { conn_id, message } => self.on_message(conn_id, message).await,
             DocCommand::Resync { conn_id } => self.resync(conn_id),
             DocCommand::Leave { conn_id } => self.leave(conn_id),
+            DocCommand::Read { text_root, reply } => {
+                let _ = reply.send(self.read(text_root.as_deref()));
+            }
+            DocCommand::Apply { update, reply } => match self.apply(&update) {
+                Ok(outcome) => {
+                    self.publish(outcome, None).await;
+                    self.waiting.push((self.submitted, reply));
+                    self.on_durable();
+                }
+                Err(rejection) => {
+                    let error = match rejection {
+                        Rejection::TooLarge => DocError::TooLarge,
+                        Rejection::Invalid(e) => DocError::InvalidUpdate(e),
+                        Rejection::Poisoned(e) => {
+                            tracing::error!(reason = %e, "yrs failed applying a REST update; rebuilding");
+                            self.rebuild().await;
+                            DocError::InvalidUpdate(e)
+                        }
+                    };
+                    let _ = reply.send(Err(error));
+                }
+            },
+            DocCommand::ResetText {
+                root,
+                content,
+                reply,
+            } => {
+                if self.approx_bytes.saturating_add(content.len())
+                    > self.deps().limits.max_doc_bytes
+                {
+                    let _ = reply.send(Err(DocError::TooLarge));
+                    return;
+                }
+                let update = {
+                    let text = self.awareness.doc().get_or_insert_text(root.as_str());
+                    let mut txn = self.awareness.doc().transact_mut();
+                    let len = text.len(&txn);
+                    text.remove_range(&mut txn, 0, len);
+                    text.insert(&mut txn, 0, &content);
+                    txn.encode_update_v1()
+                };
+                self.cache = StateCache::default();
+                self.approx_bytes += update.len();
+                let outcome = Applied {
+                    broadcast: Some(update.clone()),
+                    persist: Some(update),
+                };
+                self.publish(outcome, None).await;
+                self.waiting.push((self.submitted, reply));
+                self.on_durable();
+            }
+            DocCommand::Delete { reply } => {
+                let result = self.delete().await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Fans an applied update out to every connection but its origin and hands it to the
+    /// persister.
+    async fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
+        if let Some(update) = outcome.broadcast {
+            let f = frame(&Message::Sync(SyncMessage::Update(update)));
+            self.broadcast(&f, origin);
+        }
+        if let Some(persist) = outcome.persist {
+            self.persist(persist).await;
+        }
+    }
+
+    fn read(&mut self, text_root: Option<&str>) -> DocRead {
+        let text = text_root.map(|name| {
+            let text = self.awareness.doc().get_or_insert_text(name);
+            text.get_string(&self.awareness.doc().transact())
+        });
+        let txn = self.awareness.doc().transact();
+        let mut json = serde_json::Map::new();
+        for (name, value) in txn.root_refs() {
+            json.insert(name.to_owned(), root_json(&value, &txn));
+        }
+        DocRead {
+            update: txn.encode_state_as_update_v1(&StateVector::default()),
+            json: serde_json::Value::Object(json),
+            text,
+            sessions: self
+                .conns
+                .values()
+                .filter_map(|c| c.session.clone())
+                .collect(),
+        }
+    }
+
+    /// Closes every client with 4404, commits what is queued, then removes the stored document.
+    async fn delete(&mut self) -> Result<(), DocError> {
+        for (_, conn) in self.conns.drain() {
+            conn.out
+                .state
+                .request_close(CloseCode::DOCUMENT_DELETED, "document deleted");
+        }
+        self.deleted = true;
+        if self.deps().persister.flush().await.is_err() {
+            return Err(DocError::Storage);
+        }
+        for (_, reply) in self.waiting.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
+        match self.deps().store.delete_doc(&self.id).await {
+            Ok(_) => {
+                tracing::info!("document deleted");
+                self.log_rows = 0;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "deleting the document failed");
+                Err(DocError::Storage)
+            }
         }
     }
 
@@ -535,15 +745,13 @@ impl DocActor {
     }
 
     async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>) {
+        if self.conns.get(&conn_id).is_some_and(|c| c.read_only) {
+            self.refuse_read_only(conn_id, &raw);
+            return;
+        }
         match self.apply(&raw) {
             Ok(outcome) => {
-                if let Some(update) = outcome.broadcast {
-                    let f = frame(&Message::Sync(SyncMessage::Update(update)));
-                    self.broadcast(&f, Some(conn_id));
-                }
-                if let Some(persist) = outcome.persist {
-                    self.persist(persist).await;
-                }
+                self.publish(outcome, Some(conn_id)).await;
                 let submitted = self.submitted;
                 if let Some(conn) = self.conns.get_mut(&conn_id) {
                     conn.received += 1;
@@ -569,6 +777,31 @@ impl DocActor {
                 tracing::error!(conn_id, %reason, "yrs failed while applying an update; rebuilding the document from storage");
                 self.close(conn_id, CloseCode::INVALID_PAYLOAD, "invalid update");
                 self.rebuild().await;
+            }
+        }
+    }
+
+    /// A read-only client's update is never applied. One that adds nothing (the step 2 every
+    /// client sends after syncing) is ignored; anything else gets the permission-denied message.
+    fn refuse_read_only(&mut self, conn_id: u64, raw: &[u8]) {
+        let adds_nothing = match catch_unwind(|| Update::decode_v1(raw)) {
+            Ok(Ok(update)) => {
+                let txn = self.awareness.doc().transact();
+                let known = txn.state_vector();
+                let deleted = txn.snapshot().delete_set;
+                update
+                    .state_vector()
+                    .iter()
+                    .all(|(client, clock)| known.get(client) >= *clock)
+                    && update.delete_set().diff(&deleted).is_empty()
+            }
+            _ => false,
+        };
+        if !adds_nothing {
+            tracing::debug!(conn_id, "update from a read-only connection refused");
+            if let Some(conn) = self.conns.get(&conn_id) {
+                conn.out
+                    .push(&frame(&Message::Auth(Some("read-only access".into()))));
             }
         }
     }
@@ -639,6 +872,13 @@ impl DocActor {
         let durable = *self.durable_rx.borrow_and_update();
         for conn in self.conns.values_mut() {
             conn.ack_through(durable);
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= durable);
+        self.waiting = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(Ok(()));
         }
         // Once the log is long enough, compact as soon as the row that made it so is durable
         // (compaction merges what the database holds, so it must be there).
@@ -860,6 +1100,28 @@ impl DocActor {
         self.cache.last_diff = Some((key, f.clone()));
         f
     }
+}
+
+/// JSON for a root type. Roots that arrived only through updates have no declared type yet;
+/// their content decides (a map if it has keys, else text if it reads as text, else an array).
+fn root_json<T: ReadTxn>(value: &yrs::Out, txn: &T) -> serde_json::Value {
+    use yrs::types::ToJson;
+    let any = match value {
+        yrs::Out::UndefinedRef(branch) => {
+            let map = yrs::MapRef::from(*branch);
+            let text = yrs::TextRef::from(*branch);
+            let array = yrs::ArrayRef::from(*branch);
+            if map.len(txn) > 0 {
+                map.to_json(txn)
+            } else if !text.get_string(txn).is_empty() || array.len(txn) == 0 {
+                yrs::Any::from(text.get_string(txn))
+            } else {
+                array.to_json(txn)
+            }
+        }
+        other => other.to_json(txn),
+    };
+    serde_json::to_value(&any).unwrap_or(serde_json::Value::Null)
 }
 
 struct Applied {

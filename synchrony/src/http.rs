@@ -1,26 +1,39 @@
-//! The HTTP surface: heartbeat, health, and the WebSocket endpoint, under the context path.
+//! The HTTP surface under the context path: heartbeat, health, app registration, the public
+//! key, the WebSocket endpoint and the document REST API.
+//!
+//! Tokens travel as `?token=` (browsers cannot set WebSocket headers), `Authorization: Bearer`,
+//! or `x-token`. Every error is JSON `{type, message}`; infrastructure failures are logged and
+//! shown to clients only as "unavailable" or "internal".
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::json;
 use synchrony_protocol::DocId;
 
+use crate::auth::{Access, AuthError, Principal};
+use crate::doc::{DocCommand, DocError, JoinError};
+use crate::gate::{GateError, RegisterError};
 use crate::placement::Owner;
 use crate::session::{self, SessionParams};
 use crate::Engine;
 
-/// Errors a client sees: a status and a `{type, message}` body. Details of infrastructure
-/// failures go to the log, never to the client.
+/// What a client sees when a request fails.
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest { kind: &'static str, message: String },
+    Auth(AuthError),
+    NotFound { kind: &'static str, message: String },
+    TooLarge(String),
     Unavailable(&'static str),
 }
 
@@ -28,6 +41,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, message) = match self {
             ApiError::BadRequest { kind, message } => (StatusCode::BAD_REQUEST, kind, message),
+            ApiError::Auth(e) if e.is_forbidden() => {
+                (StatusCode::FORBIDDEN, e.kind(), e.to_string())
+            }
+            ApiError::Auth(e) => (StatusCode::UNAUTHORIZED, e.kind(), e.to_string()),
+            ApiError::NotFound { kind, message } => (StatusCode::NOT_FOUND, kind, message),
+            ApiError::TooLarge(message) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", message),
             ApiError::Unavailable(message) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -38,17 +57,91 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<GateError> for ApiError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Auth(e) => ApiError::Auth(e),
+            GateError::Storage(error) => {
+                tracing::error!(%error, "token check failed: storage");
+                ApiError::Unavailable("storage unavailable")
+            }
+        }
+    }
+}
+
+impl From<JoinError> for ApiError {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::LoadFailed => ApiError::Unavailable("document could not be loaded"),
+            JoinError::ShuttingDown => ApiError::Unavailable("shutting down"),
+            JoinError::Busy => ApiError::Unavailable("document busy; try again"),
+        }
+    }
+}
+
+impl From<DocError> for ApiError {
+    fn from(e: DocError) -> Self {
+        match e {
+            DocError::InvalidUpdate(message) => ApiError::BadRequest {
+                kind: "invalid-update",
+                message,
+            },
+            DocError::TooLarge => ApiError::TooLarge(e.to_string()),
+            DocError::Storage => ApiError::Unavailable("storage unavailable"),
+        }
+    }
+}
+
 /// Builds the router; tests reuse it.
 pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
+    let body_limit = engine.config.limits.max_doc_bytes;
     let inner = Router::new()
         .route("/heartbeat", get(heartbeat))
+        .route("/jwt-key", get(jwt_key))
         .route("/v1/health", get(health))
+        .route("/v1/apps/secret", post(register_app))
         .route("/v1/ws/{*doc}", get(websocket))
+        .route("/v1/data", get(list_docs))
+        .route(
+            "/v1/data/{*doc}",
+            get(read_doc).put(write_doc).delete(delete_doc),
+        )
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(engine);
     if context_path.is_empty() {
         inner
     } else {
         Router::new().nest(context_path, inner)
+    }
+}
+
+/// The token of a request: `?token=`, then `Authorization: Bearer`, then `x-token`.
+fn token<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<&'a str> {
+    query
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+        })
+        .or_else(|| headers.get("x-token").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+}
+
+fn parse_doc(doc: &str) -> Result<DocId, ApiError> {
+    DocId::parse(doc).map_err(|e| ApiError::BadRequest {
+        kind: "invalid-document-id",
+        message: e.to_string(),
+    })
+}
+
+fn require(principal: &Principal, doc: &DocId, need: Access) -> Result<(), ApiError> {
+    match principal.access_to(doc) {
+        Some(access) if access >= need => Ok(()),
+        _ => Err(ApiError::Auth(AuthError::Forbidden)),
     }
 }
 
@@ -58,6 +151,18 @@ async fn heartbeat(State(engine): State<Arc<Engine>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
     }
+}
+
+async fn jwt_key(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError> {
+    let key = engine.gate.public_key().ok_or(ApiError::NotFound {
+        kind: "not-configured",
+        message: "no public key is configured (jwt.public.key)".into(),
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain")],
+        key.x509_base64.clone(),
+    )
+        .into_response())
 }
 
 async fn health(State(engine): State<Arc<Engine>>) -> Response {
@@ -73,6 +178,7 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": engine.started.elapsed().as_secs(),
         "ready": engine.is_ready(),
+        "auth": if engine.gate.enforced() { "tokens" } else { "open" },
         "storage": {
             "backend": engine.store.backend().name(),
             "status": if storage_ok { "ok" } else { "unreachable" },
@@ -89,24 +195,88 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[derive(Deserialize)]
+struct Registration {
+    appid: String,
+    secret: String,
+    #[serde(rename = "auth-token")]
+    auth_token: Option<String>,
+}
+
+async fn register_app(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    body: Result<Json<Registration>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(registration) = body.map_err(|e| ApiError::BadRequest {
+        kind: "invalid-request",
+        message: format!(
+            "expected JSON {{appid, secret, auth-token}}: {}",
+            e.body_text()
+        ),
+    })?;
+    let caller = token(None, &headers);
+    match engine
+        .gate
+        .register(
+            &registration.appid,
+            &registration.secret,
+            registration.auth_token.as_deref(),
+            caller,
+        )
+        .await
+    {
+        Ok(()) => Ok(Json(json!({ "appid": registration.appid })).into_response()),
+        Err(RegisterError::Invalid(message)) => Err(ApiError::BadRequest {
+            kind: "invalid-request",
+            message: message.into(),
+        }),
+        Err(RegisterError::Unauthorized) => {
+            let message = RegisterError::Unauthorized.to_string();
+            Ok((
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "type": "auth-token/invalid", "message": message })),
+            )
+                .into_response())
+        }
+        Err(RegisterError::Storage(error)) => {
+            tracing::error!(%error, "app registration failed: storage");
+            Err(ApiError::Unavailable("storage unavailable"))
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
 async fn websocket(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(params): Query<SessionParams>,
+    Query(auth): Query<TokenQuery>,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // The id is checked first, so a bad one gets the same answer with or without an upgrade.
-    let doc = DocId::parse(&doc).map_err(|e| ApiError::BadRequest {
-        kind: "invalid-document-id",
-        message: e.to_string(),
-    })?;
+    let doc = parse_doc(&doc)?;
+    if !engine.is_ready() {
+        return Err(ApiError::Unavailable("not ready"));
+    }
+    // Refused before the upgrade with a status (401/403); browsers see a failed connection and
+    // the JSON body is there for other clients and for logs.
+    let principal = engine
+        .gate
+        .authenticate(token(auth.token.as_deref(), &headers))
+        .await?;
+    let access = principal
+        .access_to(&doc)
+        .ok_or(ApiError::Auth(AuthError::Forbidden))?;
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return Ok(rejection.into_response()),
     };
-    if !engine.is_ready() {
-        return Err(ApiError::Unavailable("not ready"));
-    }
     match engine.placement.owner(&doc) {
         Owner::Local => {}
         Owner::Remote { .. } => {
@@ -118,6 +288,214 @@ async fn websocket(
     Ok(ws
         .max_frame_size(limit)
         .max_message_size(limit)
-        .on_upgrade(move |socket| tracker.track_future(session::run(engine, socket, doc, params)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(session::run(engine, socket, doc, params, principal, access))
+        })
         .into_response())
+}
+
+#[derive(Deserialize)]
+struct ReadQuery {
+    token: Option<String>,
+    format: Option<String>,
+    name: Option<String>,
+}
+
+async fn read_doc(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+    Query(query): Query<ReadQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let doc = parse_doc(&doc)?;
+    let principal = engine
+        .gate
+        .authenticate(token(query.token.as_deref(), &headers))
+        .await?;
+    require(&principal, &doc, Access::Read)?;
+    let format = query.format.as_deref().unwrap_or("json");
+    let text_root = match format {
+        "json" | "update" => None,
+        "text" => Some(query.name.clone().ok_or(ApiError::BadRequest {
+            kind: "invalid-request",
+            message: "format=text needs name=<root>".into(),
+        })?),
+        other => {
+            return Err(ApiError::BadRequest {
+                kind: "invalid-request",
+                message: format!("format {other:?} is not json, update or text"),
+            })
+        }
+    };
+    let read = engine
+        .docs
+        .request(&doc, |reply| DocCommand::Read {
+            text_root: text_root.clone(),
+            reply,
+        })
+        .await?;
+    let head = head(&engine, &doc).await?;
+    let head_header = [("x-synchrony-head", HeaderValue::from(head))];
+    Ok(match (format, read.text) {
+        ("update", _) => (
+            head_header,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            read.update,
+        )
+            .into_response(),
+        ("text", Some(text)) => (
+            head_header,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        _ => Json(json!({
+            "id": doc.as_str(),
+            "head": head,
+            "state": read.json,
+            "sessions": read.sessions,
+        }))
+        .into_response(),
+    })
+}
+
+async fn head(engine: &Engine, doc: &DocId) -> Result<u64, ApiError> {
+    engine.store.head(doc).await.map_err(|error| {
+        tracing::error!(%error, "reading the head failed");
+        ApiError::Unavailable("storage unavailable")
+    })
+}
+
+#[derive(Deserialize)]
+struct WriteQuery {
+    token: Option<String>,
+    #[serde(default)]
+    reset: bool,
+    name: Option<String>,
+}
+
+async fn write_doc(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+    Query(query): Query<WriteQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let doc = parse_doc(&doc)?;
+    let principal = engine
+        .gate
+        .authenticate(token(query.token.as_deref(), &headers))
+        .await?;
+    require(&principal, &doc, Access::Full)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
+        _ => ApiError::BadRequest {
+            kind: "invalid-request",
+            message: e.body_text(),
+        },
+    })?;
+    let result = if query.reset {
+        let root = query.name.clone().ok_or(ApiError::BadRequest {
+            kind: "invalid-request",
+            message: "reset=true needs name=<text root>".into(),
+        })?;
+        let content = String::from_utf8(body.to_vec()).map_err(|_| ApiError::BadRequest {
+            kind: "invalid-request",
+            message: "a reset body must be UTF-8 text".into(),
+        })?;
+        engine
+            .docs
+            .request(&doc, |reply| DocCommand::ResetText {
+                root: root.clone(),
+                content: content.clone(),
+                reply,
+            })
+            .await?
+    } else {
+        if body.is_empty() {
+            return Err(ApiError::BadRequest {
+                kind: "invalid-update",
+                message: "the body must be a Yjs update (v1 encoding)".into(),
+            });
+        }
+        engine
+            .docs
+            .request(&doc, |reply| DocCommand::Apply {
+                update: body.to_vec(),
+                reply,
+            })
+            .await?
+    };
+    result?;
+    let head = head(&engine, &doc).await?;
+    Ok(Json(json!({ "id": doc.as_str(), "head": head })).into_response())
+}
+
+async fn delete_doc(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+    Query(query): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let doc = parse_doc(&doc)?;
+    let principal = engine
+        .gate
+        .authenticate(token(query.token.as_deref(), &headers))
+        .await?;
+    if !principal.is_admin() {
+        return Err(ApiError::Auth(AuthError::Forbidden));
+    }
+    engine
+        .docs
+        .request(&doc, |reply| DocCommand::Delete { reply })
+        .await??;
+    Ok(Json(json!({ "id": doc.as_str(), "deleted": true })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    token: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default)]
+    after: String,
+    limit: Option<u32>,
+}
+
+async fn list_docs(
+    State(engine): State<Arc<Engine>>,
+    Query(query): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = engine
+        .gate
+        .authenticate(token(query.token.as_deref(), &headers))
+        .await?;
+    if !principal.is_admin() {
+        return Err(ApiError::Auth(AuthError::Forbidden));
+    }
+    if query.prefix.len() > DocId::MAX_LEN
+        || !query
+            .prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~:@+=/".contains(&b))
+    {
+        return Err(ApiError::BadRequest {
+            kind: "invalid-request",
+            message: "prefix may hold only document-id characters".into(),
+        });
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let documents = engine
+        .store
+        .list_docs(&query.prefix, &query.after, limit)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "listing documents failed");
+            ApiError::Unavailable("storage unavailable")
+        })?;
+    let next = (documents.len() == limit as usize)
+        .then(|| documents.last().map(|d| d.id.clone()))
+        .flatten();
+    Ok(Json(json!({ "documents": documents, "next": next })).into_response())
 }

@@ -4,18 +4,21 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, parsed once by `main` and passed down typed.
+//! - [`auth`]: token verification and access grants (pure; the clock is a parameter).
+//! - [`gate`]: tokens of requests → principals, with registered apps' secrets from storage.
 //! - [`store`]: the update log and snapshots on SQLite or PostgreSQL (sqlx), and compaction.
 //! - [`persist`]: group commit of accepted updates and "durable through" notifications.
 //! - [`doc`]: the registry of loaded documents and the actor that owns each one.
 //! - [`session`]: one WebSocket connection, bytes ↔ messages ↔ the document actor.
 //! - [`placement`]: which node owns a document (always this one until the cluster lands).
-//! - [`http`]: the router: heartbeat, health, WebSocket endpoint.
+//! - [`http`]: the router: heartbeat, health, apps, WebSocket endpoint, document REST API.
 //!
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
 
 pub mod auth;
 pub mod config;
 pub mod doc;
+pub mod gate;
 pub mod http;
 pub mod persist;
 pub mod placement;
@@ -32,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfigError, ServeConfig};
 use crate::doc::{DocDeps, Docs};
+use crate::gate::Gate;
 use crate::persist::Persister;
 use crate::placement::{Placement, SingleNode};
 use crate::store::{Store, StoreError};
@@ -48,6 +52,7 @@ pub enum EngineError {
 pub struct Engine {
     pub config: ServeConfig,
     pub store: Store,
+    pub gate: Gate,
     pub docs: Arc<Docs>,
     pub placement: Arc<dyn Placement>,
     /// Cancelled when shutdown begins: sessions close with 1012, documents stop.
@@ -73,8 +78,12 @@ impl Engine {
     /// while [`Engine::initialize`] migrates.
     pub fn new(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
         config.normalized_context_path()?;
+        if !config.auth.configured() && !config.bind.is_loopback() {
+            return Err(ConfigError::InsecureBind(config.bind).into());
+        }
         let url = config.store.resolve_url()?;
         let store = Store::connect_lazy(&url)?;
+        let gate = Gate::new(&config.auth, store.clone())?;
         let persist_stop = CancellationToken::new();
         let persist_tracker = TaskTracker::new();
         let persister = Persister::spawn(
@@ -97,6 +106,7 @@ impl Engine {
         Ok(Arc::new(Self {
             config,
             store,
+            gate,
             docs,
             placement: Arc::new(SingleNode),
             cancel,
@@ -115,6 +125,15 @@ impl Engine {
     pub async fn initialize(self: &Arc<Self>) -> Result<(), EngineError> {
         self.store.probe().await?;
         self.store.migrate().await?;
+        self.gate.load().await?;
+        if !self.gate.enforced() {
+            tracing::warn!(
+                "no authentication configured and no app registered: anyone who can reach {} may read \
+                 and write every document. Set synchrony.service.authtoken (hosts then register \
+                 apps), synchrony.jwt.secret or jwt.public.key",
+                self.config.bind
+            );
+        }
         self.storage_ok.store(true, Ordering::Release);
         self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");

@@ -43,6 +43,59 @@ enum Command {
     Serve(Box<ServeConfig>),
     /// Create or upgrade the database schema, then exit.
     Migrate(StoreConfig),
+    /// Mint a token for scripts and tests, signed by a registered app or a configured key.
+    Token(Box<TokenArgs>),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Document the token grants access to (repeatable; a trailing * grants a prefix).
+    #[arg(long = "doc")]
+    docs: Vec<String>,
+    /// Access to those documents.
+    #[arg(long, value_enum, default_value = "full")]
+    access: TokenAccess,
+    /// Grant host operations (`{"admin":"admin"}`) instead of documents.
+    #[arg(long)]
+    admin: bool,
+    /// Lifetime, seconds.
+    #[arg(long = "ttl-secs", default_value_t = 3600)]
+    ttl_secs: u64,
+    /// The user (`sub`).
+    #[arg(long)]
+    sub: Option<String>,
+    /// Display name for presence (`session.name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Audience; defaults to the first service URL + /v1.
+    #[arg(long)]
+    aud: Option<String>,
+    /// Sign as this registered app (`iss`); its secret comes from --app-secret or the database.
+    #[arg(long = "app-id")]
+    app_id: Option<String>,
+    #[arg(
+        long = "app-secret",
+        env = "SYNCHRONY_APP_SECRET",
+        hide_env_values = true
+    )]
+    app_secret: Option<String>,
+    /// PEM private key (RSA → RS256, Ed25519 → EdDSA).
+    #[arg(
+        long = "jwt-private-key",
+        env = "JWT_PRIVATE_KEY",
+        hide_env_values = true
+    )]
+    jwt_private_key: Option<String>,
+    #[command(flatten)]
+    auth: synchrony::config::AuthConfig,
+    #[command(flatten)]
+    store: StoreConfig,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TokenAccess {
+    Full,
+    Read,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -66,9 +119,94 @@ async fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Some(Command::Migrate(store)) => migrate(store).await,
+        Some(Command::Token(args)) => match mint(*args).await {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err((code, message)) => {
+                tracing::error!("{message}");
+                ExitCode::from(code)
+            }
+        },
         Some(Command::Serve(config)) => serve(*config).await,
         None => serve(ServeConfig::default()).await,
     }
+}
+
+async fn mint(args: TokenArgs) -> Result<String, (u8, String)> {
+    use synchrony::auth::{mint_hs256, mint_with_private_key, MintClaims};
+    let config_error = |m: String| (exit::CONFIG, m);
+    if args.admin == !args.docs.is_empty() {
+        return Err(config_error(
+            "give either --admin or at least one --doc".into(),
+        ));
+    }
+    let mut access = std::collections::HashMap::new();
+    if args.admin {
+        access.insert("admin".to_owned(), "admin".to_owned());
+    }
+    let level = match args.access {
+        TokenAccess::Full => "full",
+        TokenAccess::Read => "read",
+    };
+    for doc in &args.docs {
+        let id = doc.strip_suffix('*').unwrap_or(doc);
+        if !(doc.ends_with('*') && id.is_empty()) {
+            synchrony_protocol::DocId::parse(id.trim_end_matches('/'))
+                .map_err(|e| config_error(format!("--doc {doc:?}: {e}")))?;
+        }
+        access.insert(format!("/data/{doc}"), level.to_owned());
+    }
+    let now = synchrony::gate::unix_now();
+    let aud = args.aud.clone().or_else(|| {
+        args.auth.service_urls.first().map(|u| {
+            format!(
+                "{}/v1",
+                u.trim().trim_end_matches('/').trim_end_matches("/v1")
+            )
+        })
+    });
+    let mut claims = MintClaims {
+        iss: args.app_id.clone(),
+        aud,
+        sub: args.sub.clone(),
+        iat: now,
+        exp: now + args.ttl_secs,
+        access,
+        session: args.name.as_ref().map(|n| serde_json::json!({ "name": n })),
+    };
+    if let Some(app) = &args.app_id {
+        let secret = match &args.app_secret {
+            Some(secret) => secret.clone(),
+            None => {
+                let url = args
+                    .store
+                    .resolve_url()
+                    .map_err(|e| config_error(e.to_string()))?;
+                let store = Store::connect(&url)
+                    .await
+                    .map_err(|e| (exit::STORAGE, e.to_string()))?;
+                store
+                    .app_secret(app)
+                    .await
+                    .map_err(|e| (exit::STORAGE, e.to_string()))?
+                    .ok_or_else(|| config_error(format!("--app-id {app:?} is not registered")))?
+            }
+        };
+        return mint_hs256(&claims, &secret).map_err(config_error);
+    }
+    if let Some(pem) = &args.jwt_private_key {
+        return mint_with_private_key(&claims, pem)
+            .map_err(|e| config_error(format!("jwt.private.key: {e}")));
+    }
+    if let Some(secret) = &args.auth.jwt_secret {
+        claims.iss = claims.iss.or(Some("synchrony".into()));
+        return mint_hs256(&claims, secret).map_err(config_error);
+    }
+    Err(config_error(
+        "no signing key: give --app-id (registered app), --jwt-private-key or --jwt-secret".into(),
+    ))
 }
 
 async fn migrate(config: StoreConfig) -> ExitCode {

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
@@ -10,13 +11,14 @@ use futures_util::{SinkExt, StreamExt};
 use synchrony_protocol::{decode_frame, CloseCode, DocId};
 use tokio::time::{timeout, Instant};
 
+use crate::auth::{Access, Principal};
 use crate::doc::{DocCommand, JoinError, JoinRequest, Outbound};
 use crate::Engine;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How long a closing session waits for the client's close reply.
-const CLOSE_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options a client chose in the query string.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -56,7 +58,14 @@ fn close_frame(code: CloseCode, reason: impl Into<String>) -> WsMessage {
 }
 
 #[tracing::instrument(name = "session", skip_all, fields(doc_id = %doc, conn_id))]
-pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: SessionParams) {
+pub async fn run(
+    engine: Arc<Engine>,
+    socket: WebSocket,
+    doc: DocId,
+    params: SessionParams,
+    principal: Principal,
+    access: Access,
+) {
     let _guard = SessionGuard::new(engine.connections.clone());
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     tracing::Span::current().record("conn_id", conn_id);
@@ -69,12 +78,15 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: Ses
         conn_id,
         out,
         wants_persisted_ack: params.wants_persisted_ack(),
+        read_only: access == Access::Read,
+        session: principal.session.clone(),
     };
     let link = match engine.docs.join(&doc, request).await {
         Ok(link) => link,
         Err(e) => {
             let code = match e {
                 JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
+                JoinError::Busy => CloseCode::TRY_AGAIN_LATER,
                 JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
             };
             let _ = timeout(write_timeout, sink.send(close_frame(code, e.to_string()))).await;
@@ -86,6 +98,12 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: Ses
     let mut ping = tokio::time::interval(timing.ping_interval());
     ping.tick().await;
     let mut last_seen = Instant::now();
+    // The token's expiry ends the session (4401: the client fetches a new token).
+    let expires = principal.expires_at.map(|exp| {
+        let left = exp.saturating_sub(crate::gate::unix_now());
+        Instant::now().checked_add(Duration::from_secs(left))
+    });
+    let expires = expires.flatten();
     let close: Option<(CloseCode, String)> = loop {
         tokio::select! {
             biased;
@@ -148,6 +166,9 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket, doc: DocId, params: Ses
                         break None;
                     }
                 }
+            }
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+                break Some((CloseCode::UNAUTHENTICATED, "token expired".into()));
             }
             _ = ping.tick() => {
                 if last_seen.elapsed() > timing.idle_timeout() {

@@ -71,6 +71,16 @@ impl StoredDoc {
     }
 }
 
+/// A row of the document list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DocSummary {
+    pub id: String,
+    /// Bytes stored (snapshot plus log); the encoded state is usually smaller.
+    pub stored_bytes: u64,
+    /// Unix milliseconds of the last stored change.
+    pub changed_at_ms: i64,
+}
+
 /// What one compaction did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Compaction {
@@ -272,14 +282,16 @@ impl Store {
         let merged = merge(doc, snapshot.as_deref(), &updates)?;
         let merged_rows = rows.len() as i64;
         sqlx::query(
-            "INSERT INTO doc_snapshots (doc_id, data, merged, updated_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO doc_snapshots (doc_id, data, merged, updated_at, head) \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (doc_id) DO UPDATE SET data = excluded.data, merged = excluded.merged, \
-             updated_at = excluded.updated_at",
+             updated_at = excluded.updated_at, head = excluded.head",
         )
         .bind(doc.as_str())
         .bind(&merged[..])
         .bind(merged_before + merged_rows)
         .bind(now_millis())
+        .bind(max_id)
         .execute(&mut *tx)
         .await?;
         // Under the isolation described in the module docs, this sees exactly the rows read above.
@@ -293,6 +305,95 @@ impl Store {
             merged_rows: merged_rows as u64,
             snapshot_bytes: merged.len() as u64,
         })
+    }
+
+    /// The document's head: the highest update id it has ever stored (0 for none). It only grows,
+    /// across compactions and restarts.
+    pub async fn head(&self, doc: &DocId) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(h), 0) FROM (SELECT MAX(id) AS h FROM doc_updates WHERE doc_id = $1 \
+             UNION ALL SELECT head AS h FROM doc_snapshots WHERE doc_id = $1) heads",
+        )
+        .bind(doc.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
+    }
+
+    /// Removes a document: its snapshot and every log row. True if there was anything.
+    pub async fn delete_doc(&self, doc: &DocId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updates = sqlx::query("DELETE FROM doc_updates WHERE doc_id = $1")
+            .bind(doc.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let snapshots = sqlx::query("DELETE FROM doc_snapshots WHERE doc_id = $1")
+            .bind(doc.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(updates.rows_affected() + snapshots.rows_affected() > 0)
+    }
+
+    /// Documents whose id starts with `prefix`, after `after` in id order, at most `limit`.
+    pub async fn list_docs(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<DocSummary>, StoreError> {
+        // Ids never contain '%' or '\', so only '_' needs escaping for LIKE.
+        let pattern = format!("{}%", prefix.replace('_', "\\_"));
+        let rows = sqlx::query(
+            "SELECT doc_id, SUM(bytes), MAX(changed) FROM ( \
+               SELECT doc_id, LENGTH(data) AS bytes, created_at AS changed FROM doc_updates \
+               UNION ALL SELECT doc_id, LENGTH(data) AS bytes, updated_at AS changed FROM doc_snapshots \
+             ) docs WHERE doc_id LIKE $1 ESCAPE '\\' AND doc_id > $2 \
+             GROUP BY doc_id ORDER BY doc_id LIMIT $3",
+        )
+        .bind(pattern)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(DocSummary {
+                    id: row.try_get(0)?,
+                    stored_bytes: row.try_get::<i64, _>(1)?.max(0) as u64,
+                    changed_at_ms: row.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Registers an app or rotates its secret.
+    pub async fn put_app_secret(&self, app_id: &str, secret: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO app_secrets (app_id, secret, created_at, updated_at) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (app_id) DO UPDATE SET secret = excluded.secret, updated_at = excluded.updated_at",
+        )
+        .bind(app_id)
+        .bind(secret)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn app_secret(&self, app_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT secret FROM app_secrets WHERE app_id = $1")
+            .bind(app_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    pub async fn app_count(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM app_secrets")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
     /// Number of log rows a document has.
@@ -445,5 +546,55 @@ mod tests {
             store.compact(&doc).await.expect("noop"),
             Compaction::default()
         );
+
+        // The head survives compaction and only grows.
+        let head = store.head(&doc).await.expect("head");
+        assert!(head >= 3, "head {head}");
+        store.append(&[entry(&doc, &b)]).await.expect("append");
+        assert!(store.head(&doc).await.expect("head") > head);
+        assert_eq!(
+            store
+                .head(&DocId::parse("none").expect("id"))
+                .await
+                .expect("head"),
+            0
+        );
+
+        let list = store.list_docs("app/", "", 10).await.expect("list");
+        let ids: Vec<_> = list.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["app/doc-1", "app/doc-2"]);
+        assert_eq!(
+            store
+                .list_docs("app/", "app/doc-1", 10)
+                .await
+                .expect("list")
+                .len(),
+            1
+        );
+        assert!(
+            store
+                .list_docs("app_", "", 10)
+                .await
+                .expect("list")
+                .is_empty(),
+            "_ is literal"
+        );
+        assert!(store.delete_doc(&doc).await.expect("delete"));
+        assert!(store.load(&doc).await.expect("load").is_empty());
+        assert!(!store.delete_doc(&doc).await.expect("delete"));
+
+        assert_eq!(store.app_count().await.expect("count"), 0);
+        store
+            .put_app_secret("confluence", "one")
+            .await
+            .expect("put");
+        store
+            .put_app_secret("confluence", "two")
+            .await
+            .expect("rotate");
+        let secret = store.app_secret("confluence").await.expect("get");
+        assert_eq!(secret.as_deref(), Some("two"));
+        assert_eq!(store.app_count().await.expect("count"), 1);
+        assert_eq!(store.app_secret("other").await.expect("get"), None);
     }
 }

@@ -1,0 +1,11 @@
+-- Apps registered by hosts (POST {ctx}/v1/apps/secret); tokens with iss = app_id are HS256 with secret.
+CREATE TABLE IF NOT EXISTS app_secrets (
+    app_id     TEXT    PRIMARY KEY,
+    secret     TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+
+-- The highest update-log id merged into a snapshot: with the log's own ids it gives each document
+-- a durable head sequence that only grows.
+ALTER TABLE doc_snapshots ADD COLUMN head INTEGER NOT NULL DEFAULT 0;
