@@ -137,7 +137,7 @@ async fn main() -> ExitCode {
 async fn mint(args: TokenArgs) -> Result<String, (u8, String)> {
     use synchrony::auth::{mint_hs256, mint_with_private_key, MintClaims};
     let config_error = |m: String| (exit::CONFIG, m);
-    if args.admin == !args.docs.is_empty() {
+    if args.admin != args.docs.is_empty() {
         return Err(config_error(
             "give either --admin or at least one --doc".into(),
         ));
@@ -237,19 +237,20 @@ async fn migrate(config: StoreConfig) -> ExitCode {
 
 async fn serve(config: ServeConfig) -> ExitCode {
     let addr = (config.bind, config.port);
-    let listener = match TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, bind = %config.bind, port = config.port, "cannot listen (synchrony.port / synchrony.bind)");
-            return ExitCode::from(exit::BIND);
-        }
-    };
     let drain_timeout = config.timing.drain_timeout();
+    // Configuration is checked before anything listens.
     let engine = match Engine::new(config) {
         Ok(engine) => engine,
         Err(error) => {
             tracing::error!(%error, "configuration error");
             return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, bind = %addr.0, port = addr.1, "cannot listen (synchrony.port / synchrony.bind)");
+            return ExitCode::from(exit::BIND);
         }
     };
     let local = match listener.local_addr() {

@@ -89,6 +89,47 @@ const scenarios = {
     return result
   },
 
+  // The host-application flow: two editors with their own tokens edit; the host publishes a
+  // change made outside the editor (reset), reads the draft, then deletes the page.
+  //   args: tokenA tokenB adminToken
+  async host () {
+    const [tokenA, tokenB, admin] = args
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const api = (method, path, body) => fetch(`${http}/v1/data/${docId}${path}`, {
+      method, body, headers: { authorization: `Bearer ${admin}` }
+    })
+    const a = client('ada', { params: { token: tokenA } })
+    const b = client('bob', { params: { token: tokenB } })
+    const closes = { ada: [], bob: [] }
+    for (const c of [a, b]) {
+      c.provider.on('connection-close', (event) => {
+        closes[c.name].push(event?.code)
+        // A stock provider would reconnect even after 4404; stop it as our client does.
+        if (event?.code >= 4400 && event?.code < 4500) c.provider.destroy()
+      })
+    }
+    await waitFor('both synced', () => synced(a) && synced(b))
+    a.text.insert(0, 'draft by ada. ')
+    b.text.insert(0, 'draft by bob. ')
+    await waitFor('drafts to converge', () => sameState([a, b]) && a.text.length > 20)
+
+    const put = await api('PUT', '?reset=true&name=content', 'Published version')
+    if (put.status !== 200) fail(`reset answered ${put.status}: ${await put.text()}`)
+    const head = (await put.json()).head
+    await waitFor('the reset to reach both editors',
+      () => a.text.toString() === 'Published version' && b.text.toString() === 'Published version')
+
+    const got = await api('GET', '')
+    const draft = await got.json()
+    if (draft.state.content !== 'Published version') fail(`draft reads ${JSON.stringify(draft)}`)
+    const names = draft.sessions.map((s) => s.name).sort().join(',')
+
+    const del = await api('DELETE', '')
+    if (del.status !== 200) fail(`delete answered ${del.status}: ${await del.text()}`)
+    await waitFor('both editors closed with 4404', () => closes.ada.includes(4404) && closes.bob.includes(4404))
+    return { head, names, closes }
+  },
+
   // A stock client never receives an extension message, even when other clients ask for acks.
   async stock () {
     const c = client('stock')

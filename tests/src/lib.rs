@@ -152,13 +152,41 @@ impl EngineProcess {
     }
 
     pub fn ws_url(&self, doc: &str, query: &str) -> String {
-        let sep = if query.is_empty() { "" } else { "?" };
+        // `doc` may already carry a query (`page?token=…`).
+        let sep = match (query.is_empty(), doc.contains('?')) {
+            (true, _) => "",
+            (false, true) => "&",
+            (false, false) => "?",
+        };
         format!("{}/v1/ws/{doc}{sep}{query}", self.ws_base())
     }
 
     /// GET over plain HTTP/1.1; returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.port, &format!("/synchrony{path}")).await
+    }
+
+    /// A request under the context path, with a bearer token when given.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> HttpResponse {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        http(
+            self.port,
+            method,
+            &format!("/synchrony{path}"),
+            &headers,
+            body,
+        )
+        .await
     }
 
     pub async fn health(&self) -> serde_json::Value {
@@ -208,6 +236,12 @@ impl EngineProcess {
 
 /// Runs `synchrony <args>` to completion (bounded) and returns its exit code and stderr.
 pub async fn run_engine_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let (code, _, stderr) = run_cli(args).await;
+    (code, stderr)
+}
+
+/// Runs `synchrony <args>` to completion (bounded): exit code, stdout, stderr.
+pub async fn run_cli(args: &[&str]) -> (Option<i32>, String, String) {
     let output = tokio::time::timeout(
         WAIT,
         Command::new(engine_binary())
@@ -218,11 +252,13 @@ pub async fn run_engine_to_exit(args: &[&str]) -> (Option<i32>, String) {
             .output(),
     )
     .await
-    .expect("engine exited in time")
+    .expect("the command exited in time")
     .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     (
         output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        text(output.stdout),
+        text(output.stderr),
     )
 }
 
@@ -232,27 +268,78 @@ fn read(path: &Path) -> String {
 
 /// Minimal HTTP GET (keeps the harness free of an HTTP client dependency).
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let response = http(port, "GET", path, &[], &[]).await;
+    (response.status, response.text())
+}
+
+/// An HTTP response as the harness reads it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.text()))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (axum answers with a content length).
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
     let mut response = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
         .await
         .unwrap()
         .unwrap();
-    let text = String::from_utf8_lossy(&response).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response head");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    // Bodies here are small; axum answers with a content-length, not chunked.
-    (status, body)
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: response[split + 4..].to_vec(),
+    }
 }
 
 /// The admin URL of the test PostgreSQL.

@@ -7,7 +7,34 @@ use synchrony_tests::{run_engine_to_exit, EngineOptions, EngineProcess};
 async fn operator_mistakes_get_their_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
-    let cases: [(&[&str], i32, &str); 5] = [
+    let cases: [(&[&str], i32, &str); 7] = [
+        // Listening beyond loopback with no authentication at all is refused before binding.
+        (
+            &[
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                data,
+                "--bind",
+                "0.0.0.0",
+            ],
+            2,
+            "synchrony.service.authtoken",
+        ),
+        (
+            &[
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                data,
+                "--jwt-public-key",
+                "not-a-key",
+            ],
+            2,
+            "jwt.public.key",
+        ),
         (
             &[
                 "serve",

@@ -1,0 +1,616 @@
+//! Host integration: app registration, the token matrix on the WebSocket and on every REST
+//! route, read-only connections, expiry mid-session, a host-like end-to-end flow with real
+//! JavaScript editors, and secrets shared through the database.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use synchrony::auth::{mint_hs256, MintClaims};
+use synchrony::gate::unix_now;
+use synchrony_protocol::frame::decode_frame_any;
+use synchrony_protocol::{Message, SyncMessage};
+use synchrony_tests::{
+    node, EngineOptions, EngineProcess, Next, PgDatabase, RawClient, YClient, WAIT,
+};
+use yrs::{Text, Transact};
+
+const AUTH_TOKEN: &str = "host-registration-token";
+const SERVICE: &str = "http://127.0.0.1/synchrony";
+const APP: &str = "wiki";
+const SECRET: &str = "wiki-secret-0123456789";
+
+fn secured(options: EngineOptions) -> EngineOptions {
+    options
+        .arg("--service-authtoken", AUTH_TOKEN)
+        .arg("--service-url", SERVICE)
+}
+
+async fn register(engine: &EngineProcess, secret: &str) -> u16 {
+    let body = serde_json::json!({ "appid": APP, "secret": secret, "auth-token": AUTH_TOKEN });
+    let response = synchrony_tests::http(
+        engine.port,
+        "POST",
+        "/synchrony/v1/apps/secret",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    response.status
+}
+
+fn claims(access: &[(&str, &str)]) -> MintClaims {
+    let now = unix_now();
+    MintClaims {
+        iss: Some(APP.into()),
+        aud: Some(format!("{SERVICE}/v1")),
+        sub: Some("alice".into()),
+        iat: now,
+        exp: now + 600,
+        access: access
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        session: Some(serde_json::json!({ "name": "alice" })),
+    }
+}
+
+fn token(access: &[(&str, &str)]) -> String {
+    mint_hs256(&claims(access), SECRET).unwrap()
+}
+
+fn token_with(
+    access: &[(&str, &str)],
+    tweak: impl FnOnce(&mut MintClaims),
+    secret: &str,
+) -> String {
+    let mut c = claims(access);
+    tweak(&mut c);
+    mint_hs256(&c, secret).unwrap()
+}
+
+/// The HTTP status and error type of a refused WebSocket upgrade (200 = accepted).
+async fn ws_outcome(engine: &EngineProcess, doc: &str, token: Option<&str>) -> (u16, String) {
+    let query = token.map(|t| format!("token={t}")).unwrap_or_default();
+    match RawClient::connect(&engine.ws_url(doc, &query)).await {
+        Ok(_) => (200, String::new()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or(b"{}")).unwrap();
+            (
+                response.status().as_u16(),
+                body["type"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+        Err(e) => panic!("unexpected upgrade failure {e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_token_matrix_on_the_websocket_and_rest() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let doc = "wiki/page-1";
+    let full = [("/data/wiki/page-1", "full")];
+    let now = unix_now();
+    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+        ("missing", None, 401, "jwt/missing"),
+        ("malformed", Some("not.a.jwt".into()), 401, "jwt/malformed"),
+        (
+            "bad signature",
+            Some(token_with(&full, |_| {}, "another-secret-0000")),
+            401,
+            "jwt/invalid-signature",
+        ),
+        (
+            "unknown issuer",
+            Some(token_with(&full, |c| c.iss = Some("nobody".into()), SECRET)),
+            401,
+            "jwt/unknown-iss",
+        ),
+        (
+            "wrong audience",
+            Some(token_with(
+                &full,
+                |c| c.aud = Some("http://evil/synchrony/v1".into()),
+                SECRET,
+            )),
+            401,
+            "jwt/invalid-aud",
+        ),
+        (
+            "expired",
+            Some(token_with(
+                &full,
+                |c| {
+                    c.iat = now - 4000;
+                    c.exp = now - 120
+                },
+                SECRET,
+            )),
+            401,
+            "jwt/expired",
+        ),
+        (
+            "not yet valid",
+            Some(token_with(&full, |c| c.iat = now + 600, SECRET)),
+            401,
+            "jwt/not-yet-valid",
+        ),
+        (
+            "wrong document",
+            Some(token(&[("/data/wiki/page-2", "full")])),
+            403,
+            "forbidden",
+        ),
+        (
+            "prefix grant",
+            Some(token(&[("/data/wiki/*", "read")])),
+            200,
+            "",
+        ),
+        ("valid", Some(token(&full)), 200, ""),
+    ];
+    for (name, token, status, kind) in &cases {
+        assert_eq!(
+            ws_outcome(&engine, doc, token.as_deref()).await,
+            (*status, kind.to_string()),
+            "WebSocket: {name}"
+        );
+        let rest = engine
+            .request("GET", &format!("/v1/data/{doc}"), token.as_deref(), b"")
+            .await;
+        assert_eq!(rest.status, *status, "REST: {name}: {}", rest.text());
+        if *status != 200 {
+            assert_eq!(rest.json()["type"], *kind, "REST: {name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_and_document_tokens_on_every_rest_route() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let doc = "wiki/page-1";
+    let admin = token(&[("admin", "admin")]);
+    let full = token(&[("/data/wiki/page-1", "full")]);
+    let read = token(&[("/data/wiki/page-1", "read")]);
+    let other = token(&[("/data/wiki/page-2", "full")]);
+    let put = engine
+        .request(
+            "PUT",
+            &format!("/v1/data/{doc}?reset=true&name=content"),
+            Some(&admin),
+            b"base",
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+
+    let update = {
+        let d = yrs::Doc::new();
+        let t = d.get_or_insert_text("other");
+        let mut txn = d.transact_mut();
+        t.insert(&mut txn, 0, "x");
+        txn.encode_update_v1()
+    };
+    let reset = format!("/v1/data/{doc}?reset=true&name=content");
+    let path = format!("/v1/data/{doc}");
+    // (method, path, body, [admin, full, read, other])
+    let routes: Vec<(&str, &str, &[u8], [u16; 4])> = vec![
+        ("GET", &path, b"", [200, 200, 200, 403]),
+        ("PUT", &path, &update, [200, 200, 403, 403]),
+        ("PUT", &reset, b"changed", [200, 200, 403, 403]),
+        ("GET", "/v1/data?prefix=wiki/", b"", [200, 403, 403, 403]),
+        ("DELETE", &path, b"", [403, 403, 403, 403]), // admin's DELETE runs last, below
+    ];
+    for (method, route, body, expected) in routes {
+        for (who, (token, want)) in [&admin, &full, &read, &other]
+            .into_iter()
+            .zip(expected)
+            .enumerate()
+        {
+            if method == "DELETE" && who == 0 {
+                continue;
+            }
+            let before = engine
+                .request("GET", &format!("{path}?format=update"), Some(&admin), b"")
+                .await
+                .body;
+            let response = engine.request(method, route, Some(token), body).await;
+            assert_eq!(
+                response.status,
+                want,
+                "{method} {route} as token #{who}: {}",
+                response.text()
+            );
+            if want == 403 {
+                assert_eq!(response.json()["type"], "forbidden");
+                let after = engine
+                    .request("GET", &format!("{path}?format=update"), Some(&admin), b"")
+                    .await
+                    .body;
+                assert_eq!(
+                    before, after,
+                    "{method} {route} as token #{who} changed the document"
+                );
+            }
+        }
+    }
+    let deleted = engine.request("DELETE", &path, Some(&admin), b"").await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    let list = engine
+        .request("GET", "/v1/data?prefix=wiki/", Some(&admin), b"")
+        .await
+        .json();
+    assert_eq!(list["documents"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn rest_reads_and_writes_in_every_format_with_clear_errors() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let admin = token(&[("admin", "admin")]);
+    let path = "/v1/data/wiki/formats";
+    let mut editor = YClient::synced(&engine, &format!("wiki/formats?token={admin}"), false).await;
+    editor.append("typed").await;
+
+    let update = {
+        let d = yrs::Doc::new();
+        let m = d.get_or_insert_map("meta");
+        let mut txn = d.transact_mut();
+        yrs::Map::insert(&m, &mut txn, "title", "Formats");
+        txn.encode_update_v1()
+    };
+    let put = engine.request("PUT", path, Some(&admin), &update).await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let head = put.json()["head"].as_u64().unwrap();
+    assert!(head > 0);
+    editor
+        .wait_until("the REST update to reach the editor", |c| {
+            let meta = c.doc.get_or_insert_map("meta");
+            yrs::Map::get(&meta, &c.doc.transact(), "title").is_some()
+        })
+        .await;
+
+    let json = engine.request("GET", path, Some(&admin), b"").await.json();
+    assert_eq!(json["state"]["content"], "typed");
+    assert_eq!(json["state"]["meta"]["title"], "Formats");
+    assert!(json["head"].as_u64().unwrap() >= head);
+    let text = engine
+        .request(
+            "GET",
+            &format!("{path}?format=text&name=content"),
+            Some(&admin),
+            b"",
+        )
+        .await;
+    assert_eq!(text.text(), "typed");
+    assert!(text.header("x-synchrony-head").is_some());
+    let binary = engine
+        .request("GET", &format!("{path}?format=update"), Some(&admin), b"")
+        .await;
+    let d = yrs::Doc::new();
+    d.transact_mut()
+        .apply_update(yrs::updates::decoder::Decode::decode_v1(&binary.body).unwrap())
+        .unwrap();
+    assert_eq!(
+        yrs::GetString::get_string(&d.get_or_insert_text("content"), &d.transact()),
+        "typed"
+    );
+
+    for (method, route, body, status, kind) in [
+        (
+            "PUT",
+            path.to_owned(),
+            b"\x01\x02garbage".to_vec(),
+            400,
+            "invalid-update",
+        ),
+        ("PUT", path.to_owned(), Vec::new(), 400, "invalid-update"),
+        (
+            "PUT",
+            format!("{path}?reset=true"),
+            b"x".to_vec(),
+            400,
+            "invalid-request",
+        ),
+        (
+            "PUT",
+            format!("{path}?reset=true&name=content"),
+            vec![0xff, 0xfe],
+            400,
+            "invalid-request",
+        ),
+        (
+            "GET",
+            format!("{path}?format=xml"),
+            Vec::new(),
+            400,
+            "invalid-request",
+        ),
+        (
+            "GET",
+            "/v1/data/a%20b".to_owned(),
+            Vec::new(),
+            400,
+            "invalid-document-id",
+        ),
+        (
+            "GET",
+            "/v1/data?prefix=%25".to_owned(),
+            Vec::new(),
+            400,
+            "invalid-request",
+        ),
+    ] {
+        let response = engine.request(method, &route, Some(&admin), &body).await;
+        assert_eq!(
+            (
+                response.status,
+                response.json()["type"].as_str().unwrap().to_owned()
+            ),
+            (status, kind.to_owned()),
+            "{method} {route}"
+        );
+    }
+    let text = engine
+        .request(
+            "GET",
+            &format!("{path}?format=text&name=content"),
+            Some(&admin),
+            b"",
+        )
+        .await;
+    assert_eq!(text.text(), "typed", "a refused write changed the document");
+}
+
+#[tokio::test]
+async fn read_only_connections_sync_but_cannot_write() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let doc = "wiki/read-only";
+    let writer_token = token(&[("/data/wiki/read-only", "full")]);
+    let reader_token = token(&[("/data/wiki/read-only", "read")]);
+    let mut writer = YClient::synced(&engine, &format!("{doc}?token={writer_token}"), true).await;
+    writer.append("written;").await;
+    let mut reader = YClient::synced(&engine, &format!("{doc}?token={reader_token}"), true).await;
+    reader
+        .wait_until("the writer's text", |c| c.text() == "written;")
+        .await;
+
+    // The reader edits locally and sends it: refused with permission denied, stored nowhere.
+    let update = {
+        let text = reader.doc.get_or_insert_text("content");
+        let mut txn = reader.doc.transact_mut();
+        text.insert(&mut txn, 0, "READER");
+        txn.encode_update_v1()
+    };
+    reader
+        .raw
+        .send_message(&Message::Sync(SyncMessage::Update(update)))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no permission-denied message"
+        );
+        if let Next::Frame(bytes) = reader.raw.next_event(Duration::from_millis(200)).await {
+            if let Ok(Message::Auth(Some(reason))) = decode_frame_any(&bytes) {
+                assert!(reason.contains("read-only"), "{reason}");
+                break;
+            }
+        }
+    }
+    // The reader still receives edits; nobody else ever sees its text.
+    writer.append("more;").await;
+    writer.wait_until("acks", |c| c.acked_edits() == 2).await;
+    let admin = token(&[("admin", "admin")]);
+    let stored = engine
+        .request(
+            "GET",
+            &format!("/v1/data/{doc}?format=text&name=content"),
+            Some(&admin),
+            b"",
+        )
+        .await;
+    assert_eq!(stored.text(), "written;more;");
+    writer.drain(Duration::from_millis(200)).await;
+    assert_eq!(writer.text(), "written;more;");
+    assert_eq!(
+        reader.acked, 0,
+        "a read-only client is never told its edits are durable"
+    );
+}
+
+#[tokio::test]
+async fn a_token_expiring_mid_session_closes_with_4401() {
+    let engine =
+        EngineProcess::start(&secured(EngineOptions::default()).arg("--jwt-leeway-secs", 0)).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let short = token_with(
+        &[("/data/wiki/expiring", "full")],
+        |c| c.exp = unix_now() + 2,
+        SECRET,
+    );
+    let mut client = YClient::synced(&engine, &format!("wiki/expiring?token={short}"), false).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match client.pump_one(Duration::from_millis(200)).await {
+            Next::Ended(code) => {
+                assert_eq!(code, Some(4401));
+                break;
+            }
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "still open after expiry"
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn host_flow_with_javascript_editors() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let doc = "wiki/confluence-42";
+    let editor = |name: &str| {
+        let mut c = claims(&[("/data/wiki/confluence-42", "full")]);
+        c.sub = Some(name.into());
+        c.session = Some(serde_json::json!({ "name": name }));
+        mint_hs256(&c, SECRET).unwrap()
+    };
+    let admin = token(&[("admin", "admin")]);
+    let result = node(
+        "host",
+        &engine,
+        doc,
+        &[&editor("ada"), &editor("bob"), &admin],
+    )
+    .await;
+    assert_eq!(
+        result["names"], "ada,bob",
+        "the draft lists who is connected"
+    );
+    assert!(result["head"].as_u64().unwrap() > 0);
+    let after = engine
+        .request("GET", &format!("/v1/data/{doc}"), Some(&admin), b"")
+        .await
+        .json();
+    assert_eq!(
+        after["state"],
+        serde_json::json!({}),
+        "the deleted document came back: {after}"
+    );
+    let list = engine
+        .request("GET", "/v1/data?prefix=wiki/", Some(&admin), b"")
+        .await
+        .json();
+    assert_eq!(list["documents"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn app_secrets_live_in_the_database() {
+    let db = PgDatabase::create().await;
+    let options = secured(EngineOptions::postgres(&db.url));
+    let mut a = EngineProcess::start(&options).await;
+    assert_eq!(register(&a, SECRET).await, 200);
+    let doc_token = token(&[("/data/wiki/shared", "full")]);
+    assert_eq!(ws_outcome(&a, "wiki/shared", Some(&doc_token)).await.0, 200);
+    assert!(a.terminate().await.success());
+
+    // After a restart, and on a second engine on the same database, the app is known.
+    let a = EngineProcess::start(&options).await;
+    let b = EngineProcess::start(&options).await;
+    for engine in [&a, &b] {
+        assert_eq!(
+            ws_outcome(engine, "wiki/shared", Some(&doc_token)).await.0,
+            200
+        );
+    }
+    // Rotating the secret on one engine: the old token is refused there at once, and on the
+    // other once its short cache expires.
+    let rotated = "wiki-secret-rotated-999";
+    assert_eq!(register(&b, rotated).await, 200);
+    assert_eq!(
+        ws_outcome(&b, "wiki/shared", Some(&doc_token)).await,
+        (401, "jwt/invalid-signature".into())
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ws_outcome(&a, "wiki/shared", Some(&doc_token)).await.0 == 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "engine A still accepts the rotated-out secret"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let new_token = token_with(&[("/data/wiki/shared", "full")], |_| {}, rotated);
+    assert_eq!(ws_outcome(&a, "wiki/shared", Some(&new_token)).await.0, 200);
+    // Registration itself needs the host's token.
+    let body = serde_json::json!({ "appid": "intruder", "secret": "0123456789abcdef", "auth-token": "guess" });
+    let json = [("Content-Type", "application/json")];
+    let refused = synchrony_tests::http(
+        a.port,
+        "POST",
+        "/synchrony/v1/apps/secret",
+        &json,
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.json()["type"], "auth-token/invalid");
+}
+
+#[tokio::test]
+async fn synchrony_token_mints_for_registered_apps_and_configured_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let engine = EngineProcess::start(&secured(EngineOptions::sqlite(dir.path()))).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let mint = |extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "--app-id",
+            APP,
+            "--data-dir",
+            data,
+            "--service-url",
+            SERVICE,
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, out, err) = synchrony_tests::run_cli(&refs).await;
+            assert_eq!(code, Some(0), "{err}");
+            out.trim().to_owned()
+        }
+    };
+    // The secret is read from the database the engine registered it in.
+    let full = mint(&["--doc", "wiki/cli", "--name", "Ada"]).await;
+    assert_eq!(ws_outcome(&engine, "wiki/cli", Some(&full)).await.0, 200);
+    let read = mint(&["--doc", "wiki/cli", "--access", "read"]).await;
+    let put = engine
+        .request(
+            "PUT",
+            "/v1/data/wiki/cli?reset=true&name=content",
+            Some(&read),
+            b"no",
+        )
+        .await;
+    assert_eq!(put.status, 403);
+    let admin = mint(&["--admin"]).await;
+    assert_eq!(
+        engine
+            .request("GET", "/v1/data", Some(&admin), b"")
+            .await
+            .status,
+        200
+    );
+    let short = mint(&["--doc", "wiki/cli", "--ttl-secs", "1"]).await;
+    assert!(!short.is_empty());
+
+    for (args, needle) in [
+        (vec!["token", "--doc", "x"], "no signing key"),
+        (
+            vec!["token", "--doc", "x", "--admin", "--jwt-secret", "s"],
+            "either --admin or",
+        ),
+        (vec!["token", "--doc", "a b", "--jwt-secret", "s"], "--doc"),
+        (
+            vec![
+                "token",
+                "--doc",
+                "x",
+                "--app-id",
+                "unknown",
+                "--data-dir",
+                data,
+            ],
+            "not registered",
+        ),
+    ] {
+        let (code, _, err) = synchrony_tests::run_cli(&args).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
