@@ -553,4 +553,26 @@ mod tests {
         }
         assert!(PublicKey::parse("not a key").is_err());
     }
+
+    #[test]
+    fn rsa_public_keys_verify_rs256() {
+        // An RSA key pair generated for this test only.
+        let private = "-----BEGIN PRIVATE KEY-----\nMIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCvqbrzWtqplWBB\nN8S+S3LfbQCgvJouHY3sxn04Yx/Hdh2+/dfEjSo5NtiGtqI6zuNJ+RYwYRD+PW/g\nR05qyV4rKogfobSbp2qBqwk0+e1HoYCihQ76xrGzzf+cjh2+vxUd9mbIw6YbJgJT\nnIjCz/oSQiMo+tSwby7plAugEvHzZ2iNIgFEnHsw7G35LANruH6fuwY9bJezU87Y\nKXxwECUIRRk/SphmqiSHhnS3X4na99O4iB/cdxfWcTqOhQ7NYPL4sIByGCfhMhgO\nQ4thoghafI8j61VqRYZXsdz+97XeEoHvAEPwQljv+x4Hxi3jnjV2GyQalK4zbxrE\noZu9udRDAgMBAAECggEAGSe8Luc+0vQiMZSz5vBVBevNIDeB+MKgtVyDSBTh0yV2\nAwjE4k+40TKqdTgoKTXBVLGH3Ou5jD7uC3cKor4tbw8LKUR14ahq1yDQE7cKpKxb\nCGr3hy/2+KGyThAH8G3ar0y+0Vc7LT4XLTQIXaV80SqJcG/jD1UMqcRamdS8szdJ\n0gYksOO9dSZPF7mzCIdJHAkFp7cZfA6efsm5k6PlJwm1GFelqjPT3COnYe7AmT8T\ntl1K3O5tELIZBB4AK8bFXMTtk7cFQForBQ59MWgQ84+VWG9BrQ8mSsSxwkfDK8fQ\niPPhJzsnvzd0fxYmBQRgeZWdf1UvoO9tmmW2b2xgUQKBgQDlzLOoQgfq7D1d1mrH\nyxgVvUtcMBjwi1bFJ4Lv245g4BNhWDfbjpEYLsH7G+5igsv9exAIT/AaJOmbdU5B\nF1cPZ9wZCayNMMwQ6Wh9Wmzr/445TwLW9XwAwLZJYysutsbWy+RTqGxiA7lDo4oG\nqG+e71vPQpidpwSi0j4KDv6qKwKBgQDDsOk9rVN/QAaXE7QJgyh65/9KA9BHWmUB\nQAryq4snxsoyRLlgS6HX8otebDiJygli7QAJhaw5l3mpyRJ2Q+kt6N+v+dkY62N0\nI5ZH/u9vICIcVH8JLmpzLf3hfJtAmVDzpbPtJAMOEkbTT9dOH93HRb4TDTY4sqFW\nGaH8FrDqSQKBgQDMnr3KsSFDuh/akrZ6OQm1Md0MtXc/mZMl8szQr3vUHzKil18F\njaj9E4V/B5v48+aYSyA3hpaRcRTibE3F//ZxrVV6pfaTskPDO1Lja8VZTzFhLk2l\nAunr8a1fI4KsEex0DxG8vFfl3tL0u4aH7yuVJiVmJDKpDrM+GF9NrZRuCQKBgDLM\n2S+msBdHkq5jcghKIRcO5MndBZOQVsolSvJGMACqbVDxYEIsQB5kG2Puqhqy9Q7W\nQX03U0c8GFxIE1/aL004t+Dh9kauzImYt2mHN7bcW56JHNVQVFgEJ3UCuPbjFg26\nBWRZReXAPtyaTGU+hn81jqs5ccr0LEfCrbdYWKLpAoGBAN2OKsi1/WdKNx5vnxMF\nvGoDvms+84Ep9n1K5eHF3UYZvt96ogS0XYlrXULxm5KToZW9XraKZqHk+UNLTSRw\nv7y+c31g5DdVsz3tVAsFj55hso2LotvOLypltePlZj+2K/67BovtVk4Id39e9RBy\nuCB1aZdZi8B2UrodgDHxQupU\n-----END PRIVATE KEY-----\n";
+        let public = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAr6m681raqZVgQTfEvkty\n320AoLyaLh2N7MZ9OGMfx3Ydvv3XxI0qOTbYhraiOs7jSfkWMGEQ/j1v4EdOasle\nKyqIH6G0m6dqgasJNPntR6GAooUO+saxs83/nI4dvr8VHfZmyMOmGyYCU5yIws/6\nEkIjKPrUsG8u6ZQLoBLx82dojSIBRJx7MOxt+SwDa7h+n7sGPWyXs1PO2Cl8cBAl\nCEUZP0qYZqokh4Z0t1+J2vfTuIgf3HcX1nE6joUOzWDy+LCAchgn4TIYDkOLYaII\nWnyPI+tVakWGV7Hc/ve13hKB7wBD8EJY7/seB8Yt4541dhskGpSuM28axKGbvbnU\nQwIDAQAB\n-----END PUBLIC KEY-----\n";
+        let token = mint_with_private_key(&claims(&[("/data/d", "read")]), private).unwrap();
+        let v = Verifier {
+            public_key: Some(PublicKey::parse(public).unwrap()),
+            ..verifier()
+        };
+        assert_eq!(
+            v.verify(&token, None, NOW).unwrap().access_to(&doc("d")),
+            Some(Access::Read)
+        );
+        // An HS256 token with no app and no static secret is refused.
+        let other = mint_hs256(&claims(&[("/data/d", "read")]), "hs").unwrap();
+        assert_eq!(
+            v.verify(&other, None, NOW).unwrap_err().kind(),
+            "jwt/unknown-iss"
+        );
+    }
 }

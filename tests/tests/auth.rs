@@ -246,7 +246,8 @@ async fn admin_and_document_tokens_on_every_rest_route() {
 
 #[tokio::test]
 async fn rest_reads_and_writes_in_every_format_with_clear_errors() {
-    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    let options = secured(EngineOptions::default()).arg("--max-doc-bytes", 100_000);
+    let engine = EngineProcess::start(&options).await;
     assert_eq!(register(&engine, SECRET).await, 200);
     let admin = token(&[("admin", "admin")]);
     let path = "/v1/data/wiki/formats";
@@ -361,6 +362,23 @@ async fn rest_reads_and_writes_in_every_format_with_clear_errors() {
         )
         .await;
     assert_eq!(text.text(), "typed", "a refused write changed the document");
+    let reset = format!("{path}?reset=true&name=content");
+    let too_big = engine
+        .request("PUT", &reset, Some(&admin), &vec![b'x'; 200_000])
+        .await;
+    assert_eq!(
+        (too_big.status, too_big.json()["type"].as_str()),
+        (413, Some("too-large"))
+    );
+    // The third transport: an x-token header.
+    let text_path = format!("/synchrony{path}?format=text&name=content");
+    let via_header =
+        synchrony_tests::http(engine.port, "GET", &text_path, &[("x-token", &admin)], b"").await;
+    assert_eq!(
+        via_header.text(),
+        "typed",
+        "the oversized reset changed the document"
+    );
 }
 
 #[tokio::test]

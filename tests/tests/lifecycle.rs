@@ -132,6 +132,9 @@ async fn heartbeat_health_and_graceful_shutdown() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["storage"]["backend"], "sqlite");
     assert_eq!(health["storage"]["status"], "ok");
+    // No auth configured on loopback: open, and said loudly.
+    assert_eq!(health["auth"], "open");
+    assert!(engine.log().contains("WARN") && engine.log().contains("no authentication configured"));
     let mut client = YClient::synced(&engine, "app/term", true).await;
     assert_eq!(engine.health().await["connections"], 1);
     client.append("before shutdown").await;
