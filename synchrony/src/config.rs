@@ -57,6 +57,8 @@ pub enum ConfigError {
     ContextPath(String),
     #[error("jwt.public.key: {0}")]
     PublicKey(String),
+    #[error("{0}")]
+    Cluster(String),
     #[error(
         "synchrony.bind is {0}, not a loopback address, and no authentication is configured: set \
          synchrony.service.authtoken (hosts then register apps), synchrony.jwt.secret or jwt.public.key"
@@ -343,6 +345,182 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub compaction: CompactionConfig,
+
+    #[command(flatten)]
+    pub managed: ManagedConfig,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
+}
+
+/// A byte size as Java writes it: `2g`, `512m`, `1024k`, or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let (digits, factor) = match t.chars().last() {
+        Some('g') => (&t[..t.len() - 1], 1u64 << 30),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('k') => (&t[..t.len() - 1], 1 << 10),
+        _ => (t.as_str(), 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size like 2g, 512m, 1024k or a number of bytes"))
+}
+
+/// Settings of the managed deployment: a host starts the engine and watches it.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ManagedConfig {
+    /// Exit (after flushing) when this process dies: the host's pid.
+    #[arg(long = "watch-pid", env = "SYNCHRONY_WATCH_PID")]
+    pub watch_pid: Option<u32>,
+
+    /// Bound on the documents held in memory (their encoded size), like -Xmx for Synchrony:
+    /// past it, documents not yet loaded are refused (1013 / 503) until others unload.
+    #[arg(long = "memory-max", env = "SYNCHRONY_MEMORY_MAX", value_parser = parse_size, default_value = "2g")]
+    pub memory_max: u64,
+
+    /// Write logs to a daily-rotated file in this directory (`true`: ./logs; `false`: off).
+    #[arg(long = "log-to-file", env = "SYNCHRONY_LOG_TO_FILE")]
+    pub log_to_file: Option<String>,
+
+    /// Host name the ready line advertises in its URL (default: the bound address).
+    #[arg(long = "host", env = "SYNCHRONY_HOST")]
+    pub host: Option<String>,
+
+    /// Accepted for Synchrony compatibility (`-Xss`); the engine has no use for it.
+    #[arg(long = "stack-space", env = "SYNCHRONY_STACK_SPACE", hide = true)]
+    pub stack_space: Option<String>,
+}
+
+impl ManagedConfig {
+    /// The log directory, if logging to a file.
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        match self.log_to_file.as_deref().map(str::trim) {
+            None | Some("") | Some("false") => None,
+            Some("true") => Some(PathBuf::from("logs")),
+            Some(dir) => Some(PathBuf::from(dir)),
+        }
+    }
+}
+
+/// How cluster members find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JoinType {
+    Tcpip,
+    Redis,
+    Multicast,
+    Aws,
+    Kubernetes,
+}
+
+fn parse_member(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    let (host, port) = match t.rsplit_once(':') {
+        Some((h, _)) if !h.ends_with(']') && h.contains(':') => (t, None), // bare IPv6
+        Some((h, p)) => (h, Some(p)),
+        None => (t, None),
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("{text:?} is not host[:port]"));
+    }
+    if let Some(p) = port {
+        p.parse::<u16>()
+            .map_err(|_| format!("{text:?} has a bad port"))?;
+    }
+    Ok(t.to_owned())
+}
+
+/// Cluster keys. Parsed and validated now; acted on by the cluster.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ClusterConfig {
+    /// Peer port (Synchrony's Aleph port).
+    #[arg(
+        long = "cluster-base-port",
+        env = "SYNCHRONY_CLUSTER_BASE_PORT",
+        default_value_t = 25500
+    )]
+    pub base_port: u16,
+    /// Address the peer port binds to.
+    #[arg(long = "cluster-bind", env = "SYNCHRONY_CLUSTER_BIND")]
+    pub cluster_bind: Option<IpAddr>,
+    /// Accepted for Synchrony compatibility (`hazelcast-btf`).
+    #[arg(long = "cluster-impl", env = "SYNCHRONY_CLUSTER_IMPL", hide = true)]
+    pub implementation: Option<String>,
+    /// Name of the cluster; members of other clusters are refused.
+    #[arg(long = "cluster-group-name", env = "CLUSTER_GROUP_NAME")]
+    pub group_name: Option<String>,
+    /// Membership port (Synchrony's Hazelcast port).
+    #[arg(
+        long = "cluster-listen-port",
+        env = "CLUSTER_LISTEN_PORT",
+        default_value_t = 5701
+    )]
+    pub listen_port: u16,
+    /// Interface the membership protocol uses.
+    #[arg(long = "cluster-interfaces", env = "CLUSTER_INTERFACES")]
+    pub interfaces: Option<IpAddr>,
+    /// Require the shared secret from peers.
+    #[arg(long = "cluster-authentication-enabled", env = "CLUSTER_AUTHENTICATION_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub authentication_enabled: bool,
+    /// Shared secret of the cluster.
+    #[arg(
+        long = "cluster-authentication-secret",
+        env = "CLUSTER_AUTHENTICATION_SECRET",
+        hide_env_values = true
+    )]
+    pub authentication_secret: Option<String>,
+    /// How members are found.
+    #[arg(long = "cluster-join-type", env = "CLUSTER_JOIN_TYPE", value_enum)]
+    pub join_type: Option<JoinType>,
+    /// Members for `tcpip`, comma-separated host[:port].
+    #[arg(long = "cluster-join-tcpip-members", env = "CLUSTER_JOIN_TCPIP_MEMBERS", value_delimiter = ',', value_parser = parse_member)]
+    pub tcpip_members: Vec<String>,
+    /// Multicast group for `multicast`.
+    #[arg(
+        long = "cluster-join-multicast-group",
+        env = "CLUSTER_JOIN_MULTICAST_GROUP"
+    )]
+    pub multicast_group: Option<IpAddr>,
+    /// Multicast port for `multicast` (Synchrony's managed default).
+    #[arg(
+        long = "cluster-join-multicast-port",
+        env = "CLUSTER_JOIN_MULTICAST_PORT",
+        default_value_t = 54328
+    )]
+    pub multicast_port: u16,
+}
+
+impl ClusterConfig {
+    /// Cross-key checks: a join type needs its own keys, a secret when authentication is on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.authentication_enabled
+            && self
+                .authentication_secret
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            return Err(ConfigError::Cluster(
+                "cluster.authentication.enabled is true but cluster.authentication.secret is empty"
+                    .into(),
+            ));
+        }
+        if self.join_type == Some(JoinType::Tcpip) && self.tcpip_members.is_empty() {
+            return Err(ConfigError::Cluster(
+                "cluster.join.type is tcpip but cluster.join.tcpip.members is empty".into(),
+            ));
+        }
+        if let Some(group) = self.multicast_group {
+            if !group.is_multicast() {
+                return Err(ConfigError::Cluster(format!(
+                    "cluster.join.multicast.group {group} is not a multicast address"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServeConfig {

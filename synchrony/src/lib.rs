@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, parsed once by `main` and passed down typed.
+//! - [`keyspace`]: Synchrony's key forms (dotted environment, `-D`, `reza.*`, properties file)
+//!   resolved into flags before parsing.
 //! - [`auth`]: token verification and access grants (pure; the clock is a parameter).
 //! - [`gate`]: tokens of requests → principals, with registered apps' secrets from storage.
 //! - [`store`]: the update log and snapshots on SQLite or PostgreSQL (sqlx), and compaction.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod doc;
 pub mod gate;
 pub mod http;
+pub mod keyspace;
 pub mod persist;
 pub mod placement;
 pub mod session;
@@ -81,6 +84,7 @@ impl Engine {
         if !config.auth.configured() && !config.bind.is_loopback() {
             return Err(ConfigError::InsecureBind(config.bind).into());
         }
+        config.cluster.validate()?;
         let url = config.store.resolve_url()?;
         let store = Store::connect_lazy(&url)?;
         let gate = Gate::new(&config.auth, store.clone())?;

@@ -1,9 +1,12 @@
 //! The `synchrony` binary: parses configuration, initialises tracing and delegates.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use synchrony::config::{LogFormat, ServeConfig, StoreConfig};
+use synchrony::keyspace::{self, Resolved, Source};
 use synchrony::store::Store;
 use synchrony::{Engine, EngineError};
 use tokio::net::TcpListener;
@@ -23,7 +26,8 @@ mod exit {
     about = "Collaborative-editing engine for Yjs documents"
 )]
 struct Cli {
-    /// Log format (logs go to stderr; stdout carries the ready line).
+    /// Log format. Logs go to stderr, or as JSON to stdout when managed (--watch-pid), or to a
+    /// rotating file (--log-to-file); stdout also carries the ready line.
     #[arg(
         long = "log-format",
         env = "SYNCHRONY_LOG_FORMAT",
@@ -45,6 +49,8 @@ enum Command {
     Migrate(StoreConfig),
     /// Mint a token for scripts and tests, signed by a registered app or a configured key.
     Token(Box<TokenArgs>),
+    /// Print the effective configuration of `serve` with each value's source, secrets redacted.
+    Config(Box<ServeConfig>),
 }
 
 #[derive(clap::Args)]
@@ -98,27 +104,216 @@ enum TokenAccess {
     Read,
 }
 
-fn init_tracing(format: LogFormat) {
+/// Where logs go.
+enum LogTarget {
+    Stderr,
+    /// Managed: the host captures stdout.
+    Stdout,
+    /// A daily-rotated file in this directory.
+    File(PathBuf),
+}
+
+/// Returns a guard that must live as long as the process (it flushes file logs).
+fn init_tracing(
+    format: LogFormat,
+    target: LogTarget,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SYNCHRONY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
+    let (writer, guard, ansi) = match target {
+        LogTarget::Stderr => (
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+            None,
+            std::io::stderr().is_terminal(),
+        ),
+        LogTarget::Stdout => (
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout),
+            None,
+            false,
+        ),
+        LogTarget::File(dir) => {
+            let appender = tracing_appender::rolling::Builder::new()
+                .rotation(tracing_appender::rolling::Rotation::DAILY)
+                .filename_prefix("synchrony")
+                .filename_suffix("log")
+                .max_log_files(7)
+                .build(&dir);
+            match appender {
+                Ok(appender) => {
+                    let (writer, guard) = tracing_appender::non_blocking(appender);
+                    (
+                        tracing_subscriber::fmt::writer::BoxMakeWriter::new(writer),
+                        Some(guard),
+                        false,
+                    )
+                }
+                Err(error) => {
+                    eprintln!(
+                        "synchrony.log.to.file: cannot write logs in {}: {error}",
+                        dir.display()
+                    );
+                    std::process::exit(exit::CONFIG.into());
+                }
+            }
+        }
+    };
     // Colours only for people at a terminal, never in files or a host's captured output.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
+}
+
+const SUBCOMMANDS: &[&str] = &["serve", "migrate", "token", "config"];
+
+/// Resolves Synchrony's key forms into flags, then parses. Exits with the configuration code
+/// (naming the key and where its value came from) on a bad value.
+fn parse_cli() -> (Cli, Resolved) {
+    let mut argv: Vec<String> = std::env::args().collect();
+    // `serve` is implied, as when a launcher runs `synchrony -Xmx2g synchrony.core sql`.
+    if !argv.iter().skip(1).any(|a| {
+        SUBCOMMANDS.contains(&a.as_str())
+            || matches!(a.as_str(), "--help" | "-h" | "--version" | "-V" | "help")
+    }) {
+        argv.insert(1.min(argv.len()), "serve".into());
+    }
+    let sub = argv
+        .iter()
+        .skip(1)
+        .find(|a| SUBCOMMANDS.contains(&a.as_str()))
+        .cloned()
+        .unwrap_or_else(|| "serve".into());
+    let mut command = Cli::command();
+    command.build();
+    let target = command
+        .find_subcommand(&sub)
+        .cloned()
+        .unwrap_or_else(|| command.clone());
+    let env: HashMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let resolved = match keyspace::resolve(&target, &argv, &env, |p| {
+        std::fs::read_to_string(p).map_err(|e| e.to_string())
+    }) {
+        Ok(resolved) => resolved,
+        Err(error) => {
+            eprintln!("configuration error: {error}");
+            std::process::exit(exit::CONFIG.into());
+        }
+    };
+    let matches = match command.try_get_matches_from(&resolved.args) {
+        Ok(matches) => matches,
+        Err(error) => {
+            if let Some((key, value, source)) = keyspace::blame(&resolved, &error) {
+                let reason = error.to_string();
+                let reason = reason
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ");
+                let shown = if key.secret { "***" } else { value.as_str() };
+                eprintln!(
+                    "configuration error: {} (from {source}) = {shown:?}: {reason}",
+                    key.key
+                );
+                std::process::exit(exit::CONFIG.into());
+            }
+            error.exit();
+        }
+    };
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => (cli, resolved),
+        Err(error) => error.exit(),
+    }
+}
+
+/// `synchrony config`: every key of `serve`, its value and where it came from.
+fn print_config(resolved: &Resolved) -> ExitCode {
+    let mut command = Cli::command();
+    command.build();
+    let Some(serve) = command.find_subcommand("config").cloned() else {
+        return ExitCode::FAILURE;
+    };
+    let matches = match serve
+        .clone()
+        .try_get_matches_from(resolved.args.iter().skip(1))
+    {
+        Ok(m) => m,
+        Err(e) => e.exit(),
+    };
+    for key in &resolved.keys {
+        let Some(arg) = serve
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.long.as_str()))
+        else {
+            continue;
+        };
+        let id = arg.get_id().as_str();
+        let taken = resolved.taken.iter().find(|(k, _, _)| k.key == key.key);
+        let value: Option<String> = matches.get_raw(id).map(|values| {
+            values
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let source = match (taken, matches.value_source(id)) {
+            (Some((_, _, source)), _) => source.to_string(),
+            (None, Some(clap::parser::ValueSource::CommandLine)) => Source::CommandLine.to_string(),
+            (None, Some(clap::parser::ValueSource::EnvVariable)) => {
+                format!("environment {}", key.env.clone().unwrap_or_default())
+            }
+            _ => Source::Default.to_string(),
+        };
+        let shown = match (&value, key.secret) {
+            (Some(_), true) => "***".to_owned(),
+            (Some(v), false) => v.clone(),
+            (None, _) => "(unset)".to_owned(),
+        };
+        println!("{:<40} {:<32} {source}", key.key, shown);
+    }
+    ExitCode::SUCCESS
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let (cli, resolved) = parse_cli();
+    let target = match &cli.command {
+        Some(Command::Serve(config)) => {
+            match (config.managed.log_dir(), config.managed.watch_pid) {
+                (Some(dir), _) => LogTarget::File(dir),
+                (None, Some(_)) => LogTarget::Stdout,
+                (None, None) => LogTarget::Stderr,
+            }
+        }
+        _ => LogTarget::Stderr,
+    };
+    // Managed: JSON lines, unless the host asked for text explicitly.
+    let format = match (
+        &target,
+        std::env::args().any(|a| a.starts_with("--log-format")),
+    ) {
+        (LogTarget::Stdout, false) => LogFormat::Json,
+        _ => cli.log_format,
+    };
+    let _guard = init_tracing(format, target);
+    for warning in &resolved.warnings {
+        tracing::warn!("{warning}");
+    }
     match cli.command {
         Some(Command::Migrate(store)) => migrate(store).await,
+        Some(Command::Serve(config)) => serve(*config).await,
+        Some(Command::Config(_)) => print_config(&resolved),
         Some(Command::Token(args)) => match mint(*args).await {
             Ok(token) => {
                 println!("{token}");
@@ -129,7 +324,6 @@ async fn main() -> ExitCode {
                 ExitCode::from(code)
             }
         },
-        Some(Command::Serve(config)) => serve(*config).await,
         None => serve(ServeConfig::default()).await,
     }
 }
@@ -274,7 +468,10 @@ async fn serve(config: ServeConfig) -> ExitCode {
         });
     }
     let ctx = engine.config.normalized_context_path().unwrap_or_default();
-    let url = format!("http://{local}{ctx}");
+    let url = match &engine.config.managed.host {
+        Some(host) => format!("http://{host}:{}{ctx}", local.port()),
+        None => format!("http://{local}{ctx}"),
+    };
     // One machine-readable line on stdout: hosts and tests learn the real port here.
     println!(
         "{}",
@@ -282,11 +479,14 @@ async fn serve(config: ServeConfig) -> ExitCode {
     );
     tracing::info!(%url, "ready");
 
+    let watched = engine.config.managed.watch_pid;
     let signals = {
         let engine = engine.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutdown requested; draining");
+            tokio::select! {
+                _ = shutdown_signal() => tracing::info!("shutdown requested; draining"),
+                pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
+            }
             engine.begin_shutdown();
         })
     };
@@ -307,6 +507,39 @@ async fn serve(config: ServeConfig) -> ExitCode {
                 "drain did not finish in time"
             );
             ExitCode::from(exit::DRAIN_TIMEOUT)
+        }
+    }
+}
+
+/// Resolves when process `pid` has died (never, without a pid). A zombie counts as dead, and so
+/// does our parent once we have been re-parented: a killed host may not be reaped at once.
+async fn watch_pid(pid: Option<u32>) -> u32 {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    let parent = nix::unistd::getppid().as_raw() as u32;
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        every.tick().await;
+        if pid == parent && nix::unistd::getppid().as_raw() as u32 != parent {
+            return pid;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name: `pid (comm) S ...`.
+            Ok(stat) => {
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next());
+                if matches!(state, Some('Z' | 'X')) {
+                    return pid;
+                }
+            }
+            Err(_) => {
+                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None);
+                if matches!(alive, Err(nix::errno::Errno::ESRCH)) {
+                    return pid;
+                }
+            }
         }
     }
 }

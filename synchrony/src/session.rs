@@ -18,7 +18,8 @@ use crate::Engine;
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How long a closing session waits for the client's close reply.
-const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Short, so that a host's death still ends the engine within 2 s.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Options a client chose in the query string.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
