@@ -44,6 +44,8 @@ pub struct DocDeps {
     pub limits: LimitsConfig,
     pub timing: TimingConfig,
     pub compaction: CompactionConfig,
+    /// Bound on the encoded size of all loaded documents (`synchrony.memory.max`).
+    pub memory_max: u64,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -206,7 +208,7 @@ pub enum DocError {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JoinError {
-    #[error("document is being deleted; try again")]
+    #[error("server busy (memory bound reached or document being deleted); try again")]
     Busy,
     #[error("document could not be loaded")]
     LoadFailed,
@@ -227,6 +229,8 @@ pub struct Docs {
     deps: DocDeps,
     /// Loads from storage, for observability and the single-flight test.
     loads: AtomicU64,
+    /// Encoded size of all loaded documents, as their actors report it.
+    resident: AtomicU64,
 }
 
 /// Where a connection's traffic for a document goes.
@@ -249,6 +253,7 @@ impl Docs {
             next_generation: AtomicU64::new(1),
             deps,
             loads: AtomicU64::new(0),
+            resident: AtomicU64::new(0),
         })
     }
 
@@ -258,6 +263,11 @@ impl Docs {
 
     pub fn load_count(&self) -> u64 {
         self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Encoded bytes of all loaded documents.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
     }
 
     /// Joins a connection to a document, loading it if needed.
@@ -270,7 +280,7 @@ impl Docs {
             if self.deps.cancel.is_cancelled() {
                 return Err(JoinError::ShuttingDown);
             }
-            let handle = self.handle(doc);
+            let handle = self.handle(doc)?;
             let (reply, answer) = oneshot::channel();
             let join = DocCommand::Join {
                 request: request.clone(),
@@ -301,7 +311,7 @@ impl Docs {
             if self.deps.cancel.is_cancelled() {
                 return Err(JoinError::ShuttingDown);
             }
-            let handle = self.handle(doc);
+            let handle = self.handle(doc)?;
             let (reply, answer) = oneshot::channel();
             if handle.tx.send(make(reply)).await.is_err() {
                 self.forget(doc, handle.generation);
@@ -316,12 +326,17 @@ impl Docs {
         Err(JoinError::Busy)
     }
 
-    fn handle(self: &Arc<Self>, doc: &DocId) -> DocHandle {
+    fn handle(self: &Arc<Self>, doc: &DocId) -> Result<DocHandle, JoinError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(handle) = loaded.get(doc) {
             if !handle.tx.is_closed() {
-                return handle.clone();
+                return Ok(handle.clone());
             }
+        }
+        // Past the memory bound, documents already loaded carry on; new ones wait.
+        if self.resident_bytes() >= self.deps.memory_max {
+            tracing::warn!(doc_id = %doc, resident = self.resident_bytes(), "memory bound (synchrony.memory.max) reached; refusing to load");
+            return Err(JoinError::Busy);
         }
         let (tx, rx) = mpsc::channel(MAILBOX_LEN);
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -329,7 +344,7 @@ impl Docs {
         loaded.insert(doc.clone(), handle.clone());
         let actor = DocActor::new(doc.clone(), generation, self.clone());
         self.deps.tracker.spawn(actor.run(rx));
-        handle
+        Ok(handle)
     }
 
     /// Removes the registry entry of one actor generation (never a newer one).
@@ -415,6 +430,8 @@ struct DocActor {
     waiting: Vec<(u64, oneshot::Sender<Result<(), DocError>>)>,
     /// Set by a delete: the actor stops and handles nothing more.
     deleted: bool,
+    /// What this actor last added to the registry's resident total.
+    reported: u64,
 }
 
 fn frame(message: &Message) -> Bytes {
@@ -441,11 +458,27 @@ impl DocActor {
             compacting: Arc::new(AtomicBool::new(false)),
             waiting: Vec::new(),
             deleted: false,
+            reported: 0,
         }
     }
 
     fn deps(&self) -> &DocDeps {
         &self.docs.deps
+    }
+
+    /// Brings the registry's resident total up to date with this document's size.
+    fn account(&mut self) {
+        let now = self.approx_bytes as u64;
+        if now > self.reported {
+            self.docs
+                .resident
+                .fetch_add(now - self.reported, Ordering::Relaxed);
+        } else {
+            self.docs
+                .resident
+                .fetch_sub(self.reported - now, Ordering::Relaxed);
+        }
+        self.reported = now;
     }
 
     #[tracing::instrument(name = "doc", skip_all, fields(doc_id = %self.id))]
@@ -470,6 +503,7 @@ impl DocActor {
                 command = rx.recv() => match command {
                     Some(command) => {
                         self.handle(command).await;
+                        self.account();
                         if self.deleted {
                             break;
                         }
@@ -516,6 +550,8 @@ impl DocActor {
         if !cancel.is_cancelled() && self.log_rows > 0 {
             self.spawn_compaction();
         }
+        self.approx_bytes = 0;
+        self.account();
         tracing::debug!("document unloaded");
     }
 
@@ -557,6 +593,7 @@ impl DocActor {
         }
         self.cache = StateCache::default();
         self.approx_bytes = self.full_state().len();
+        self.account();
         tracing::debug!(
             bytes = self.approx_bytes,
             log_rows = self.log_rows,

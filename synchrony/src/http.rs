@@ -185,6 +185,8 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
         },
         "documents_loaded": engine.docs.loaded_count(),
         "document_loads_total": engine.docs.load_count(),
+        "resident_bytes": engine.docs.resident_bytes(),
+        "memory_max_bytes": engine.config.managed.memory_max,
         "connections": engine.connections.load(Ordering::Relaxed),
     });
     let status = if healthy {

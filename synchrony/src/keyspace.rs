@@ -516,7 +516,14 @@ mod tests {
             ("SYNCHRONY_PROPERTIES_FILE", "/etc/s.properties"),
         ]);
         // Each row removes the winner of the row above.
-        let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Option<&str>, Option<Source>)> = vec![
+        // (arguments, environment variables removed, expected value, expected source)
+        type Case<'a> = (
+            Vec<&'a str>,
+            Vec<(&'a str, &'a str)>,
+            Option<&'a str>,
+            Option<Source>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 vec![
                     "synchrony",

@@ -104,6 +104,7 @@ impl Engine {
             limits: config.limits.clone(),
             timing: config.timing.clone(),
             compaction: config.compaction.clone(),
+            memory_max: config.managed.memory_max,
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });

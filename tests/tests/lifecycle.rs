@@ -192,3 +192,67 @@ async fn silent_connections_time_out_and_live_ones_stay() {
     let reader = YClient::synced(&engine, "app/idle-conn", false).await;
     let _ = reader;
 }
+
+#[tokio::test]
+async fn the_memory_bound_refuses_new_documents_until_others_unload() {
+    let options = EngineOptions::default()
+        .arg("--memory-max", "100k")
+        .arg("--doc-idle-secs", 1);
+    let engine = EngineProcess::start(&options).await;
+    let big = "x".repeat(150_000);
+    let put = engine
+        .request(
+            "PUT",
+            "/v1/data/app/big?reset=true&name=content",
+            None,
+            big.as_bytes(),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let health = engine.health().await;
+    assert!(
+        health["resident_bytes"].as_u64().unwrap() >= 150_000,
+        "{health}"
+    );
+    // A document not loaded yet is refused, transiently.
+    let refused = engine.request("GET", "/v1/data/app/other", None, b"").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let mut ws = synchrony_tests::RawClient::connect(&engine.ws_url("app/other", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        ws.ended(WAIT).await,
+        Ended::Closed {
+            code: 1013,
+            reason: JOIN_BUSY.into()
+        }
+    );
+    // The loaded one still works; once it unloads, the other loads.
+    assert_eq!(
+        engine
+            .request(
+                "GET",
+                "/v1/data/app/big?format=text&name=content",
+                None,
+                b""
+            )
+            .await
+            .text()
+            .len(),
+        150_000
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = engine.request("GET", "/v1/data/app/other", None, b"").await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never loaded after the big document unloaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+const JOIN_BUSY: &str = "server busy (memory bound reached or document being deleted); try again";
