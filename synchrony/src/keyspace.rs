@@ -218,6 +218,11 @@ pub fn resolve(
     let mut i = 0;
     while i < argv.len() {
         let arg = &argv[i];
+        // Everything after `--` belongs to someone else (the supervised engine).
+        if arg == "--" {
+            kept.extend(argv[i..].iter().cloned());
+            break;
+        }
         if i > 0 {
             if let Some(def) = arg.strip_prefix("-D") {
                 let (k, v) = def.split_once('=').unwrap_or((def, "true"));

@@ -13,6 +13,7 @@
 //! - [`doc`]: the registry of loaded documents and the actor that owns each one.
 //! - [`session`]: one WebSocket connection, bytes ↔ messages ↔ the document actor.
 //! - [`placement`]: which node owns a document (always this one until the cluster lands).
+//! - [`supervisor`]: keeps an engine process running for a host (backoff, crash loops, stop).
 //! - [`http`]: the router: heartbeat, health, apps, WebSocket endpoint, document REST API.
 //!
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
@@ -27,6 +28,7 @@ pub mod persist;
 pub mod placement;
 pub mod session;
 pub mod store;
+pub mod supervisor;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

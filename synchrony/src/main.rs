@@ -51,6 +51,24 @@ enum Command {
     Token(Box<TokenArgs>),
     /// Print the effective configuration of `serve` with each value's source, secrets redacted.
     Config(Box<ServeConfig>),
+    /// Run `synchrony <engine args>` as a child and keep it running (restarts with backoff).
+    Supervise(SuperviseArgs),
+}
+
+#[derive(clap::Args)]
+struct SuperviseArgs {
+    /// Keep the child's status here as JSON (replaced atomically on every change).
+    #[arg(long = "status-file")]
+    status_file: Option<PathBuf>,
+    /// Longest wait between restarts, seconds.
+    #[arg(long = "backoff-max-secs", default_value_t = 60)]
+    backoff_max_secs: u64,
+    /// SIGKILL the child this long after forwarding SIGTERM, seconds.
+    #[arg(long = "stop-timeout-secs", default_value_t = 25)]
+    stop_timeout_secs: u64,
+    /// The engine's arguments, after `--` (e.g. `-- serve --port 8091`).
+    #[arg(last = true, required = true)]
+    engine_args: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -170,7 +188,7 @@ fn init_tracing(
     guard
 }
 
-const SUBCOMMANDS: &[&str] = &["serve", "migrate", "token", "config"];
+const SUBCOMMANDS: &[&str] = &["serve", "migrate", "token", "config", "supervise"];
 
 /// Resolves Synchrony's key forms into flags, then parses. Exits with the configuration code
 /// (naming the key and where its value came from) on a bad value.
@@ -314,6 +332,7 @@ async fn main() -> ExitCode {
         Some(Command::Migrate(store)) => migrate(store).await,
         Some(Command::Serve(config)) => serve(*config).await,
         Some(Command::Config(_)) => print_config(&resolved),
+        Some(Command::Supervise(args)) => supervise(args).await,
         Some(Command::Token(args)) => match mint(*args).await {
             Ok(token) => {
                 println!("{token}");
@@ -509,6 +528,52 @@ async fn serve(config: ServeConfig) -> ExitCode {
             ExitCode::from(exit::DRAIN_TIMEOUT)
         }
     }
+}
+
+async fn supervise(args: SuperviseArgs) -> ExitCode {
+    use synchrony::supervisor::{Supervisor, SupervisorConfig};
+    let program = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(error) => {
+            tracing::error!(%error, "cannot find the synchrony binary");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = SupervisorConfig::new(program, args.engine_args);
+    config.backoff_max = std::time::Duration::from_secs(args.backoff_max_secs.max(1));
+    config.stop_timeout = std::time::Duration::from_secs(args.stop_timeout_secs.max(1));
+    let supervisor = Supervisor::start(config);
+    let mut changes = supervisor.subscribe();
+    let report = |status: &synchrony::supervisor::Status| {
+        let mut event = serde_json::to_value(status).unwrap_or_default();
+        event["event"] = "status".into();
+        println!("{event}");
+        if let Some(path) = &args.status_file {
+            let tmp = path.with_extension("tmp");
+            let written =
+                std::fs::write(&tmp, event.to_string()).and_then(|()| std::fs::rename(&tmp, path));
+            if let Err(error) = written {
+                tracing::warn!(%error, path = %path.display(), "cannot write the status file");
+            }
+        }
+    };
+    report(&supervisor.status());
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let status = changes.borrow_and_update().clone();
+                report(&status);
+            }
+            _ = shutdown_signal() => break,
+        }
+    }
+    tracing::info!("stopping the engine");
+    let last = supervisor.stop().await;
+    report(&last);
+    ExitCode::SUCCESS
 }
 
 /// Resolves when process `pid` has died (never, without a pid). A zombie counts as dead, and so
