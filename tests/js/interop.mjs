@@ -130,6 +130,33 @@ const scenarios = {
     return { head, names, closes }
   },
 
+  // Two editors type for a while (the engine may die and come back meanwhile), then converge.
+  //   args: token durationMs
+  async editing () {
+    const [token, durationMs] = args
+    const editors = [client('ed1', { params: { token } }), client('ed2', { params: { token } })]
+    await waitFor('both synced', () => editors.every(synced))
+    const made = { ed1: [], ed2: [] }
+    const end = Date.now() + Number(durationMs)
+    let i = 0
+    while (Date.now() < end) {
+      for (const c of editors) {
+        const marker = `[${c.name}:${i}]`
+        c.text.insert(c.text.length, marker)
+        made[c.name].push(marker)
+      }
+      i++
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+    await waitFor('editors to reconnect and converge',
+      () => editors.every((c) => c.provider.wsconnected && c.provider.synced) && sameState(editors), 45000)
+    const text = editors[0].text.toString()
+    const missing = [...made.ed1, ...made.ed2].filter((m) => !text.includes(m))
+    if (missing.length) fail(`${missing.length} edits missing after convergence, e.g. ${missing.slice(0, 3)}`)
+    editors.forEach((c) => c.provider.destroy())
+    return { edits: made.ed1.length + made.ed2.length, text }
+  },
+
   // A stock client never receives an extension message, even when other clients ask for acks.
   async stock () {
     const c = client('stock')
@@ -147,7 +174,7 @@ const scenarios = {
 
 const run = scenarios[scenario]
 if (!run) fail(`unknown scenario; choose one of ${Object.keys(scenarios).join(', ')}`)
-const timer = setTimeout(() => fail('scenario took longer than 60 s'), 60000)
+const timer = setTimeout(() => fail('scenario took longer than 100 s'), 100000)
 run().then((result) => {
   clearTimeout(timer)
   console.log(JSON.stringify({ ok: true, scenario, ...result }))

@@ -651,12 +651,24 @@ impl YClient {
     }
 }
 
-/// Runs a `tests/js/interop.mjs` scenario and returns its JSON result.
+/// Runs a `tests/js/interop.mjs` scenario against `engine` and returns its JSON result.
 pub async fn node(
     scenario: &str,
     engine: &EngineProcess,
     doc: &str,
     args: &[&str],
+) -> serde_json::Value {
+    node_at(scenario, &engine.ws_base(), doc, args, &|| engine.log()).await
+}
+
+/// Runs a scenario against the engine at `ws_base` (`ws://host:port/synchrony`); `log` supplies
+/// the engine's log for the failure message.
+pub async fn node_at(
+    scenario: &str,
+    ws_base: &str,
+    doc: &str,
+    args: &[&str],
+    log: &(dyn Fn() -> String + Sync),
 ) -> serde_json::Value {
     let js = workspace_root().join("tests/js");
     assert!(
@@ -664,11 +676,11 @@ pub async fn node(
         "tests/js/node_modules is missing: run `npm ci` in tests/js (tests/run.sh does)"
     );
     let output = tokio::time::timeout(
-        Duration::from_secs(90),
+        Duration::from_secs(120),
         Command::new("node")
             .arg(js.join("interop.mjs"))
             .arg(scenario)
-            .arg(engine.ws_base())
+            .arg(ws_base)
             .arg(doc)
             .args(args)
             .stdin(Stdio::null())
@@ -676,7 +688,7 @@ pub async fn node(
             .output(),
     )
     .await
-    .expect("node scenario finished within 90 s")
+    .expect("node scenario finished within 120 s")
     .expect("node runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -684,7 +696,7 @@ pub async fn node(
         "node {scenario} failed: {}\n{}\nengine log:\n{}",
         stdout,
         String::from_utf8_lossy(&output.stderr),
-        engine.log()
+        log()
     );
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap()
 }
