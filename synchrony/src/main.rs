@@ -449,6 +449,7 @@ async fn migrate(config: StoreConfig) -> ExitCode {
 }
 
 async fn serve(config: ServeConfig) -> ExitCode {
+    let mut signals = ShutdownSignals::register();
     let addr = (config.bind, config.port);
     let drain_timeout = config.timing.drain_timeout();
     // Configuration is checked before anything listens.
@@ -499,11 +500,11 @@ async fn serve(config: ServeConfig) -> ExitCode {
     tracing::info!(%url, "ready");
 
     let watched = engine.config.managed.watch_pid;
-    let signals = {
+    let signal_task = {
         let engine = engine.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = shutdown_signal() => tracing::info!("shutdown requested; draining"),
+                _ = signals.recv() => tracing::info!("shutdown requested; draining"),
                 pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
             }
             engine.begin_shutdown();
@@ -514,7 +515,7 @@ async fn serve(config: ServeConfig) -> ExitCode {
         Ok(Err(error)) => tracing::error!(%error, "server failed"),
         Err(error) => tracing::error!(%error, "server task failed"),
     }
-    signals.abort();
+    signal_task.abort();
     match tokio::time::timeout(drain_timeout, engine.shutdown()).await {
         Ok(()) => {
             tracing::info!("stopped; every accepted update is committed");
@@ -531,6 +532,7 @@ async fn serve(config: ServeConfig) -> ExitCode {
 }
 
 async fn supervise(args: SuperviseArgs) -> ExitCode {
+    let mut signals = ShutdownSignals::register();
     use synchrony::supervisor::{Supervisor, SupervisorConfig};
     let program = match std::env::current_exe() {
         Ok(p) => p,
@@ -567,7 +569,7 @@ async fn supervise(args: SuperviseArgs) -> ExitCode {
                 let status = changes.borrow_and_update().clone();
                 report(&status);
             }
-            _ = shutdown_signal() => break,
+            _ = signals.recv() => break,
         }
     }
     tracing::info!("stopping the engine");
@@ -609,18 +611,41 @@ async fn watch_pid(pid: Option<u32>) -> u32 {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
+/// SIGTERM and SIGINT, registered when created: create it before announcing readiness, so that
+/// a host's SIGTERM right after the ready line still drains instead of killing the process.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn register() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::error!(%error, "cannot watch {name}");
+                None
+            }
+        };
+        Self {
+            term: watch(SignalKind::terminate(), "SIGTERM"),
+            int: watch(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    }
+
+    async fn recv(&mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.term) => {}
+            _ = next(&mut self.int) => {}
+        }
     }
 }
