@@ -126,6 +126,10 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
     assert_eq!(store.log_len(&id).await.unwrap(), 0);
 }
 
+/// Command-line arguments and environment variables of one case.
+type Args<'a> = Vec<&'a str>;
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
 /// `synchrony config` shows which form won for each key.
 async fn config_output(args: &[&str], env: &[(&str, &str)]) -> String {
     let run = tokio::process::Command::new(synchrony_tests::engine_binary())
@@ -165,7 +169,7 @@ async fn precedence_of_every_key_form_in_a_real_process() {
     .unwrap();
     let props = props.to_str().unwrap();
     // (args, env, expected port value, expected source)
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str, &str)> = vec![
+    let cases: Vec<(Args, Env, &str, &str)> = vec![
         (
             vec!["--port", "1000", "-Dsynchrony.port=1001"],
             vec![("synchrony.port", "1002")],
@@ -248,7 +252,7 @@ async fn each_malformed_value_names_its_key() {
     let props = dir.path().join("bad.properties");
     std::fs::write(&props, "cluster.join.multicast.port=99999\n").unwrap();
     let props_env = props.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<(Args, Env, &str)> = vec![
         (
             vec![],
             vec![("synchrony.port", "abc")],
