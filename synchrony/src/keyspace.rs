@@ -112,6 +112,15 @@ const ACCEPTED: &[&str] = &[
     "synchrony.enable.xhr.fallback",
     "feature-auth-token",
     "auth-tokens",
+    // Used by `synchrony token`, passed to every command by Confluence.
+    "jwt.private.key",
+];
+
+/// Families of keys accepted the same way (discovery back-ends the cluster does not implement).
+const ACCEPTED_PREFIXES: &[&str] = &[
+    "cluster.join.aws.",
+    "cluster.join.kubernetes.",
+    "hazelcast.",
 ];
 
 /// Prefixes of keys that are checked for typos.
@@ -377,6 +386,7 @@ pub fn resolve(
         if !watched(&k)
             || known.contains(&canonical.as_str())
             || ACCEPTED.contains(&canonical.as_str())
+            || ACCEPTED_PREFIXES.iter().any(|p| canonical.starts_with(p))
         {
             continue;
         }
@@ -657,6 +667,8 @@ mod tests {
             ("cluster.whatever.thing", "x"),
             ("other.key", "y"),
             ("synchrony.working.dir", "/x"),
+            ("jwt.private.key", "PEM"),
+            ("cluster.join.aws.region", "eu-west-1"),
         ]);
         let r = resolve(
             &serve(),
@@ -672,10 +684,12 @@ mod tests {
             "{w}"
         );
         assert!(w.contains("cluster.whatever.thing"));
-        assert!(
-            !w.contains("other.key") && !w.contains("working.dir"),
-            "{w}"
-        );
+        for quiet in ["other.key", "working.dir", "jwt.private.key", "aws.region"] {
+            assert!(
+                !w.contains(quiet),
+                "{quiet} should be accepted silently: {w}"
+            );
+        }
     }
 
     #[test]

@@ -151,6 +151,8 @@ fn init_tracing(
             false,
         ),
         LogTarget::File(dir) => {
+            // The appender prunes old files at start; give it a directory to look in.
+            let _ = std::fs::create_dir_all(&dir);
             let appender = tracing_appender::rolling::Builder::new()
                 .rotation(tracing_appender::rolling::Rotation::DAILY)
                 .filename_prefix("synchrony")

@@ -390,3 +390,159 @@ async fn a_launcher_command_line_starts_the_engine_with_warnings() {
         "one WARN per ignored argument:\n{stderr}"
     );
 }
+
+#[tokio::test]
+async fn managed_logs_are_json_on_stdout_and_files_rotate_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let logs = dir.path().join("logs");
+    // Managed (a watched pid): JSON lines on stdout, beside the ready line.
+    let mut child = tokio::process::Command::new(synchrony_tests::engine_binary())
+        .args(["serve", "--port", "0", "--data-dir", data.to_str().unwrap()])
+        .env("synchrony.watch.pid", std::process::id().to_string())
+        .env_remove("SYNCHRONY_DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("\"event\":\"ready\""))
+    {
+        let line = tokio::time::timeout(synchrony_tests::WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(line);
+    }
+    let storage_ready = seen
+        .iter()
+        .find(|l| l.contains("storage ready"))
+        .expect("a storage-ready log line on stdout");
+    let json: serde_json::Value = serde_json::from_str(storage_ready).unwrap();
+    assert_eq!(json["level"], "INFO");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().await.unwrap().success());
+
+    // synchrony.log.to.file=<dir>: the log goes to a daily-rotated file there.
+    let mut child = tokio::process::Command::new(synchrony_tests::engine_binary())
+        .args(["serve", "--port", "0", "--data-dir", data.to_str().unwrap()])
+        .env("synchrony.log.to.file", logs.to_str().unwrap())
+        .env_remove("SYNCHRONY_DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let ready = tokio::time::timeout(synchrony_tests::WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        ready.contains("\"event\":\"ready\""),
+        "only the ready line goes to stdout: {ready}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().await.unwrap().success());
+    let files: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("synchrony.") && name.ends_with(".log"),
+        "{name}"
+    );
+    let content = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(
+        content.contains("storage ready") && content.contains("every accepted update is committed"),
+        "{content}"
+    );
+}
+
+/// Polls the supervisor's status file until `want` holds.
+async fn wait_status(
+    path: &std::path::Path,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+    loop {
+        let status = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        if let Some(s) = status.filter(|s| want(s)) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never matched"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn synchrony_supervise_restarts_a_killed_engine_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let status_file = dir.path().join("status.json");
+    let data = dir.path().join("data");
+    let mut supervisor = tokio::process::Command::new(synchrony_tests::engine_binary())
+        .args([
+            "supervise",
+            "--status-file",
+            status_file.to_str().unwrap(),
+            "--",
+            "serve",
+            "--port",
+            "0",
+        ])
+        .args(["--data-dir", data.to_str().unwrap()])
+        .env_remove("SYNCHRONY_DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let first = wait_status(&status_file, |s| s["state"] == "running").await;
+    let pid = first["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let second = wait_status(&status_file, |s| {
+        s["state"] == "running" && s["restarts"] == 1
+    })
+    .await;
+    assert_ne!(second["pid"], first["pid"]);
+    assert_eq!(second["last_exit"]["signal"], 9);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(30), supervisor.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    let last = wait_status(&status_file, |s| s["state"] == "stopped").await;
+    assert_eq!(
+        last["last_exit"]["code"], 0,
+        "the engine drained and exited 0: {last}"
+    );
+}
