@@ -131,6 +131,27 @@ fn token<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<&'a str> 
         .map(str::trim)
 }
 
+/// The verified principal of a request, from its token (see [`token`]).
+struct Caller(Principal);
+
+impl axum::extract::FromRequestParts<Arc<Engine>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        engine: &Arc<Engine>,
+    ) -> Result<Self, ApiError> {
+        let query = Query::<TokenQuery>::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        let principal = engine
+            .gate
+            .authenticate(token(query.token.as_deref(), &parts.headers))
+            .await?;
+        Ok(Caller(principal))
+    }
+}
+
 fn parse_doc(doc: &str) -> Result<DocId, ApiError> {
     DocId::parse(doc).map_err(|e| ApiError::BadRequest {
         kind: "invalid-document-id",
@@ -257,8 +278,7 @@ async fn websocket(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(params): Query<SessionParams>,
-    Query(auth): Query<TokenQuery>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // The id is checked first, so a bad one gets the same answer with or without an upgrade.
@@ -268,10 +288,6 @@ async fn websocket(
     }
     // Refused before the upgrade with a status (401/403); browsers see a failed connection and
     // the JSON body is there for other clients and for logs.
-    let principal = engine
-        .gate
-        .authenticate(token(auth.token.as_deref(), &headers))
-        .await?;
     let access = principal
         .access_to(&doc)
         .ok_or(ApiError::Auth(AuthError::Forbidden))?;
@@ -298,7 +314,6 @@ async fn websocket(
 
 #[derive(Deserialize)]
 struct ReadQuery {
-    token: Option<String>,
     format: Option<String>,
     name: Option<String>,
 }
@@ -307,13 +322,9 @@ async fn read_doc(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(query): Query<ReadQuery>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
     let doc = parse_doc(&doc)?;
-    let principal = engine
-        .gate
-        .authenticate(token(query.token.as_deref(), &headers))
-        .await?;
     require(&principal, &doc, Access::Read)?;
     let format = query.format.as_deref().unwrap_or("json");
     let text_root = match format {
@@ -370,7 +381,6 @@ async fn head(engine: &Engine, doc: &DocId) -> Result<u64, ApiError> {
 
 #[derive(Deserialize)]
 struct WriteQuery {
-    token: Option<String>,
     #[serde(default)]
     reset: bool,
     name: Option<String>,
@@ -380,14 +390,10 @@ async fn write_doc(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(query): Query<WriteQuery>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let doc = parse_doc(&doc)?;
-    let principal = engine
-        .gate
-        .authenticate(token(query.token.as_deref(), &headers))
-        .await?;
     require(&principal, &doc, Access::Full)?;
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
@@ -436,14 +442,9 @@ async fn write_doc(
 async fn delete_doc(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
-    Query(query): Query<TokenQuery>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
     let doc = parse_doc(&doc)?;
-    let principal = engine
-        .gate
-        .authenticate(token(query.token.as_deref(), &headers))
-        .await?;
     if !principal.is_admin() {
         return Err(ApiError::Auth(AuthError::Forbidden));
     }
@@ -456,7 +457,6 @@ async fn delete_doc(
 
 #[derive(Deserialize)]
 struct ListQuery {
-    token: Option<String>,
     #[serde(default)]
     prefix: String,
     #[serde(default)]
@@ -467,12 +467,8 @@ struct ListQuery {
 async fn list_docs(
     State(engine): State<Arc<Engine>>,
     Query(query): Query<ListQuery>,
-    headers: HeaderMap,
+    Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
-    let principal = engine
-        .gate
-        .authenticate(token(query.token.as_deref(), &headers))
-        .await?;
     if !principal.is_admin() {
         return Err(ApiError::Auth(AuthError::Forbidden));
     }
