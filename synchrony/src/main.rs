@@ -494,11 +494,14 @@ async fn serve(config: ServeConfig) -> ExitCode {
         Some(host) => format!("http://{host}:{}{ctx}", local.port()),
         None => format!("http://{local}{ctx}"),
     };
-    // One machine-readable line on stdout: hosts and tests learn the real port here.
-    println!(
-        "{}",
-        serde_json::json!({ "event": "ready", "url": url, "port": local.port(), "pid": std::process::id() })
-    );
+    // One machine-readable line on stdout: hosts and tests learn the real port here. A host that
+    // closed our stdout gets no line, and no panic either.
+    let ready = serde_json::json!({ "event": "ready", "url": url, "port": local.port(), "pid": std::process::id() });
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{ready}").and_then(|()| out.flush());
+    }
     tracing::info!(%url, "ready");
 
     let watched = engine.config.managed.watch_pid;
@@ -551,7 +554,11 @@ async fn supervise(args: SuperviseArgs) -> ExitCode {
     let report = |status: &synchrony::supervisor::Status| {
         let mut event = serde_json::to_value(status).unwrap_or_default();
         event["event"] = "status".into();
-        println!("{event}");
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{event}").and_then(|()| out.flush());
+        }
         if let Some(path) = &args.status_file {
             let tmp = path.with_extension("tmp");
             let written =
