@@ -59,5 +59,8 @@ log "installing the JavaScript test clients (npm ci)"
 log "building"
 cargo build --workspace --bins --locked
 
-log "running the tests"
+log "building and testing the TypeScript client (client-js) against the engine"
+(cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test)
+
+log "running the Rust tests"
 cargo test --workspace --locked

@@ -62,6 +62,14 @@ push('query_awareness', frame((e) => { encoding.writeVarUint(e, MSG_QUERY_AWAREN
 push('auth_permission_denied', frame((e) => { encoding.writeVarUint(e, MSG_AUTH); authProtocol.writePermissionDenied(e, 'read-only document') }),
   { reason: 'read-only document' })
 
+// Our extension, framed by lib0 like every y-sync message: varUint(100) • varByteArray(varUint(n)).
+push('persisted_ack', frame((e) => {
+  encoding.writeVarUint(e, 100)
+  const body = encoding.createEncoder()
+  encoding.writeVarUint(body, 300)
+  encoding.writeVarUint8Array(e, encoding.toUint8Array(body))
+}), { through: 300 })
+
 const out = new URL('../../protocol/tests/golden.json', import.meta.url)
 writeFileSync(fileURLToPath(out), JSON.stringify({ generator: 'tests/js/golden.mjs', yjs: '13.6.33', 'y-protocols': '1.0.7', vectors }, null, 2) + '\n')
 console.log(`wrote ${vectors.length} vectors to ${fileURLToPath(out)}`)
