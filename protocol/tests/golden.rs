@@ -100,7 +100,10 @@ fn vectors_carry_the_expected_content() {
             }
             ("persisted_ack", Message::Custom(tag, body)) => {
                 assert_eq!(tag, synchrony_protocol::ext::MSG_PERSISTED);
-                assert_eq!(synchrony_protocol::ext::decode_persisted(&body), v.fields["through"].as_u64());
+                assert_eq!(
+                    synchrony_protocol::ext::decode_persisted(&body),
+                    v.fields["through"].as_u64()
+                );
                 assert_eq!(synchrony_protocol::ext::encode_persisted(300), v.bytes);
             }
             (name, other) => panic!("{name}: unexpected message {other:?}"),
