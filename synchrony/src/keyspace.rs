@@ -400,7 +400,7 @@ pub fn resolve(
 
     // Flags go right after the subcommand (or the program name when it is implied).
     let mut args = kept;
-    let at = subcommand_position(command, &args)
+    let at = subcommand_position(&args)
         .map_or(1, |p| p + 1)
         .min(args.len());
     for (n, flag) in flags.into_iter().enumerate() {
@@ -410,9 +410,8 @@ pub fn resolve(
     Ok(resolved)
 }
 
-/// Index of the subcommand name in `args`, if one is given.
-fn subcommand_position(command: &Command, args: &[String]) -> Option<usize> {
-    let _ = command;
+/// Index of the subcommand name in `args`: the first argument that is not a flag.
+fn subcommand_position(args: &[String]) -> Option<usize> {
     args.iter()
         .skip(1)
         .position(|a| !a.starts_with('-'))
