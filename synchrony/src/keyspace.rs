@@ -400,7 +400,7 @@ pub fn resolve(
 
     // Flags go right after the subcommand (or the program name when it is implied).
     let mut args = kept;
-    let at = subcommand_position(&args)
+    let at = subcommand_position(command, &args)
         .map_or(1, |p| p + 1)
         .min(args.len());
     for (n, flag) in flags.into_iter().enumerate() {
@@ -410,11 +410,12 @@ pub fn resolve(
     Ok(resolved)
 }
 
-/// Index of the subcommand name in `args`: the first argument that is not a flag.
-fn subcommand_position(args: &[String]) -> Option<usize> {
+/// Index of the subcommand's name in `args` (a flag's value never matches it by accident,
+/// unlike "the first argument that is not a flag").
+fn subcommand_position(command: &Command, args: &[String]) -> Option<usize> {
     args.iter()
         .skip(1)
-        .position(|a| !a.starts_with('-'))
+        .position(|a| a == command.get_name())
         .map(|p| p + 1)
 }
 
@@ -608,6 +609,17 @@ mod tests {
         e.remove("SYNCHRONY_PROPERTIES_FILE");
         let r = resolve(&serve(), &argv(&["synchrony", "serve"]), &e, file).unwrap();
         assert_eq!(port(&r), None, "default");
+    }
+
+    #[test]
+    fn flags_land_after_the_subcommand_even_behind_a_global_flag_value() {
+        let e = env(&[("synchrony.port", "7")]);
+        let args = argv(&["synchrony", "--log-format", "json", "serve"]);
+        let r = resolve(&serve(), &args, &e, no_file).unwrap();
+        assert_eq!(
+            r.args,
+            vec!["synchrony", "--log-format", "json", "serve", "--port=7"]
+        );
     }
 
     #[test]

@@ -194,7 +194,7 @@ const SUBCOMMANDS: &[&str] = &["serve", "migrate", "token", "config", "supervise
 
 /// Resolves Synchrony's key forms into flags, then parses. Exits with the configuration code
 /// (naming the key and where its value came from) on a bad value.
-fn parse_cli() -> (Cli, Resolved) {
+fn parse_cli() -> (Cli, Resolved, clap::ArgMatches) {
     let mut argv: Vec<String> = std::env::args().collect();
     // `serve` is implied, as when a launcher runs `synchrony -Xmx2g synchrony.core sql`.
     if !argv.iter().skip(1).any(|a| {
@@ -253,24 +253,20 @@ fn parse_cli() -> (Cli, Resolved) {
         }
     };
     match Cli::from_arg_matches(&matches) {
-        Ok(cli) => (cli, resolved),
+        Ok(cli) => (cli, resolved, matches),
         Err(error) => error.exit(),
     }
 }
 
 /// `synchrony config`: every key of `serve`, its value and where it came from.
-fn print_config(resolved: &Resolved) -> ExitCode {
+fn print_config(resolved: &Resolved, top: &clap::ArgMatches) -> ExitCode {
     let mut command = Cli::command();
     command.build();
-    let Some(serve) = command.find_subcommand("config").cloned() else {
+    let (Some(serve), Some(matches)) = (
+        command.find_subcommand("config").cloned(),
+        top.subcommand_matches("config"),
+    ) else {
         return ExitCode::FAILURE;
-    };
-    let matches = match serve
-        .clone()
-        .try_get_matches_from(resolved.args.iter().skip(1))
-    {
-        Ok(m) => m,
-        Err(e) => e.exit(),
     };
     for key in &resolved.keys {
         let Some(arg) = serve
@@ -307,7 +303,7 @@ fn print_config(resolved: &Resolved) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let (cli, resolved) = parse_cli();
+    let (cli, resolved, matches) = parse_cli();
     let target = match &cli.command {
         Some(Command::Serve(config)) => {
             match (config.managed.log_dir(), config.managed.watch_pid) {
@@ -333,7 +329,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Some(Command::Migrate(store)) => migrate(store).await,
         Some(Command::Serve(config)) => serve(*config).await,
-        Some(Command::Config(_)) => print_config(&resolved),
+        Some(Command::Config(_)) => print_config(&resolved, &matches),
         Some(Command::Supervise(args)) => supervise(args).await,
         Some(Command::Token(args)) => match mint(*args).await {
             Ok(token) => {
