@@ -635,11 +635,7 @@ impl DocActor {
                 let _ = reply.send(self.read(text_root.as_deref()));
             }
             DocCommand::Apply { update, reply } => match self.apply(&update) {
-                Ok(outcome) => {
-                    self.publish(outcome, None).await;
-                    self.waiting.push((self.submitted, reply));
-                    self.on_durable();
-                }
+                Ok(outcome) => self.publish_and_answer(outcome, reply).await,
                 Err(rejection) => {
                     let error = match rejection {
                         Rejection::TooLarge => DocError::TooLarge,
@@ -678,15 +674,24 @@ impl DocActor {
                     broadcast: Some(update.clone()),
                     persist: Some(update),
                 };
-                self.publish(outcome, None).await;
-                self.waiting.push((self.submitted, reply));
-                self.on_durable();
+                self.publish_and_answer(outcome, reply).await;
             }
             DocCommand::Delete { reply } => {
                 let result = self.delete().await;
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Publishes a REST change and answers its caller once everything up to it is durable.
+    async fn publish_and_answer(
+        &mut self,
+        outcome: Applied,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    ) {
+        self.publish(outcome, None).await;
+        self.waiting.push((self.submitted, reply));
+        self.on_durable();
     }
 
     /// Fans an applied update out to every connection but its origin and hands it to the

@@ -318,14 +318,15 @@ pub fn resolve(
             })
             .or_else(|| {
                 // Environment: the dotted key, its UPPER_SNAKE forms, then the reza aliases.
-                let mut candidates = vec![key.key.clone()];
-                candidates.extend(key.env.iter().cloned());
-                candidates.push(upper_snake(&key.key));
-                if let Some(a) = alias(&key.key) {
-                    candidates.push(upper_snake(&a));
-                    candidates.insert(candidates.len() - 1, a);
-                }
-                candidates.into_iter().find_map(|n| {
+                let reza = alias(&key.key);
+                let candidates = [
+                    Some(key.key.clone()),
+                    key.env.clone(),
+                    Some(upper_snake(&key.key)),
+                    reza.clone(),
+                    reza.as_deref().map(upper_snake),
+                ];
+                candidates.into_iter().flatten().find_map(|n| {
                     env.get(&n)
                         .filter(|v| !v.is_empty())
                         .map(|v| (v.clone(), Source::Environment(n)))

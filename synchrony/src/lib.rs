@@ -172,13 +172,6 @@ impl Engine {
         Ok(())
     }
 
-    /// [`Engine::new`] then [`Engine::initialize`].
-    pub async fn start(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
-        let engine = Self::new(config)?;
-        engine.initialize().await?;
-        Ok(engine)
-    }
-
     /// Storage migrated and the node not shutting down: it accepts clients.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.cancel.is_cancelled()

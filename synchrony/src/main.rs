@@ -315,10 +315,10 @@ async fn main() -> ExitCode {
         _ => LogTarget::Stderr,
     };
     // Managed: JSON lines, unless the host asked for text explicitly.
-    let format = match (
-        &target,
-        std::env::args().any(|a| a.starts_with("--log-format")),
-    ) {
+    // Any source counts (flag, -D, environment, properties file), not only the command line.
+    let chosen =
+        matches.value_source("log_format") != Some(clap::parser::ValueSource::DefaultValue);
+    let format = match (&target, chosen) {
         (LogTarget::Stdout, false) => LogFormat::Json,
         _ => cli.log_format,
     };

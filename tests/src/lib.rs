@@ -163,7 +163,8 @@ impl EngineProcess {
 
     /// GET over plain HTTP/1.1; returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.port, &format!("/synchrony{path}")).await
+        let response = http(self.port, "GET", &format!("/synchrony{path}"), &[], &[]).await;
+        (response.status, response.text())
     }
 
     /// A request under the context path, with a bearer token when given.
@@ -266,12 +267,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// Minimal HTTP GET (keeps the harness free of an HTTP client dependency).
-pub async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let response = http(port, "GET", path, &[], &[]).await;
-    (response.status, response.text())
-}
-
 /// An HTTP response as the harness reads it.
 #[derive(Debug)]
 pub struct HttpResponse {
@@ -295,7 +290,8 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection (axum answers with a content length).
+/// One HTTP/1.1 request over a fresh connection (axum answers with a content length); keeps the
+/// harness free of an HTTP client dependency.
 pub async fn http(
     port: u16,
     method: &str,

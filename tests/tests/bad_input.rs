@@ -162,7 +162,6 @@ async fn an_update_past_the_document_size_limit_is_refused_with_4413() {
         .await;
     let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
     assert!(stored.len() <= 200_000, "stored {} bytes", stored.len());
-    let _ = (&mut writer, &mut third);
 }
 
 #[tokio::test]

@@ -12,11 +12,14 @@ async fn y_websocket_clients_converge_share_presence_and_bring_offline_edits() {
     assert_eq!(result["ok"], true);
     let text = result["text"].as_str().unwrap();
     assert!(text.starts_with("OFFLINE;"), "{text}");
+    // Round 19's inserts are the last text edits, so every client's (the leaver's too) is intact,
+    // and every client's own map key holds its last round.
     for i in 0..4 {
         assert!(
-            text.contains(&format!("c{i}r19;")) || i == 3 || text.contains(&format!("c{i}r")),
-            "{text}"
+            text.contains(&format!("c{i}r19;")),
+            "c{i}'s last edit is missing: {text}"
         );
+        assert_eq!(result["map"][format!("own-{i}")], 19, "{}", result["map"]);
     }
     assert_eq!(result["map"]["offline"], true);
 

@@ -150,7 +150,6 @@ async fn heartbeat_health_and_graceful_shutdown() {
         }
     }
     assert_eq!(ended, Some(Some(1012)));
-    let _ = Ended::Dropped;
 }
 
 #[tokio::test]
