@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use synchrony_protocol::DocId;
+use synchrony_protocol::{CloseCode, DocId};
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::doc::{DocCommand, DocError, JoinError};
@@ -278,7 +278,7 @@ async fn websocket(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Query(params): Query<SessionParams>,
-    Caller(principal): Caller,
+    caller: Result<Caller, ApiError>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // The id is checked first, so a bad one gets the same answer with or without an upgrade.
@@ -286,14 +286,42 @@ async fn websocket(
     if !engine.is_ready() {
         return Err(ApiError::Unavailable("not ready"));
     }
-    // Refused before the upgrade with a status (401/403); browsers see a failed connection and
-    // the JSON body is there for other clients and for logs.
-    let access = principal
-        .access_to(&doc)
-        .ok_or(ApiError::Auth(AuthError::Forbidden))?;
+    let admitted = match caller {
+        Ok(Caller(principal)) => match principal.access_to(&doc) {
+            Some(access) => Ok((principal, access)),
+            None => Err(AuthError::Forbidden),
+        },
+        Err(ApiError::Auth(refusal)) => Err(refusal),
+        Err(other) => return Err(other),
+    };
     let ws = match ws {
         Ok(ws) => ws,
-        Err(rejection) => return Ok(rejection.into_response()),
+        Err(rejection) => {
+            return match admitted {
+                Ok(_) => Ok(rejection.into_response()),
+                Err(refusal) => Err(ApiError::Auth(refusal)),
+            }
+        }
+    };
+    let (principal, access) = match admitted {
+        Ok(admitted) => admitted,
+        // Browsers see a refused upgrade only as a failed connection (1006), so clients that
+        // speak our extensions are refused in band: accepted, then closed with 4401/4403 and
+        // the refusal's type as the reason. Others get the HTTP status and a JSON body.
+        Err(refusal) if params.wants_persisted_ack() => {
+            let code = if refusal.is_forbidden() {
+                CloseCode::FORBIDDEN
+            } else {
+                CloseCode::UNAUTHENTICATED
+            };
+            tracing::debug!(%refusal, "refusing a WebSocket in band");
+            return Ok(ws
+                .on_upgrade(move |socket| async move {
+                    session::refuse(engine, socket, code, refusal.kind()).await
+                })
+                .into_response());
+        }
+        Err(refusal) => return Err(ApiError::Auth(refusal)),
     };
     match engine.placement.owner(&doc) {
         Owner::Local => {}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use synchrony_protocol::{decode_frame, CloseCode, DocId};
 use tokio::time::{timeout, Instant};
@@ -184,21 +185,46 @@ pub async fn run(
     let _ = link.send(DocCommand::Leave { conn_id }).await;
     if let Some((code, reason)) = close {
         tracing::debug!(code = code.0, %reason, "closing the connection");
-        if timeout(write_timeout, sink.send(close_frame(code, reason)))
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
-            // Complete the closing handshake: dropping the socket with unread data would reset
-            // the connection, and a client reading late would lose the close code with it.
-            let _ = timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
-                while let Some(Ok(message)) = stream.next().await {
-                    if matches!(message, WsMessage::Close(_)) {
-                        break;
-                    }
+        close_with_handshake(&mut sink, &mut stream, code, reason, write_timeout).await;
+    }
+}
+
+/// Accepts a socket only to close it with `code`: how clients that cannot read an HTTP status
+/// (browsers) learn why they were refused.
+pub async fn refuse(engine: Arc<Engine>, socket: WebSocket, code: CloseCode, reason: &str) {
+    let (mut sink, mut stream) = socket.split();
+    let write_timeout = engine.config.timing.write_timeout();
+    close_with_handshake(
+        &mut sink,
+        &mut stream,
+        code,
+        reason.to_owned(),
+        write_timeout,
+    )
+    .await;
+}
+
+/// Sends a close frame, then completes the closing handshake: dropping the socket with unread
+/// data would reset the connection, and a client reading late would lose the close code with it.
+async fn close_with_handshake(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    stream: &mut SplitStream<WebSocket>,
+    code: CloseCode,
+    reason: String,
+    write_timeout: Duration,
+) {
+    if timeout(write_timeout, sink.send(close_frame(code, reason)))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        let _ = timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, WsMessage::Close(_)) {
+                    break;
                 }
-            })
-            .await;
-        }
+            }
+        })
+        .await;
     }
 }
 

@@ -85,6 +85,41 @@ async fn ws_outcome(engine: &EngineProcess, doc: &str, token: Option<&str>) -> (
     }
 }
 
+/// What a client that speaks our extensions (`ack=persisted`) sees: it is always upgraded, and a
+/// refusal arrives in band as a close code and reason (0 = admitted: it was answered).
+async fn ws_in_band(engine: &EngineProcess, doc: &str, token: Option<&str>) -> (u16, String) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let query = match token {
+        Some(t) => format!("ack=persisted&token={t}"),
+        None => "ack=persisted".to_owned(),
+    };
+    let mut raw = RawClient::connect(&engine.ws_url(doc, &query))
+        .await
+        .expect("a client asking for extensions is upgraded even when refused");
+    let hello = Message::Sync(SyncMessage::SyncStep1(yrs::StateVector::default()));
+    // A refused socket may already be closing; the answer below is what counts.
+    let _ = raw
+        .ws
+        .send(WsMessage::Binary(
+            synchrony_protocol::encode_message(&hello).into(),
+        ))
+        .await;
+    loop {
+        match tokio::time::timeout(WAIT, raw.ws.next()).await {
+            Err(_) => panic!("no answer and no close within {WAIT:?}"),
+            Ok(Some(Ok(WsMessage::Binary(_)))) => return (0, String::new()),
+            Ok(Some(Ok(WsMessage::Close(Some(frame))))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Ok(Some(Ok(WsMessage::Close(None))) | Some(Err(_)) | None) => {
+                panic!("connection ended without a close code")
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_token_matrix_on_the_websocket_and_rest() {
     let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
@@ -155,6 +190,16 @@ async fn the_token_matrix_on_the_websocket_and_rest() {
             ws_outcome(&engine, doc, token.as_deref()).await,
             (*status, kind.to_string()),
             "WebSocket: {name}"
+        );
+        let in_band = match status {
+            200 => 0,
+            401 => 4401,
+            _ => 4403,
+        };
+        assert_eq!(
+            ws_in_band(&engine, doc, token.as_deref()).await,
+            (in_band, kind.to_string()),
+            "WebSocket with extensions: {name}"
         );
         let rest = engine
             .request("GET", &format!("/v1/data/{doc}"), token.as_deref(), b"")
