@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine.
 #
-# Needs: the Rust toolchain, Node.js 20 with npm. PostgreSQL is used at 127.0.0.1:5432 when it
+# Needs: the Rust toolchain, Node.js 20 with npm. Chromium is installed from Debian if missing
+# (the demo page's browser test). PostgreSQL is used at 127.0.0.1:5432 when it
 # answers; otherwise a private cluster is created in a temporary directory on a free port (the
 # Debian packages are installed first if missing; SYNCHRONY_TEST_PRIVATE_PG=1 forces this path).
 # Everything started here is stopped on exit.
@@ -59,8 +60,11 @@ log "installing the JavaScript test clients (npm ci)"
 log "building"
 cargo build --workspace --bins --locked
 
-log "building and testing the TypeScript client (client-js) against the engine"
-(cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test)
+# The demo page's browser test drives Debian's Chromium.
+command -v chromium >/dev/null 2>&1 || ensure_apt chromium
+
+log "building and testing the TypeScript client (client-js) and the demo page against the engine"
+(cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm run check:demo && npm test)
 
 log "running the Rust tests"
 cargo test --workspace --locked

@@ -39,14 +39,21 @@ export function backoffDelay (attempt: number, minMs: number, maxMs: number, ran
   return Math.round(base * (0.5 + random()))
 }
 
-/** The `exp` claim of a JWT, in ms since the epoch, or undefined. The token is not verified. */
-export function tokenExpiry (token: string): number | undefined {
+/** The claims of a JWT, or undefined when it is not one. The token is not verified. */
+export function tokenClaims (token: string): Record<string, unknown> | undefined {
   const payload = token.split('.')[1]
   if (!payload) return undefined
   try {
-    const json = JSON.parse(globalThis.atob(payload.replace(/-/g, '+').replace(/_/g, '/')))
-    return typeof json.exp === 'number' ? json.exp * 1000 : undefined
+    const binary = globalThis.atob(payload.replace(/-/g, '+').replace(/_/g, '/'))
+    const json: unknown = JSON.parse(new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))))
+    return typeof json === 'object' && json !== null && !Array.isArray(json) ? json as Record<string, unknown> : undefined
   } catch {
     return undefined
   }
+}
+
+/** The `exp` claim of a JWT, in ms since the epoch, or undefined. The token is not verified. */
+export function tokenExpiry (token: string): number | undefined {
+  const exp = tokenClaims(token)?.exp
+  return typeof exp === 'number' ? exp * 1000 : undefined
 }

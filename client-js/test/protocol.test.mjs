@@ -6,7 +6,7 @@ import * as Y from 'yjs'
 import * as encoding from 'lib0/encoding'
 import * as decoding from 'lib0/decoding'
 import * as awarenessProtocol from 'y-protocols/awareness'
-import { backoffDelay, isPermanent, tokenExpiry, encodePersisted, MSG_PERSISTED } from '../dist/index.js'
+import { backoffDelay, isPermanent, tokenClaims, tokenExpiry, encodePersisted, MSG_PERSISTED } from '../dist/index.js'
 
 const golden = JSON.parse(readFileSync(new URL('../../protocol/tests/golden.json', import.meta.url)))
 const bytes = (hex) => Uint8Array.from(Buffer.from(hex, 'hex'))
@@ -29,6 +29,15 @@ test('token expiry is read from the payload', () => {
   assert.equal(tokenExpiry(`x.${payload}.y`), 1800000000 * 1000)
   assert.equal(tokenExpiry('not-a-token'), undefined)
   assert.equal(tokenExpiry('x.!!!.y'), undefined)
+})
+
+test('token claims decode UTF-8 and refuse what is not an object', () => {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url')
+  const claims = tokenClaims(`x.${b64({ session: { fullname: 'Zoë Ångström 漢字' } })}.y`)
+  assert.equal(claims.session.fullname, 'Zoë Ångström 漢字')
+  assert.equal(tokenClaims(`x.${b64([1, 2])}.y`), undefined)
+  assert.equal(tokenClaims(`x.${b64('text')}.y`), undefined)
+  assert.equal(tokenClaims('x'), undefined)
 })
 
 test('golden vectors decode and re-encode byte for byte', () => {

@@ -331,6 +331,10 @@ pub struct ServeConfig {
     )]
     pub context_path: String,
 
+    /// Serve the demo editor page at `{ctx}/demo/`.
+    #[arg(long = "demo-enabled", env = "SYNCHRONY_DEMO_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo_enabled: bool,
+
     #[command(flatten)]
     pub store: StoreConfig,
 

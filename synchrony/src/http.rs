@@ -106,8 +106,13 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
             "/v1/data/{*doc}",
             get(read_doc).put(write_doc).delete(delete_doc),
         )
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(engine);
+        .layer(DefaultBodyLimit::max(body_limit));
+    let inner = if engine.config.demo_enabled {
+        inner.merge(crate::demo::routes())
+    } else {
+        inner
+    };
+    let inner = inner.with_state(engine);
     if context_path.is_empty() {
         inner
     } else {

@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod doc;
 pub mod gate;
 pub mod http;

@@ -492,13 +492,17 @@ async fn serve(config: ServeConfig) -> ExitCode {
     };
     // One machine-readable line on stdout: hosts and tests learn the real port here. A host that
     // closed our stdout gets no line, and no panic either.
-    let ready = serde_json::json!({ "event": "ready", "url": url, "port": local.port(), "pid": std::process::id() });
+    let demo = engine.config.demo_enabled.then(|| format!("{url}/demo/"));
+    let ready = serde_json::json!({ "event": "ready", "url": url, "port": local.port(), "pid": std::process::id(), "demo": demo });
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{ready}").and_then(|()| out.flush());
     }
-    tracing::info!(%url, "ready");
+    match &demo {
+        Some(demo) => tracing::info!(%url, %demo, "ready"),
+        None => tracing::info!(%url, "ready"),
+    }
 
     let watched = engine.config.managed.watch_pid;
     let signal_task = {

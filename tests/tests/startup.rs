@@ -546,3 +546,27 @@ async fn synchrony_supervise_restarts_a_killed_engine_and_stops_on_sigterm() {
         "the engine drained and exited 0: {last}"
     );
 }
+
+/// The README's configuration table names every key the engine knows, with its default.
+#[tokio::test]
+async fn the_readme_lists_every_key() {
+    let readme =
+        std::fs::read_to_string(synchrony_tests::workspace_root().join("README.md")).unwrap();
+    let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+    let output = config_output(&[], &[]).await;
+    let mut keys = 0;
+    for entry in output.lines() {
+        let Some(key) = entry.split_whitespace().next() else {
+            continue;
+        };
+        keys += 1;
+        assert!(
+            rows.iter().any(|row| row.contains(&format!("| `{key}` |"))),
+            "README's configuration table has no row for {key}"
+        );
+    }
+    assert!(
+        keys > 30,
+        "synchrony config listed only {keys} keys:\n{output}"
+    );
+}
