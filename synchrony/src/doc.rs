@@ -672,6 +672,7 @@ impl DocActor {
                 self.approx_bytes += update.len();
                 let outcome = Applied {
                     broadcast: Some(update.clone()),
+                    echo: false,
                     persist: Some(update),
                 };
                 self.publish_and_answer(outcome, reply).await;
@@ -699,7 +700,7 @@ impl DocActor {
     async fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
         if let Some(update) = outcome.broadcast {
             let f = frame(&Message::Sync(SyncMessage::Update(update)));
-            self.broadcast(&f, origin);
+            self.broadcast(&f, if outcome.echo { None } else { origin });
         }
         if let Some(persist) = outcome.persist {
             self.persist(persist).await;
@@ -863,12 +864,13 @@ impl DocActor {
         let doc = self.awareness.doc();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let mut txn = doc.transact_mut();
+            let had_pending = txn.has_missing_updates();
             txn.apply_update(update).map_err(|e| e.to_string())?;
             let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
             let encoded = changed.then(|| txn.encode_update_v1());
-            Ok::<_, String>((encoded, txn.has_missing_updates()))
+            Ok::<_, String>((encoded, txn.has_missing_updates(), had_pending))
         }));
-        let (encoded, missing) = match result {
+        let (encoded, missing, had_pending) = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(Rejection::Poisoned(e)),
             Err(_) => return Err(Rejection::Poisoned("yrs panicked".into())),
@@ -885,6 +887,9 @@ impl DocActor {
             self.approx_bytes += p.len();
         }
         Ok(Applied {
+            // Structs that waited for this update may have come from other connections: then
+            // the transaction holds more than its origin sent, and the origin gets it too.
+            echo: had_pending && encoded.is_some(),
             broadcast: encoded,
             persist,
         })
@@ -1168,5 +1173,7 @@ fn root_json<T: ReadTxn>(value: &yrs::Out, txn: &T) -> serde_json::Value {
 
 struct Applied {
     broadcast: Option<Vec<u8>>,
+    /// Send the broadcast to the origin as well.
+    echo: bool,
     persist: Option<Vec<u8>>,
 }

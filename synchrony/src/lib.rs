@@ -187,6 +187,14 @@ impl Engine {
     pub async fn serve(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let ctx = self.config.normalized_context_path().unwrap_or_default();
         let app = http::router(self.clone(), &ctx);
+        // Without TCP_NODELAY a small update written while the previous one is unacknowledged
+        // waits for the peer's delayed ACK: milliseconds per hop for editors taking turns.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set");
+            }
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(self.cancel.clone().cancelled_owned())
             .await
@@ -206,5 +214,19 @@ impl Engine {
         self.persist_stop.cancel();
         self.persist_tracker.close();
         self.persist_tracker.wait().await;
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit, since every connection is a socket;
+/// returns the limit now in force.
+pub fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
     }
 }

@@ -458,6 +458,8 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
+    let open_files = synchrony::raise_open_file_limit();
+    tracing::debug!(open_files, "open-file limit");
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(error) => {

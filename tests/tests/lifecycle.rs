@@ -255,3 +255,43 @@ async fn the_memory_bound_refuses_new_documents_until_others_unload() {
 }
 
 const JOIN_BUSY: &str = "server busy (memory bound reached or document being deleted); try again";
+
+/// One author's updates dealt to two connections out of order (as a trace replayed through
+/// several connections does): the engine holds the early one until its predecessor arrives, and
+/// then both connections must get everything, the one that sent the predecessor included.
+#[tokio::test]
+async fn updates_ahead_of_their_predecessors_reach_every_client() {
+    use yrs::{GetString, Text, Transact};
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let author = yrs::Doc::with_client_id(99);
+    let text = author.get_or_insert_text("content");
+    let mut updates = Vec::new();
+    for word in ["one ", "two ", "three "] {
+        let mut t = author.transact_mut();
+        let len = text.len(&t);
+        text.insert(&mut t, len, word);
+        updates.push(t.encode_update_v1());
+    }
+    let mut a = YClient::synced(&engine, "app/out-of-order", false).await;
+    let mut b = YClient::synced(&engine, "app/out-of-order", false).await;
+    // b sends the second and third before a sends the first they depend on.
+    b.send_update(updates[1].clone()).await;
+    b.send_update(updates[2].clone()).await;
+    a.drain(std::time::Duration::from_millis(200)).await;
+    a.send_update(updates[0].clone()).await;
+    let want = "one two three ";
+    for (name, client) in [("a", &mut a), ("b", &mut b)] {
+        client
+            .wait_until(&format!("{name} to have the whole text"), |c| {
+                c.doc
+                    .get_or_insert_text("content")
+                    .get_string(&c.doc.transact())
+                    == want
+            })
+            .await;
+    }
+    let mut fresh = YClient::synced(&engine, "app/out-of-order", false).await;
+    fresh
+        .wait_until("a fresh client to have it", |c| c.text() == want)
+        .await;
+}

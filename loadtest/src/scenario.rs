@@ -1,0 +1,867 @@
+//! The scenarios. Each is bounded in time and count, seeded, and reports what it measured.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use synchrony_protocol::{Message, SyncMessage};
+use tokio::sync::Semaphore;
+use yrs::{GetString, ReadTxn, Text, Transact};
+
+use crate::probe::{Probes, Usages};
+use crate::report::{histogram, Latency};
+use crate::target::{apply, Conn, Target};
+
+/// What every scenario needs.
+pub struct Run {
+    pub target: Target,
+    pub server_pid: Option<u32>,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections opened at once while setting up.
+const CONNECT_CONCURRENCY: usize = 128;
+
+fn bar(run: &Run, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !run.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Opens `count` connections (document of connection i: `doc_of(i)`), a bounded number at once.
+async fn connect_all(
+    run: &Run,
+    count: usize,
+    doc_of: impl Fn(usize) -> String,
+) -> Result<Vec<Conn>> {
+    let progress = bar(run, count as u64, "connecting");
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let (target, doc, gate, progress) = (
+            run.target.clone(),
+            doc_of(i),
+            gate.clone(),
+            progress.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let conn = Conn::join(&target, &doc, None, JOIN_TIMEOUT).await;
+            progress.inc(1);
+            conn
+        }));
+    }
+    let mut conns = Vec::with_capacity(count);
+    for task in tasks {
+        conns.push(task.await??);
+    }
+    progress.finish_and_clear();
+    Ok(conns)
+}
+
+// ---------------------------------------------------------------------------------------------
+// fanout
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct FanoutOptions {
+    /// Documents.
+    #[arg(long, default_value_t = 100)]
+    pub docs: usize,
+    /// Clients per document.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Updates per second, over all clients.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup_secs: f64,
+    #[arg(long, default_value_t = 20.0)]
+    pub duration_secs: f64,
+    /// After the last edit, how long deliveries are still awaited.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    pub options: FanoutOptions,
+    pub connections: usize,
+    pub connect_secs: f64,
+    /// Edit → arrival at each other client of the document, for edits made after the warm-up.
+    pub latency: Latency,
+    pub updates_sent: u64,
+    pub updates_in_per_sec: f64,
+    pub messages_out_per_sec: f64,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub missing_deliveries: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    pub usage: Usages,
+}
+
+/// Marks an edit: `\x01` + 12 hex digits of µs since the run began + 4 of the sender + 8 of its
+/// sequence number + `\x02`. Every server forwards an update's inserted text verbatim, so
+/// receivers find it in the raw frame without decoding.
+const MARK_LEN: usize = 26;
+
+fn mark(micros: u64, sender: usize, seq: u64) -> String {
+    format!("\u{1}{micros:012x}{sender:04x}{seq:08x}\u{2}")
+}
+
+fn hex(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+}
+
+/// The marks in a frame: (µs, sender, seq).
+fn marks(frame: &[u8]) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
+    frame.windows(MARK_LEN).filter_map(|w| {
+        if w[0] != 1 || w[MARK_LEN - 1] != 2 {
+            return None;
+        }
+        Some((
+            hex(&w[1..13])?,
+            usize::try_from(hex(&w[13..17])?).ok()?,
+            hex(&w[17..25])?,
+        ))
+    })
+}
+
+struct FanoutShared {
+    epoch: Instant,
+    warmup_us: u64,
+    send_end_us: u64,
+    histograms: Vec<Mutex<Histogram<u64>>>,
+    sent_measured: AtomicU64,
+    sent: AtomicU64,
+    deliveries: AtomicU64,
+    frames_measured: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl FanoutShared {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> {
+    if options.docs == 0 || options.clients < 2 || options.rate <= 0.0 {
+        bail!("fanout needs at least 1 document, 2 clients per document and a positive rate");
+    }
+    let total = options.docs * options.clients;
+    let doc_name = |d: usize| format!("fanout-{}-{d}", run.seed);
+    let started = Instant::now();
+    let conns = connect_all(run, total, |i| doc_name(i / options.clients)).await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+
+    let shared = Arc::new(FanoutShared {
+        epoch: Instant::now(),
+        warmup_us: (options.warmup_secs * 1e6) as u64,
+        send_end_us: ((options.warmup_secs + options.duration_secs) * 1e6) as u64,
+        histograms: (0..16).map(|_| Mutex::new(histogram())).collect(),
+        sent_measured: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        frames_measured: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+    });
+    let period = Duration::from_secs_f64(total as f64 / options.rate);
+    let end =
+        Duration::from_secs_f64(options.warmup_secs + options.duration_secs + options.drain_secs);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(run.seed);
+    let mut tasks = Vec::with_capacity(total);
+    for (i, conn) in conns.into_iter().enumerate() {
+        let phase = period.mul_f64(rng.random::<f64>());
+        let shared = shared.clone();
+        let clients = options.clients;
+        let target = run.target.clone();
+        tasks.push(tokio::spawn(fanout_client(
+            conn, target, i, clients, phase, period, end, shared,
+        )));
+    }
+    let progress = bar(run, end.as_secs(), "fanout");
+    let ticker = {
+        let (progress, epoch) = (progress.clone(), shared.epoch);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                progress.set_position(epoch.elapsed().as_secs());
+            }
+        })
+    };
+    // Server and harness usage over the measured period only.
+    let at =
+        |secs: f64| tokio::time::Instant::from_std(shared.epoch + Duration::from_secs_f64(secs));
+    tokio::time::sleep_until(at(options.warmup_secs)).await;
+    let probes = Probes::start(run.server_pid);
+    tokio::time::sleep_until(at(options.warmup_secs + options.duration_secs)).await;
+    let usage = probes.finish();
+    for task in tasks {
+        task.await?;
+    }
+    ticker.abort();
+    progress.finish_and_clear();
+
+    let mut merged = histogram();
+    for h in &shared.histograms {
+        if let Ok(h) = h.lock() {
+            let _ = merged.add(&*h);
+        }
+    }
+    let sent_measured = shared.sent_measured.load(Relaxed);
+    let expected = sent_measured * (options.clients as u64 - 1);
+    let deliveries = shared.deliveries.load(Relaxed);
+    Ok(FanoutResult {
+        options: options.clone(),
+        connections: total,
+        connect_secs,
+        latency: Latency::of(&merged),
+        updates_sent: shared.sent.load(Relaxed),
+        updates_in_per_sec: sent_measured as f64 / options.duration_secs,
+        messages_out_per_sec: shared.frames_measured.load(Relaxed) as f64 / options.duration_secs,
+        expected_deliveries: expected,
+        deliveries,
+        missing_deliveries: expected.saturating_sub(deliveries),
+        errors: shared.errors.load(Relaxed),
+        reconnects: shared.reconnects.load(Relaxed),
+        usage,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout_client(
+    mut conn: Conn,
+    target: Target,
+    index: usize,
+    clients: usize,
+    phase: Duration,
+    period: Duration,
+    end: Duration,
+    shared: Arc<FanoutShared>,
+) {
+    let me = index % clients;
+    let doc = yrs::Doc::with_client_id(index as u64 + 1);
+    let text = doc.get_or_insert_text("content");
+    let mut last_seen = vec![0u64; clients];
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval_at((shared.epoch + phase).into(), period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = tokio::time::Instant::from_std(shared.epoch + end);
+    let histogram = &shared.histograms[index % shared.histograms.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick(), if shared.now_us() < shared.send_end_us => {
+                seq += 1;
+                let now = shared.now_us();
+                let update = {
+                    let mut t = doc.transact_mut();
+                    let len = text.len(&t);
+                    text.insert(&mut t, len, &mark(now, me, seq));
+                    t.encode_update_v1()
+                };
+                if conn.send(&Message::Sync(SyncMessage::Update(update))).await.is_err() {
+                    shared.errors.fetch_add(1, Relaxed);
+                    match reconnect(&target, &conn.doc, &doc, &shared).await {
+                        Some(c) => conn = c,
+                        None => break,
+                    }
+                    continue;
+                }
+                shared.sent.fetch_add(1, Relaxed);
+                if now >= shared.warmup_us {
+                    shared.sent_measured.fetch_add(1, Relaxed);
+                }
+            }
+            frame = conn.next_frame() => {
+                let now = shared.now_us();
+                let frame = match frame {
+                    Ok(Some(frame)) => frame,
+                    _ => {
+                        shared.errors.fetch_add(1, Relaxed);
+                        match reconnect(&target, &conn.doc, &doc, &shared).await {
+                            Some(c) => { conn = c; continue }
+                            None => break,
+                        }
+                    }
+                };
+                if (shared.warmup_us..shared.send_end_us).contains(&now) {
+                    shared.frames_measured.fetch_add(1, Relaxed);
+                }
+                for (sent_at, sender, s) in marks(&frame) {
+                    if sender == me || sender >= clients || s <= last_seen[sender] {
+                        continue;
+                    }
+                    last_seen[sender] = s;
+                    if sent_at >= shared.warmup_us {
+                        shared.deliveries.fetch_add(1, Relaxed);
+                        if let Ok(mut h) = histogram.lock() {
+                            let _ = h.record(now.saturating_sub(sent_at).max(1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    conn.close().await;
+}
+
+async fn reconnect(
+    target: &Target,
+    doc_name: &str,
+    doc: &yrs::Doc,
+    shared: &FanoutShared,
+) -> Option<Conn> {
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shared.reconnects.fetch_add(1, Relaxed);
+        if let Ok(conn) = Conn::join(target, doc_name, Some(doc), JOIN_TIMEOUT).await {
+            return Some(conn);
+        }
+        shared.errors.fetch_add(1, Relaxed);
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// idle
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct IdleOptions {
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections per document.
+    #[arg(long, default_value_t = 10)]
+    pub per_doc: usize,
+    /// How long the connections sit idle while CPU is measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleResult {
+    pub options: IdleOptions,
+    pub connect_secs: f64,
+    pub server_rss_before_bytes: Option<u64>,
+    pub server_rss_after_bytes: Option<u64>,
+    pub server_bytes_per_connection: Option<f64>,
+    pub dropped: u64,
+    pub usage: Usages,
+}
+
+pub async fn idle(run: &Run, options: &IdleOptions) -> Result<IdleResult> {
+    let per_doc = options.per_doc.max(1);
+    let before = run.server_pid.and_then(crate::probe::rss_bytes);
+    let started = Instant::now();
+    let conns = connect_all(run, options.connections, |i| {
+        format!("idle-{}-{}", run.seed, i / per_doc)
+    })
+    .await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let hold = Duration::from_secs_f64(options.hold_secs);
+    // Every connection keeps reading (answering pings) while idle.
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let dropped = dropped.clone();
+            tokio::spawn(async move {
+                let ended = tokio::time::timeout(hold, async {
+                    while let Ok(Some(_)) = conn.next_frame().await {}
+                })
+                .await;
+                if ended.is_ok() {
+                    dropped.fetch_add(1, Relaxed);
+                }
+                conn
+            })
+        })
+        .collect();
+    // Let the connection burst settle before measuring.
+    tokio::time::sleep(Duration::from_millis(500).min(hold / 4)).await;
+    let probes = Probes::start(run.server_pid);
+    let progress = bar(run, options.hold_secs as u64, "idle");
+    let held = Instant::now();
+    while held.elapsed() < hold.mul_f64(0.7) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        progress.set_position(held.elapsed().as_secs());
+    }
+    let after = run.server_pid.and_then(crate::probe::rss_bytes);
+    let usage = probes.finish();
+    let mut conns = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        conns.push(task.await?);
+    }
+    progress.finish_and_clear();
+    for conn in conns {
+        drop(conn);
+    }
+    Ok(IdleResult {
+        options: options.clone(),
+        connect_secs,
+        server_rss_before_bytes: before,
+        server_rss_after_bytes: after,
+        server_bytes_per_connection: before
+            .zip(after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / options.connections.max(1) as f64),
+        dropped: dropped.load(Relaxed),
+        usage,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// join storm
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct JoinStormOptions {
+    /// Clients joining at once.
+    #[arg(long, default_value_t = 200)]
+    pub clients: usize,
+    /// Size of the document's text, in bytes.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub doc_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinStormResult {
+    pub options: JoinStormOptions,
+    /// Time from the storm's start until each client was synced.
+    pub time_to_sync: Latency,
+    pub all_synced_secs: f64,
+    pub errors: u64,
+    pub usage: Usages,
+}
+
+/// Writes a text of `bytes` bytes into `doc_name` in 64 KiB edits and waits until a fresh client
+/// sees all of it.
+async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<()> {
+    let local = yrs::Doc::with_client_id(u64::from(u32::MAX) + run.seed % 1000);
+    let text = local.get_or_insert_text("content");
+    let mut writer = Conn::join(&run.target, doc_name, Some(&local), JOIN_TIMEOUT).await?;
+    let chunk: String = "lorem ipsum dolor sit amet, ".repeat(2400)[..65_536].to_owned();
+    let mut written = text.len(&local.transact()) as usize;
+    while written < bytes {
+        let piece = &chunk[..(bytes - written).min(chunk.len())];
+        let update = {
+            let mut t = local.transact_mut();
+            let len = text.len(&t);
+            text.insert(&mut t, len, piece);
+            t.encode_update_v1()
+        };
+        writer
+            .send(&Message::Sync(SyncMessage::Update(update)))
+            .await?;
+        written += piece.len();
+    }
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let check = yrs::Doc::new();
+        let checker = Conn::join(&run.target, doc_name, Some(&check), JOIN_TIMEOUT).await?;
+        let have = check.get_or_insert_text("content").len(&check.transact()) as usize;
+        checker.close().await;
+        if have >= bytes {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the server holds {have} of {bytes} bytes of {doc_name} after {JOIN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writer.close().await;
+    Ok(())
+}
+
+pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinStormResult> {
+    let doc_name = format!("storm-{}", run.seed);
+    seed_document(run, &doc_name, options.doc_bytes).await?;
+    let probes = Probes::start(run.server_pid);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..options.clients)
+        .map(|_| {
+            let (target, doc_name) = (run.target.clone(), doc_name.clone());
+            tokio::spawn(async move {
+                let conn = Conn::join(&target, &doc_name, None, JOIN_TIMEOUT).await;
+                (start.elapsed(), conn)
+            })
+        })
+        .collect();
+    let mut h = histogram();
+    let mut errors = 0;
+    let mut conns = Vec::new();
+    for task in tasks {
+        let (took, conn) = task.await?;
+        match conn {
+            Ok(conn) => {
+                let _ = h.record((took.as_micros() as u64).max(1));
+                conns.push(conn);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let all_synced_secs = if h.is_empty() {
+        start.elapsed().as_secs_f64()
+    } else {
+        h.max() as f64 / 1e6
+    };
+    let usage = probes.finish();
+    for conn in conns {
+        conn.close().await;
+    }
+    Ok(JoinStormResult {
+        options: options.clone(),
+        time_to_sync: Latency::of(&h),
+        all_synced_secs,
+        errors,
+        usage,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// trace
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct TraceOptions {
+    /// An editing trace (`.json` or `.json.gz`, josephg/editing-traces format).
+    #[arg(long)]
+    pub trace: std::path::PathBuf,
+    /// Connections the trace's transactions are dealt to, round-robin.
+    #[arg(long, default_value_t = 3)]
+    pub clients: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceResult {
+    pub options: TraceOptions,
+    pub transactions: usize,
+    pub total_secs: f64,
+    pub updates_per_sec: f64,
+    /// Every client ended with the trace's `endContent`.
+    pub clients_exact: bool,
+    /// The engine's stored text equals `endContent` (None: the server has no API to ask).
+    pub storage_exact: Option<bool>,
+    pub usage: Usages,
+}
+
+/// The client id that authors a replayed trace.
+const AUTHOR: yrs::block::ClientID = yrs::block::ClientID::new(7);
+
+/// A trace: its transactions as (position, deleted, inserted) patches, and the final text.
+pub struct Trace {
+    pub txns: Vec<Vec<(u32, u32, String)>>,
+    pub end: String,
+}
+
+pub fn load_trace(path: &Path) -> Result<Trace> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("trace {}", path.display()))?;
+    let mut json = String::new();
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).read_to_string(&mut json)?;
+    } else {
+        std::io::BufReader::new(file).read_to_string(&mut json)?;
+    }
+    let value: serde_json::Value = serde_json::from_str(&json)?;
+    let bad = || anyhow::anyhow!("{}: not an editing trace", path.display());
+    let txns = value["txns"]
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|t| {
+            t["patches"]
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|p| {
+                    Ok((
+                        p[0].as_u64().ok_or_else(bad)? as u32,
+                        p[1].as_u64().ok_or_else(bad)? as u32,
+                        p[2].as_str().ok_or_else(bad)?.to_owned(),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let end = value["endContent"].as_str().ok_or_else(bad)?.to_owned();
+    Ok(Trace { txns, end })
+}
+
+/// The trace as one Yjs update per transaction made by one author, the author's clock after
+/// each, and the author's document.
+pub fn trace_updates(trace: &Trace) -> Result<(Vec<Vec<u8>>, Vec<u32>, yrs::Doc)> {
+    let author = yrs::Doc::with_client_id(AUTHOR.get());
+    let text = author.get_or_insert_text("content");
+    let mut updates = Vec::with_capacity(trace.txns.len());
+    let mut clocks = Vec::with_capacity(trace.txns.len());
+    for txn in &trace.txns {
+        let mut t = author.transact_mut();
+        for (pos, del, ins) in txn {
+            // Positions count code points; yrs counts UTF-8 bytes by default, which equals it for
+            // the ASCII traces this harness ships with.
+            if *del > 0 {
+                text.remove_range(&mut t, *pos, *del);
+            }
+            if !ins.is_empty() {
+                text.insert(&mut t, *pos, ins);
+            }
+        }
+        updates.push(t.encode_update_v1());
+        clocks.push(t.after_state().get(&AUTHOR));
+    }
+    if text.get_string(&author.transact()) != trace.end {
+        bail!("replaying the trace locally does not give its endContent (not an ASCII trace?)");
+    }
+    Ok((updates, clocks, author))
+}
+
+pub async fn trace(run: &Run, options: &TraceOptions) -> Result<TraceResult> {
+    let trace = load_trace(&options.trace)?;
+    let (updates, clocks, author) = trace_updates(&trace)?;
+    let final_clock = author.transact().state_vector().get(&AUTHOR);
+    let clocks = Arc::new(clocks);
+    let end = Arc::new(trace.end.clone());
+    let doc_name = format!("trace-{}", run.seed);
+    let k = options.clients.max(1);
+    let updates = Arc::new(updates);
+    let mut clients = Vec::with_capacity(k);
+    for _ in 0..k {
+        let local = yrs::Doc::new();
+        let conn = Conn::join(&run.target, &doc_name, Some(&local), JOIN_TIMEOUT).await?;
+        clients.push((conn, local));
+    }
+    let probes = Probes::start(run.server_pid);
+    let progress = bar(run, updates.len() as u64, "trace");
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, (conn, local))| {
+            let (updates, clocks, end, progress) = (
+                updates.clone(),
+                clocks.clone(),
+                end.clone(),
+                progress.clone(),
+            );
+            tokio::spawn(trace_client(
+                conn,
+                local,
+                i,
+                k,
+                updates,
+                clocks,
+                final_clock,
+                end,
+                progress,
+            ))
+        })
+        .collect();
+    let mut exact = true;
+    for task in tasks {
+        let text = task.await??;
+        exact &= text == trace.end;
+    }
+    let total = start.elapsed().as_secs_f64();
+    let usage = probes.finish();
+    progress.finish_and_clear();
+    let storage_exact = match run.target.http_base() {
+        Some(base) => {
+            let url = format!("{base}/v1/data/{doc_name}?format=text&name=content");
+            let (status, body) =
+                crate::http::request("GET", &url, run.target.token.as_deref(), &[]).await?;
+            Some(status == 200 && body == trace.end.as_bytes())
+        }
+        None => None,
+    };
+    Ok(TraceResult {
+        options: options.clone(),
+        transactions: updates.len(),
+        total_secs: total,
+        updates_per_sec: updates.len() as f64 / total,
+        clients_exact: exact,
+        storage_exact,
+        usage,
+    })
+}
+
+/// Sends every k-th update, each once it has everything before it (the clients take turns, so
+/// no update reaches anyone ahead of its predecessors), applies everything it receives, and
+/// returns its text once it has the whole trace.
+#[allow(clippy::too_many_arguments)]
+async fn trace_client(
+    conn: Conn,
+    local: yrs::Doc,
+    index: usize,
+    k: usize,
+    updates: Arc<Vec<Vec<u8>>>,
+    clocks: Arc<Vec<u32>>,
+    final_clock: u32,
+    end: Arc<String>,
+    progress: indicatif::ProgressBar,
+) -> Result<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let Conn {
+        mut sink,
+        mut stream,
+        target,
+        doc,
+        ..
+    } = conn;
+    let mut mine = updates.iter().enumerate().skip(index).step_by(k);
+    let mut next = mine.next();
+    let clock = |d: &yrs::Doc| d.transact().state_vector().get(&AUTHOR);
+    // Deletions do not move the clock: once it is complete, the text must match too, or stay
+    // unchanged for a while (then it is reported as differing).
+    let end = end.as_str();
+    let done = |d: &yrs::Doc| {
+        clock(d) >= final_clock && d.get_or_insert_text("content").get_string(&d.transact()) == end
+    };
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(
+            std::env::var("LOADTEST_TRACE_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(600),
+        );
+    while next.is_some() || !done(&local) {
+        tokio::select! {
+            biased;
+            incoming = stream.next() => {
+                match incoming {
+                    Some(Ok(WsMessage::Binary(frame))) => {
+                        if let Some(Message::Sync(SyncMessage::Update(u) | SyncMessage::SyncStep2(u))) = target.decode(&frame)? {
+                            apply(&local, &u)?;
+                        }
+                    }
+                    Some(Ok(WsMessage::Close(_))) | None => bail!("{doc}: connection closed during the trace"),
+                    Some(Err(e)) => bail!("{doc}: {e}"),
+                    Some(Ok(_)) => {}
+                }
+            }
+            sent = async {
+                match next {
+                    Some((i, update)) if i == 0 || clock(&local) >= clocks[i - 1] => {
+                        let frame = target.frame(&doc, &Message::Sync(SyncMessage::Update(update.clone())));
+                        sink.send(WsMessage::Binary(frame.into())).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            } => {
+                sent?;
+                if let Some((_, update)) = next {
+                    apply(&local, update)?;
+                    progress.inc(1);
+                }
+                next = mine.next();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)), if next.is_none() && clock(&local) >= final_clock => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)), if next.is_none() && clock(&local) >= final_clock => break,
+            _ = tokio::time::sleep_until(deadline) => bail!("{doc}: trace not complete in time (client {index} has clock {} of {final_clock})", clock(&local)),
+        }
+    }
+    let text = local
+        .get_or_insert_text("content")
+        .get_string(&local.transact());
+    let _ = sink.close().await;
+    Ok(text)
+}
+
+// ---------------------------------------------------------------------------------------------
+// cold load
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct ColdLoadOptions {
+    /// The trace whose final state is the document.
+    #[arg(long)]
+    pub trace: std::path::PathBuf,
+    /// Cold loads measured (the document unloads between them).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdLoadResult {
+    pub options: ColdLoadOptions,
+    pub state_bytes: usize,
+    pub loads_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub min_ms: f64,
+}
+
+/// Stores the trace's final state through the engine's REST API, then repeatedly waits until the
+/// engine has unloaded it and times a client's join (load from storage + sync).
+pub async fn cold_load(run: &Run, options: &ColdLoadOptions) -> Result<ColdLoadResult> {
+    let Some(base) = run.target.http_base() else {
+        bail!("cold-load needs the engine's REST API (the other servers keep documents only in memory)");
+    };
+    let trace = load_trace(&options.trace)?;
+    let (_, _, author) = trace_updates(&trace)?;
+    let state = author
+        .transact()
+        .encode_state_as_update_v1(&yrs::StateVector::default());
+    let doc_name = format!("cold-{}", run.seed);
+    let token = run.target.token.as_deref();
+    let (status, body) =
+        crate::http::request("PUT", &format!("{base}/v1/data/{doc_name}"), token, &state).await?;
+    if status != 200 {
+        bail!(
+            "storing the document: HTTP {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let mut loads = Vec::with_capacity(options.repeat);
+    for _ in 0..options.repeat.max(1) {
+        wait_unloaded(&base).await?;
+        let start = Instant::now();
+        let conn = Conn::join(&run.target, &doc_name, None, JOIN_TIMEOUT).await?;
+        loads.push(start.elapsed().as_secs_f64() * 1000.0);
+        conn.close().await;
+    }
+    let mut sorted = loads.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(ColdLoadResult {
+        options: options.clone(),
+        state_bytes: state.len(),
+        median_ms: sorted[sorted.len() / 2],
+        min_ms: sorted[0],
+        loads_ms: loads,
+    })
+}
+
+/// Waits (up to 120 s) until the engine holds no document in memory.
+async fn wait_unloaded(base: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, body) =
+            crate::http::request("GET", &format!("{base}/v1/health"), None, &[]).await?;
+        let health: serde_json::Value = serde_json::from_slice(&body)?;
+        if health["documents_loaded"].as_u64() == Some(0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the engine kept documents loaded for 120 s: start it with a short --doc-idle-secs"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
