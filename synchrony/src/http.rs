@@ -92,6 +92,9 @@ impl From<DocError> for ApiError {
     }
 }
 
+/// Initial read buffer of a WebSocket.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
 /// Builds the router; tests reuse it.
 pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
     let body_limit = engine.config.limits.max_doc_bytes;
@@ -339,6 +342,10 @@ async fn websocket(
     Ok(ws
         .max_frame_size(limit)
         .max_message_size(limit)
+        // tungstenite's defaults reserve 128 KiB for reading per socket: 1.25 GiB for 10,000
+        // idle editors. The buffer grows for large frames; writes go out as they are queued.
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             tracker.track_future(session::run(engine, socket, doc, params, principal, access))
         })
