@@ -54,8 +54,9 @@ elif [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
   fi
 fi
 
-log "installing the JavaScript test clients (npm ci)"
+log "installing the JavaScript test clients and the load harness's peer servers (npm ci)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+(cd loadtest/peers && npm ci --no-audit --no-fund --loglevel=error)
 
 log "building"
 cargo build --workspace --bins --locked

@@ -345,7 +345,7 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
     let traces = root.join("../shared/data/traces");
     let trace = options.trace.clone().unwrap_or_else(|| {
         traces.join(if options.profile == Profile::Quick {
-            "friendsforever.json.gz"
+            "friendsforever_flat.json.gz"
         } else {
             "automerge-paper.json.gz"
         })

@@ -91,14 +91,16 @@ impl Target {
             Kind::Hocuspocus => skip_name(frame)?,
             _ => frame,
         };
+        // Only sync messages matter to the harness; awareness, auth and the servers' own
+        // extensions (Hocuspocus's authenticated and sync-status messages) are skipped.
         match body.first() {
+            Some(0) => Ok(Some(decode_frame_any(body)?)),
             // Hocuspocus answers a step 1 with SyncReply (4): a sync message all the same.
             Some(4) if self.kind == Kind::Hocuspocus => {
                 let mut copy = body.to_vec();
                 copy[0] = 0;
                 Ok(Some(decode_frame_any(&copy)?))
             }
-            Some(0..=3) => Ok(Some(decode_frame_any(body)?)),
             _ => Ok(None),
         }
     }
