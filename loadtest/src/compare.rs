@@ -170,7 +170,6 @@ fn workspace_root() -> PathBuf {
 
 /// A server started for the comparison; killed when dropped.
 struct Server {
-    name: ServerName,
     target: Target,
     pid: u32,
     child: Child,
@@ -213,7 +212,20 @@ async fn psql(admin_url: &str, sql: &str) -> Result<()> {
 }
 
 impl Server {
-    async fn start(name: ServerName, options: &CompareOptions, peers: &Path) -> Result<Self> {
+    fn kind(name: ServerName) -> Kind {
+        match name {
+            ServerName::SynchronySqlite | ServerName::SynchronyPostgres => Kind::Synchrony,
+            ServerName::YWebsocket => Kind::YWebsocket,
+            ServerName::Hocuspocus => Kind::Hocuspocus,
+        }
+    }
+
+    async fn start(
+        name: ServerName,
+        options: &CompareOptions,
+        peers: &Path,
+        doc_idle_secs: Option<u32>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut database = None;
         let mut command = match name {
@@ -226,10 +238,13 @@ impl Server {
                         .join("synchrony"),
                 };
                 let mut c = Command::new(engine);
-                c.args(["serve", "--port", "0", "--doc-idle-secs", "1", "--data-dir"])
+                c.args(["serve", "--port", "0", "--data-dir"])
                     .arg(dir.path())
                     .env_remove("SYNCHRONY_DATABASE_URL")
                     .env("SYNCHRONY_LOG", "warn");
+                if let Some(secs) = doc_idle_secs {
+                    c.args(["--doc-idle-secs", &secs.to_string()]);
+                }
                 if name == ServerName::SynchronyPostgres {
                     let db = format!("loadtest_{}_{}", std::process::id(), options.seed);
                     psql(
@@ -266,15 +281,12 @@ impl Server {
             .spawn()
             .with_context(|| format!("start {name:?}"))?;
         let (port, pid) = read_ready(&mut child, &format!("{name:?}")).await?;
-        let (kind, base) = match name {
-            ServerName::SynchronySqlite | ServerName::SynchronyPostgres => {
-                (Kind::Synchrony, format!("ws://127.0.0.1:{port}/synchrony"))
-            }
-            ServerName::YWebsocket => (Kind::YWebsocket, format!("ws://127.0.0.1:{port}")),
-            ServerName::Hocuspocus => (Kind::Hocuspocus, format!("ws://127.0.0.1:{port}")),
+        let kind = Self::kind(name);
+        let base = match kind {
+            Kind::Synchrony => format!("ws://127.0.0.1:{port}/synchrony"),
+            Kind::YWebsocket | Kind::Hocuspocus => format!("ws://127.0.0.1:{port}"),
         };
         Ok(Self {
-            name,
             target: Target::new(kind, &base, None)?,
             pid,
             child,
@@ -371,110 +383,129 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
     };
     for &name in &options.servers {
         eprintln!("loadtest: {}", label(name));
-        let server = Server::start(name, &options, &peers).await?;
+        let kind = Server::kind(name);
         let mut results = ServerResults {
             server: label(name).into(),
             ..Default::default()
         };
-        let run = |seed| scenario::Run {
-            target: server.target.clone(),
-            server_pid: Some(server.pid),
-            seed,
-            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        };
-        let note = |results: &mut ServerResults, what: &str, e: anyhow::Error| {
-            eprintln!("loadtest: {} {what}: {e:#}", label(name));
-            results.problems.push(format!("{what}: {e:#}"));
-        };
-
-        match scenario::fanout(&run(next_seed()), &sizes.fanout).await {
-            Ok(r) => {
-                report::fanout_lines(&r)
-                    .iter()
-                    .for_each(|l| eprintln!("{l}"));
-                results.fanout = Some(r);
+        // Every scenario (and every rate of the sweep) gets a freshly started server, so none
+        // measures what the one before it left behind (memory, unloads, compactions).
+        let fresh = |doc_idle_secs: Option<u32>, seed: u64| {
+            let (options, peers) = (&options, &peers);
+            async move {
+                let server = Server::start(name, options, peers, doc_idle_secs).await?;
+                let run = scenario::Run {
+                    target: server.target.clone(),
+                    server_pid: Some(server.pid),
+                    seed,
+                    progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                };
+                Ok::<_, anyhow::Error>((server, run))
             }
-            Err(e) => note(&mut results, "fanout", e),
+        };
+        macro_rules! scenario {
+            ($what:expr, $doc_idle:expr, $call:expr) => {{
+                let outcome = match fresh($doc_idle, next_seed()).await {
+                    Ok((server, run)) => {
+                        let outcome = $call(run).await;
+                        server.stop().await;
+                        outcome
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &outcome {
+                    eprintln!("loadtest: {} {}: {e:#}", label(name), $what);
+                    results.problems.push(format!("{}: {e:#}", $what));
+                }
+                outcome.ok()
+            }};
         }
-        for rate in &sizes.sweep_rates {
+
+        let opts = sizes.fanout.clone();
+        results.fanout = scenario!("fanout", None, |run: scenario::Run| async move {
+            scenario::fanout(&run, &opts).await
+        });
+        if let Some(r) = &results.fanout {
+            report::fanout_lines(r)
+                .iter()
+                .for_each(|l| eprintln!("{l}"));
+        }
+        for rate in sizes.sweep_rates.clone() {
             let opts = FanoutOptions {
-                rate: *rate,
+                rate,
                 ..sizes.sweep.clone()
             };
-            match scenario::fanout(&run(next_seed()), &opts).await {
-                Ok(r) => {
-                    let sustained = r.errors == 0
-                        && r.missing_deliveries == 0
-                        && r.latency.p99_ms <= SWEEP_P99_MS
-                        && r.updates_in_per_sec >= 0.9 * rate;
-                    eprintln!(
-                        "  sweep {rate:.0}/s: {} sustained={sustained}",
-                        r.latency.line()
-                    );
-                    results.sweep.push(r);
-                    if !sustained {
-                        break;
-                    }
-                    results.max_rate_p99_50ms = Some(*rate);
-                }
-                Err(e) => {
-                    note(&mut results, &format!("sweep at {rate}/s"), e);
-                    break;
-                }
+            let what = format!("sweep at {rate}/s");
+            let Some(r) = scenario!(what, None, |run: scenario::Run| async move {
+                scenario::fanout(&run, &opts).await
+            }) else {
+                break;
+            };
+            let sustained = r.errors == 0
+                && r.missing_deliveries == 0
+                && r.latency.p99_ms <= SWEEP_P99_MS
+                && r.updates_in_per_sec >= 0.9 * rate;
+            eprintln!(
+                "  sweep {rate:.0}/s: {} sustained={sustained}",
+                r.latency.line()
+            );
+            results.sweep.push(r);
+            if !sustained {
+                break;
             }
+            results.max_rate_p99_50ms = Some(rate);
         }
-        match scenario::idle(&run(next_seed()), &sizes.idle).await {
-            Ok(r) => {
-                report::idle_lines(&r).iter().for_each(|l| eprintln!("{l}"));
-                results.idle = Some(r);
-            }
-            Err(e) => note(&mut results, "idle", e),
+        let opts = sizes.idle.clone();
+        results.idle = scenario!("idle", None, |run: scenario::Run| async move {
+            scenario::idle(&run, &opts).await
+        });
+        if let Some(r) = &results.idle {
+            report::idle_lines(r).iter().for_each(|l| eprintln!("{l}"));
         }
-        match scenario::join_storm(&run(next_seed()), &sizes.storm).await {
-            Ok(r) => {
-                report::join_storm_lines(&r)
-                    .iter()
-                    .for_each(|l| eprintln!("{l}"));
-                results.join_storm = Some(r);
-            }
-            Err(e) => note(&mut results, "join-storm", e),
+        let opts = sizes.storm.clone();
+        results.join_storm = scenario!("join-storm", None, |run: scenario::Run| async move {
+            scenario::join_storm(&run, &opts).await
+        });
+        if let Some(r) = &results.join_storm {
+            report::join_storm_lines(r)
+                .iter()
+                .for_each(|l| eprintln!("{l}"));
         }
         if trace.exists() {
             let opts = TraceOptions {
                 trace: trace.clone(),
                 clients: sizes.trace_clients,
             };
-            match scenario::trace(&run(next_seed()), &opts).await {
-                Ok(r) => {
-                    report::trace_lines(&r)
-                        .iter()
-                        .for_each(|l| eprintln!("{l}"));
-                    if !r.clients_exact || r.storage_exact == Some(false) {
-                        results.problems.push("trace: final content differs".into());
-                    }
-                    results.trace = Some(r);
+            results.trace = scenario!("trace", None, |run: scenario::Run| async move {
+                scenario::trace(&run, &opts).await
+            });
+            if let Some(r) = &results.trace {
+                report::trace_lines(r).iter().for_each(|l| eprintln!("{l}"));
+                if !r.clients_exact || r.storage_exact == Some(false) {
+                    results.problems.push("trace: final content differs".into());
                 }
-                Err(e) => note(&mut results, "trace", e),
             }
         } else {
             results
                 .problems
                 .push(format!("trace: skipped, {} is absent", trace.display()));
         }
-        if server.target.kind == Kind::Synchrony {
+        if kind == Kind::Synchrony {
             if cold_trace.exists() {
                 let opts = ColdLoadOptions {
                     trace: cold_trace.clone(),
                     repeat: sizes.cold_repeat,
                 };
-                match scenario::cold_load(&run(next_seed()), &opts).await {
-                    Ok(r) => {
-                        report::cold_load_lines(&r)
-                            .iter()
-                            .for_each(|l| eprintln!("{l}"));
-                        results.cold_load = Some(r);
-                    }
-                    Err(e) => note(&mut results, "cold-load", e),
+                // Documents unload a second after their last client leaves, so every join
+                // after the first loads from storage again.
+                results.cold_load =
+                    scenario!("cold-load", Some(1), |run: scenario::Run| async move {
+                        scenario::cold_load(&run, &opts).await
+                    });
+                if let Some(r) = &results.cold_load {
+                    report::cold_load_lines(r)
+                        .iter()
+                        .for_each(|l| eprintln!("{l}"));
                 }
             } else {
                 results.problems.push(format!(
@@ -483,8 +514,6 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
                 ));
             }
         }
-        debug_assert_eq!(server.name, name);
-        server.stop().await;
         all.push(results);
     }
     write_results(&out, options.profile, &all)?;

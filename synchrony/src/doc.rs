@@ -51,10 +51,14 @@ pub struct DocDeps {
 }
 
 /// Shared between a connection's session task and the actor that feeds it.
-#[derive(Default)]
 pub struct OutboundState {
     /// Bytes queued and not yet taken by the session.
     queued_bytes: AtomicUsize,
+    /// The budget for `queued_bytes` (`synchrony.outbound.queue.bytes`).
+    max_bytes: usize,
+    /// Length of the one frame of at least `max_bytes` in the queue (0: none): a document's
+    /// state may be larger than the budget and is allowed on top of it, once at a time.
+    oversized: AtomicUsize,
     /// Set by the actor when it dropped frames for this connection.
     lagged: AtomicBool,
     /// A close the actor asks the session to perform.
@@ -67,6 +71,9 @@ impl OutboundState {
     /// Accounts for a frame the session took off the queue.
     pub fn taken(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        if len >= self.max_bytes {
+            self.oversized.store(0, Ordering::Release);
+        }
     }
 
     /// The close the actor asked for, if any.
@@ -99,7 +106,14 @@ impl Outbound {
     /// Creates the queue; the receiver belongs to the session.
     pub fn new(limits: &LimitsConfig) -> (Self, mpsc::Receiver<Bytes>, Arc<OutboundState>) {
         let (tx, rx) = mpsc::channel(limits.outbound_queue_messages.max(4));
-        let state = Arc::new(OutboundState::default());
+        let state = Arc::new(OutboundState {
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes: limits.outbound_queue_bytes,
+            oversized: AtomicUsize::new(0),
+            lagged: AtomicBool::new(false),
+            close: Mutex::new(None),
+            notify: Notify::new(),
+        });
         let out = Self {
             tx,
             state: state.clone(),
@@ -115,12 +129,24 @@ impl Outbound {
             return false;
         }
         let queued = self.state.queued_bytes.load(Ordering::Acquire);
-        // One frame always fits an empty queue, so a full-state resync of a large document works.
-        let fits = queued == 0 || queued + frame.len() <= self.max_bytes;
+        let oversized = self.state.oversized.load(Ordering::Acquire);
+        // The budget bounds the backlog of ordinary frames. One frame at least as large as the
+        // budget (a big document's state, sent on join or resync) is allowed on top of it, so
+        // it reaches a client even with small messages queued around it; a second one while
+        // the first is still queued means the client is not reading.
+        let large = frame.len() >= self.max_bytes;
+        let fits = if large {
+            oversized == 0 && queued.saturating_sub(oversized) < self.max_bytes
+        } else {
+            queued.saturating_sub(oversized) + frame.len() <= self.max_bytes
+        };
         if fits && self.tx.try_send(frame.clone()).is_ok() {
             self.state
                 .queued_bytes
                 .fetch_add(frame.len(), Ordering::AcqRel);
+            if large {
+                self.state.oversized.store(frame.len(), Ordering::Release);
+            }
             return true;
         }
         self.state.lagged.store(true, Ordering::Release);

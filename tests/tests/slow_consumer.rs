@@ -84,3 +84,48 @@ async fn a_client_that_stops_reading_is_bounded_and_resynced() {
         "the engine never noticed the slow client"
     );
 }
+
+/// A document larger than a client's outbound budget still reaches clients joining together:
+/// their sync step 1 is queued ahead of the full state, and the state must not count as lag.
+#[tokio::test]
+async fn a_join_storm_on_a_document_larger_than_the_queue_budget() {
+    let engine =
+        EngineProcess::start(&EngineOptions::default().arg("--outbound-queue-bytes", 64 * 1024))
+            .await;
+    let mut writer = YClient::synced(&engine, "app/big", false).await;
+    let chunk = "0123456789abcdef".repeat(4096); // 64 KiB
+    for _ in 0..16 {
+        writer.append(&chunk).await;
+    }
+    let want = writer.text();
+    assert_eq!(want.len(), 1 << 20);
+    let joins = (0..20).map(|_| YClient::connect(&engine, "app/big", false));
+    let mut clients = futures_util::future::join_all(joins).await;
+    for (i, client) in clients.iter_mut().enumerate() {
+        let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+        while !client.synced {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "client {i} not synced"
+            );
+            if let Next::Ended(code) = client.pump_one(Duration::from_millis(200)).await {
+                panic!(
+                    "client {i} closed ({code:?}) before sync:\n{}",
+                    engine.log()
+                );
+            }
+        }
+    }
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(
+            client.text().len(),
+            want.len(),
+            "client {i} got the whole document"
+        );
+    }
+    assert!(
+        !engine.log().contains("falling behind"),
+        "no joining client counted as lagging:\n{}",
+        engine.log()
+    );
+}
