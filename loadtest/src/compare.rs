@@ -126,7 +126,9 @@ fn sizes(profile: Profile) -> Sizes {
         },
         Profile::Full => Sizes {
             fanout: fanout(1000, 10, 5000.0, 5.0, 20.0, 3.0),
-            sweep_rates: vec![2000.0, 4000.0, 8000.0, 16000.0, 32000.0, 64000.0],
+            sweep_rates: vec![
+                2000.0, 3000.0, 4500.0, 6750.0, 10000.0, 15000.0, 22500.0, 34000.0,
+            ],
             sweep: fanout(100, 10, 0.0, 3.0, 10.0, 2.0),
             idle: IdleOptions {
                 connections: 10_000,

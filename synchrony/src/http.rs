@@ -343,9 +343,10 @@ async fn websocket(
         .max_frame_size(limit)
         .max_message_size(limit)
         // tungstenite's defaults reserve 128 KiB for reading per socket: 1.25 GiB for 10,000
-        // idle editors. The buffer grows for large frames; writes go out as they are queued.
+        // idle editors. The read buffer grows for large frames; the write buffer holds a batch
+        // of queued frames until the session flushes it (see `session::WRITE_BATCH_BYTES`).
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(session::WRITE_BATCH_BYTES)
         .on_upgrade(move |socket| {
             tracker.track_future(session::run(engine, socket, doc, params, principal, access))
         })
