@@ -6,16 +6,32 @@ use std::io::Read;
 
 use synchrony_tests::{http, EngineOptions, EngineProcess};
 
+/// The engine's log once it has logged its readiness (the ready line on stdout comes first).
+async fn ready_log(engine: &EngineProcess) -> String {
+    let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+    loop {
+        let log = engine.log();
+        if log.contains("synchrony: ready") {
+            return log;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ready in the log:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_demo_page_is_served_under_the_context_path() {
     let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let log = ready_log(&engine).await;
     assert!(
-        engine.log().contains(&format!(
+        log.contains(&format!(
             "demo=http://127.0.0.1:{}/synchrony/demo/",
             engine.port
         )),
-        "the log names the demo URL:\n{}",
-        engine.log()
+        "the log names the demo URL:\n{log}"
     );
 
     let redirect = http(engine.port, "GET", "/synchrony/demo", &[], &[]).await;
@@ -96,7 +112,10 @@ async fn another_context_path_and_switching_the_demo_off() {
         EngineProcess::start(&EngineOptions::default().arg("--demo-enabled", "false")).await;
     let page = http(engine.port, "GET", "/synchrony/demo/", &[], &[]).await;
     assert_eq!(page.status, 404);
-    assert!(!engine.log().contains("demo="), "no demo URL is printed");
+    assert!(
+        !ready_log(&engine).await.contains("demo="),
+        "no demo URL is printed"
+    );
     let (status, _) = engine.get("/heartbeat").await;
     assert_eq!(status, 200, "the rest of the engine serves as before");
 }
