@@ -179,6 +179,9 @@ export class SynchronyProvider extends Observable<keyof Events> {
         if (Date.now() - this.lastMessage > timeout) ws.close(4000, 'no message from the server')
       }, Math.min(timeout, 5000))
     }
+    // A failed connection (a refused upgrade, say 503 while the engine starts) is followed by
+    // close, which decides what happens next. Node's `ws` throws an 'error' nobody listens to.
+    ws.onerror = () => {}
     ws.onmessage = (event: MessageEvent) => {
       this.lastMessage = Date.now()
       this.onMessage(new Uint8Array(event.data as ArrayBuffer))

@@ -111,3 +111,19 @@ test('destroy leaves no timers or sockets behind', async () => {
   assert.equal(a.status, 'disconnected')
   await engine.kill('SIGTERM')
 })
+
+test('a refused upgrade (503 while the engine starts) is retried, not thrown', { timeout: 30000 }, async () => {
+  const { createServer } = await import('node:http')
+  let upgrades = 0
+  const server = createServer()
+  server.on('upgrade', (_request, socket) => {
+    upgrades++
+    socket.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')
+  })
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const p = provider(`ws://127.0.0.1:${server.address().port}/synchrony`, 'js/starting')
+  await waitFor('three attempts', () => upgrades >= 3)
+  assert.equal(p.failure, null, 'a 503 is transient')
+  p.destroy()
+  await new Promise((resolve) => server.close(resolve))
+})
