@@ -176,10 +176,11 @@ pub fn idle_lines(r: &crate::scenario::IdleResult) -> Vec<String> {
 pub fn join_storm_lines(r: &crate::scenario::JoinStormResult) -> Vec<String> {
     vec![
         format!(
-            "join-storm: {} clients join a {:.1} MB document at once; all synced in {:.3} s; errors {}",
+            "join-storm: {} clients join a {:.1} MB document at once; all synced in {:.3} s; {:.2} MB received per client; errors {}",
             r.options.clients,
             r.options.doc_bytes as f64 / 1e6,
             r.all_synced_secs,
+            r.bytes_per_client as f64 / 1e6,
             r.errors
         ),
         format!("  time to sync: {}", r.time_to_sync.line()),

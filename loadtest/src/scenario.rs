@@ -448,13 +448,16 @@ pub struct JoinStormResult {
     /// Time from the storm's start until each client was synced.
     pub time_to_sync: Latency,
     pub all_synced_secs: f64,
+    /// Bytes each synced client received (the document's state as the server sent it).
+    pub bytes_per_client: u64,
     pub errors: u64,
     pub usage: Usages,
 }
 
 /// Writes a text of `bytes` bytes into `doc_name` in 64 KiB edits and waits until a fresh client
-/// sees all of it.
-async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<()> {
+/// sees all of it. The writer stays connected (returned): servers without storage drop a
+/// document when its last client leaves.
+async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<Conn> {
     let local = yrs::Doc::with_client_id(u64::from(u32::MAX) + run.seed % 1000);
     let text = local.get_or_insert_text("content");
     let mut writer = Conn::join(&run.target, doc_name, Some(&local), JOIN_TIMEOUT).await?;
@@ -487,13 +490,12 @@ async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    writer.close().await;
-    Ok(())
+    Ok(writer)
 }
 
 pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinStormResult> {
     let doc_name = format!("storm-{}", run.seed);
-    seed_document(run, &doc_name, options.doc_bytes).await?;
+    let writer = seed_document(run, &doc_name, options.doc_bytes).await?;
     let probes = Probes::start(run.server_pid);
     let start = Instant::now();
     let tasks: Vec<_> = (0..options.clients)
@@ -511,11 +513,12 @@ pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinSto
     for task in tasks {
         let (took, conn) = task.await?;
         match conn {
-            Ok(conn) => {
+            // A client that did not receive the whole document was not synced.
+            Ok(conn) if conn.bytes_in >= options.doc_bytes as u64 => {
                 let _ = h.record((took.as_micros() as u64).max(1));
                 conns.push(conn);
             }
-            Err(_) => errors += 1,
+            Ok(_) | Err(_) => errors += 1,
         }
     }
     let all_synced_secs = if h.is_empty() {
@@ -524,13 +527,17 @@ pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinSto
         h.max() as f64 / 1e6
     };
     let usage = probes.finish();
+    let bytes_per_client =
+        conns.iter().map(|c| c.bytes_in).sum::<u64>() / conns.len().max(1) as u64;
     for conn in conns {
         conn.close().await;
     }
+    writer.close().await;
     Ok(JoinStormResult {
         options: options.clone(),
         time_to_sync: Latency::of(&h),
         all_synced_secs,
+        bytes_per_client,
         errors,
         usage,
     })
