@@ -405,7 +405,16 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
                 Ok::<_, anyhow::Error>((server, run))
             }
         };
+        // Runs one scenario on a fresh server; failures become problems. With `$lines`, the
+        // result's summary lines are printed.
         macro_rules! scenario {
+            ($what:expr, $doc_idle:expr, $call:expr, $lines:expr) => {{
+                let outcome = scenario!($what, $doc_idle, $call);
+                if let Some(r) = &outcome {
+                    $lines(r).iter().for_each(|l: &String| eprintln!("{l}"));
+                }
+                outcome
+            }};
             ($what:expr, $doc_idle:expr, $call:expr) => {{
                 let outcome = match fresh($doc_idle, next_seed()).await {
                     Ok((server, run)) => {
@@ -424,14 +433,12 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
         }
 
         let opts = sizes.fanout.clone();
-        results.fanout = scenario!("fanout", None, |run: scenario::Run| async move {
-            scenario::fanout(&run, &opts).await
-        });
-        if let Some(r) = &results.fanout {
-            report::fanout_lines(r)
-                .iter()
-                .for_each(|l| eprintln!("{l}"));
-        }
+        results.fanout = scenario!(
+            "fanout",
+            None,
+            |run: scenario::Run| async move { scenario::fanout(&run, &opts).await },
+            report::fanout_lines
+        );
         for rate in sizes.sweep_rates.clone() {
             let opts = FanoutOptions {
                 rate,
@@ -458,31 +465,31 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
             results.max_rate_p99_50ms = Some(rate);
         }
         let opts = sizes.idle.clone();
-        results.idle = scenario!("idle", None, |run: scenario::Run| async move {
-            scenario::idle(&run, &opts).await
-        });
-        if let Some(r) = &results.idle {
-            report::idle_lines(r).iter().for_each(|l| eprintln!("{l}"));
-        }
+        results.idle = scenario!(
+            "idle",
+            None,
+            |run: scenario::Run| async move { scenario::idle(&run, &opts).await },
+            report::idle_lines
+        );
         let opts = sizes.storm.clone();
-        results.join_storm = scenario!("join-storm", None, |run: scenario::Run| async move {
-            scenario::join_storm(&run, &opts).await
-        });
-        if let Some(r) = &results.join_storm {
-            report::join_storm_lines(r)
-                .iter()
-                .for_each(|l| eprintln!("{l}"));
-        }
+        results.join_storm = scenario!(
+            "join-storm",
+            None,
+            |run: scenario::Run| async move { scenario::join_storm(&run, &opts).await },
+            report::join_storm_lines
+        );
         if trace.exists() {
             let opts = TraceOptions {
                 trace: trace.clone(),
                 clients: sizes.trace_clients,
             };
-            results.trace = scenario!("trace", None, |run: scenario::Run| async move {
-                scenario::trace(&run, &opts).await
-            });
+            results.trace = scenario!(
+                "trace",
+                None,
+                |run: scenario::Run| async move { scenario::trace(&run, &opts).await },
+                report::trace_lines
+            );
             if let Some(r) = &results.trace {
-                report::trace_lines(r).iter().for_each(|l| eprintln!("{l}"));
                 if !r.clients_exact || r.storage_exact == Some(false) {
                     results.problems.push("trace: final content differs".into());
                 }
@@ -500,15 +507,12 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
                 };
                 // Documents unload a second after their last client leaves, so every join
                 // after the first loads from storage again.
-                results.cold_load =
-                    scenario!("cold-load", Some(1), |run: scenario::Run| async move {
-                        scenario::cold_load(&run, &opts).await
-                    });
-                if let Some(r) = &results.cold_load {
-                    report::cold_load_lines(r)
-                        .iter()
-                        .for_each(|l| eprintln!("{l}"));
-                }
+                results.cold_load = scenario!(
+                    "cold-load",
+                    Some(1),
+                    |run: scenario::Run| async move { scenario::cold_load(&run, &opts).await },
+                    report::cold_load_lines
+                );
             } else {
                 results.problems.push(format!(
                     "cold-load: skipped, {} is absent",

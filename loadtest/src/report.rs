@@ -8,7 +8,6 @@ use serde::Serialize;
 
 /// Microsecond histogram bounds: 1 µs to 10 min, 3 significant figures.
 pub fn histogram() -> Histogram<u64> {
-    #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant, valid bounds")
 }
 

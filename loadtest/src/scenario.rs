@@ -393,7 +393,6 @@ pub async fn idle(run: &Run, options: &IdleOptions) -> Result<IdleResult> {
                 if ended.is_ok() {
                     dropped.fetch_add(1, Relaxed);
                 }
-                conn
             })
         })
         .collect();
@@ -408,14 +407,10 @@ pub async fn idle(run: &Run, options: &IdleOptions) -> Result<IdleResult> {
     }
     let after = run.server_pid.and_then(crate::probe::rss_bytes);
     let usage = probes.finish();
-    let mut conns = Vec::with_capacity(tasks.len());
     for task in tasks {
-        conns.push(task.await?);
+        task.await?;
     }
     progress.finish_and_clear();
-    for conn in conns {
-        drop(conn);
-    }
     Ok(IdleResult {
         options: options.clone(),
         connect_secs,
@@ -568,6 +563,9 @@ pub struct TraceResult {
     pub storage_exact: Option<bool>,
     pub usage: Usages,
 }
+
+/// Bound on one trace replay.
+const TRACE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The client id that authors a replayed trace.
 const AUTHOR: yrs::block::ClientID = yrs::block::ClientID::new(7);
@@ -742,13 +740,7 @@ async fn trace_client(
     let done = |d: &yrs::Doc| {
         clock(d) >= final_clock && d.get_or_insert_text("content").get_string(&d.transact()) == end
     };
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(
-            std::env::var("LOADTEST_TRACE_SECS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(600),
-        );
+    let deadline = tokio::time::Instant::now() + TRACE_TIMEOUT;
     while next.is_some() || !done(&local) {
         tokio::select! {
             biased;

@@ -275,35 +275,9 @@ impl Store {
     /// rows changed meanwhile (another compaction, a deletion): then nothing is written. SQLite
     /// assigns ids in commit order, so no row with an id below the ones read can appear later.
     async fn compact_optimistic(&self, doc: &DocId) -> Result<Compaction, StoreError> {
-        let (snapshot, merged_before) = {
-            let row = sqlx::query("SELECT data, merged FROM doc_snapshots WHERE doc_id = $1")
-                .bind(doc.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-            match row {
-                Some(row) => (
-                    Some(row.try_get::<Vec<u8>, _>(0)?),
-                    Some(row.try_get::<i64, _>(1)?),
-                ),
-                None => (None, None),
-            }
-        };
-        let rows = sqlx::query("SELECT id, data FROM doc_updates WHERE doc_id = $1 ORDER BY id")
-            .bind(doc.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        if rows.is_empty() {
+        let Some(read) = read_and_merge(&mut *self.pool.acquire().await?, doc).await? else {
             return Ok(Compaction::default());
-        }
-        let mut max_id = i64::MIN;
-        let mut updates = Vec::with_capacity(rows.len());
-        for row in &rows {
-            max_id = max_id.max(row.try_get::<i64, _>(0)?);
-            updates.push(row.try_get::<Vec<u8>, _>(1)?);
-        }
-        let merged = merge(doc, snapshot.as_deref(), &updates)?;
-        let merged_rows = rows.len() as i64;
-
+        };
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now_merged: Option<i64> =
             sqlx::query("SELECT merged FROM doc_snapshots WHERE doc_id = $1")
@@ -315,37 +289,25 @@ impl Store {
         let still_there: i64 =
             sqlx::query("SELECT COUNT(*) FROM doc_updates WHERE doc_id = $1 AND id <= $2")
                 .bind(doc.as_str())
-                .bind(max_id)
+                .bind(read.head)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;
-        if now_merged != merged_before || still_there != merged_rows {
+        if now_merged != read.merged_before || still_there != read.rows {
             tx.rollback().await?;
             return Ok(Compaction::default());
         }
-        self.write_snapshot(
-            &mut tx,
-            doc,
-            &merged,
-            merged_before.unwrap_or(0) + merged_rows,
-            max_id,
-        )
-        .await?;
+        self.write_snapshot(&mut tx, doc, &read).await?;
         tx.commit().await?;
-        Ok(Compaction {
-            merged_rows: merged_rows as u64,
-            snapshot_bytes: merged.len() as u64,
-        })
+        Ok(read.outcome())
     }
 
-    /// Stores a snapshot and deletes the log rows it holds (ids up to `head`).
+    /// Stores a merged snapshot and deletes the log rows it holds.
     async fn write_snapshot(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         doc: &DocId,
-        merged: &[u8],
-        merged_total: i64,
-        head: i64,
+        read: &MergedLog,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO doc_snapshots (doc_id, data, merged, updated_at, head) \
@@ -354,15 +316,15 @@ impl Store {
              updated_at = excluded.updated_at, head = excluded.head",
         )
         .bind(doc.as_str())
-        .bind(merged)
-        .bind(merged_total)
+        .bind(&read.state[..])
+        .bind(read.merged_before.unwrap_or(0) + read.rows)
         .bind(now_millis())
-        .bind(head)
+        .bind(read.head)
         .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM doc_updates WHERE doc_id = $1 AND id <= $2")
             .bind(doc.as_str())
-            .bind(head)
+            .bind(read.head)
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -374,41 +336,14 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await?;
-        let snapshot = sqlx::query("SELECT data, merged FROM doc_snapshots WHERE doc_id = $1")
-            .bind(doc.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (snapshot, merged_before) = match snapshot {
-            Some(row) => (
-                Some(row.try_get::<Vec<u8>, _>(0)?),
-                row.try_get::<i64, _>(1)?,
-            ),
-            None => (None, 0),
-        };
-        let rows = sqlx::query("SELECT id, data FROM doc_updates WHERE doc_id = $1 ORDER BY id")
-            .bind(doc.as_str())
-            .fetch_all(&mut *tx)
-            .await?;
-        if rows.is_empty() {
+        let Some(read) = read_and_merge(&mut tx, doc).await? else {
             tx.rollback().await?;
             return Ok(Compaction::default());
-        }
-        let mut max_id = i64::MIN;
-        let mut updates = Vec::with_capacity(rows.len());
-        for row in &rows {
-            max_id = max_id.max(row.try_get::<i64, _>(0)?);
-            updates.push(row.try_get::<Vec<u8>, _>(1)?);
-        }
-        let merged = merge(doc, snapshot.as_deref(), &updates)?;
-        let merged_rows = rows.len() as i64;
+        };
         // Under the isolation described in the module docs, this deletes exactly the rows read.
-        self.write_snapshot(&mut tx, doc, &merged, merged_before + merged_rows, max_id)
-            .await?;
+        self.write_snapshot(&mut tx, doc, &read).await?;
         tx.commit().await?;
-        Ok(Compaction {
-            merged_rows: merged_rows as u64,
-            snapshot_bytes: merged.len() as u64,
-        })
+        Ok(read.outcome())
     }
 
     /// The document's head: the highest update id it has ever stored (0 for none). It only grows,
@@ -508,6 +443,62 @@ impl Store {
             .await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
+}
+
+/// A document's snapshot and log as read for a compaction, merged.
+struct MergedLog {
+    /// The snapshot's count of merged rows; None when there was no snapshot.
+    merged_before: Option<i64>,
+    /// Log rows read, and the highest id among them.
+    rows: i64,
+    head: i64,
+    state: Vec<u8>,
+}
+
+impl MergedLog {
+    fn outcome(&self) -> Compaction {
+        Compaction {
+            merged_rows: self.rows as u64,
+            snapshot_bytes: self.state.len() as u64,
+        }
+    }
+}
+
+/// Reads a document's snapshot and log on `conn` and merges them; None when the log is empty.
+async fn read_and_merge(
+    conn: &mut sqlx::AnyConnection,
+    doc: &DocId,
+) -> Result<Option<MergedLog>, StoreError> {
+    let snapshot = sqlx::query("SELECT data, merged FROM doc_snapshots WHERE doc_id = $1")
+        .bind(doc.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let (snapshot, merged_before) = match snapshot {
+        Some(row) => (
+            Some(row.try_get::<Vec<u8>, _>(0)?),
+            Some(row.try_get::<i64, _>(1)?),
+        ),
+        None => (None, None),
+    };
+    let rows = sqlx::query("SELECT id, data FROM doc_updates WHERE doc_id = $1 ORDER BY id")
+        .bind(doc.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut head = i64::MIN;
+    let mut updates = Vec::with_capacity(rows.len());
+    for row in &rows {
+        head = head.max(row.try_get::<i64, _>(0)?);
+        updates.push(row.try_get::<Vec<u8>, _>(1)?);
+    }
+    Ok(Some(MergedLog {
+        merged_before,
+        rows: rows.len() as i64,
+        head,
+        state: merge(doc, snapshot.as_deref(), &updates)?,
+    }))
 }
 
 /// Builds one Yjs update equivalent to `snapshot` followed by `updates`.
