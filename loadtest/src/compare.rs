@@ -396,12 +396,7 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
             let (options, peers) = (&options, &peers);
             async move {
                 let server = Server::start(name, options, peers, doc_idle_secs).await?;
-                let run = scenario::Run {
-                    target: server.target.clone(),
-                    server_pid: Some(server.pid),
-                    seed,
-                    progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-                };
+                let run = scenario::Run::new(server.target.clone(), Some(server.pid), seed);
                 Ok::<_, anyhow::Error>((server, run))
             }
         };

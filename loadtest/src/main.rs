@@ -8,7 +8,6 @@ mod report;
 mod scenario;
 mod target;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -98,12 +97,11 @@ enum Command {
 impl TargetArgs {
     fn run(&self) -> Result<Run> {
         synchrony::raise_open_file_limit();
-        Ok(Run {
-            target: Target::new(self.server, &self.url, self.token.clone())?,
-            server_pid: self.server_pid,
-            seed: self.seed,
-            progress: std::io::stderr().is_terminal(),
-        })
+        Ok(Run::new(
+            Target::new(self.server, &self.url, self.token.clone())?,
+            self.server_pid,
+            self.seed,
+        ))
     }
 }
 

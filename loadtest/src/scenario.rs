@@ -23,6 +23,27 @@ pub struct Run {
     pub server_pid: Option<u32>,
     pub seed: u64,
     pub progress: bool,
+    /// Random, so that a rerun with the same seed against a server that kept the last run's
+    /// documents starts on fresh ones: reused client ids would make its edits duplicates that
+    /// the server rightly ignores, and old markers would pass for new deliveries.
+    pub nonce: u32,
+}
+
+impl Run {
+    pub fn new(target: Target, server_pid: Option<u32>, seed: u64) -> Self {
+        Self {
+            target,
+            server_pid,
+            seed,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            nonce: rand::random(),
+        }
+    }
+
+    /// The name of this run's document `what`.
+    fn doc(&self, what: impl std::fmt::Display) -> String {
+        format!("{what}-{}-{:08x}", self.seed, self.nonce)
+    }
 }
 
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -168,7 +189,7 @@ pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> 
         bail!("fanout needs at least 1 document, 2 clients per document and a positive rate");
     }
     let total = options.docs * options.clients;
-    let doc_name = |d: usize| format!("fanout-{}-{d}", run.seed);
+    let doc_name = |d: usize| run.doc(format_args!("fanout-{d}"));
     let started = Instant::now();
     let conns = connect_all(run, total, |i| doc_name(i / options.clients)).await?;
     let connect_secs = started.elapsed().as_secs_f64();
@@ -374,7 +395,7 @@ pub async fn idle(run: &Run, options: &IdleOptions) -> Result<IdleResult> {
     let before = run.server_pid.and_then(crate::probe::rss_bytes);
     let started = Instant::now();
     let conns = connect_all(run, options.connections, |i| {
-        format!("idle-{}-{}", run.seed, i / per_doc)
+        run.doc(format_args!("idle-{}", i / per_doc))
     })
     .await?;
     let connect_secs = started.elapsed().as_secs_f64();
@@ -489,7 +510,7 @@ async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<Conn> 
 }
 
 pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinStormResult> {
-    let doc_name = format!("storm-{}", run.seed);
+    let doc_name = run.doc("storm");
     let writer = seed_document(run, &doc_name, options.doc_bytes).await?;
     let probes = Probes::start(run.server_pid);
     let start = Instant::now();
@@ -644,7 +665,7 @@ pub async fn trace(run: &Run, options: &TraceOptions) -> Result<TraceResult> {
     let final_clock = author.transact().state_vector().get(&AUTHOR);
     let clocks = Arc::new(clocks);
     let end = Arc::new(trace.end.clone());
-    let doc_name = format!("trace-{}", run.seed);
+    let doc_name = run.doc("trace");
     let k = options.clients.max(1);
     let updates = Arc::new(updates);
     let mut clients = Vec::with_capacity(k);
@@ -817,7 +838,7 @@ pub async fn cold_load(run: &Run, options: &ColdLoadOptions) -> Result<ColdLoadR
     let state = author
         .transact()
         .encode_state_as_update_v1(&yrs::StateVector::default());
-    let doc_name = format!("cold-{}", run.seed);
+    let doc_name = run.doc("cold");
     let token = run.target.token.as_deref();
     let (status, body) =
         crate::http::request("PUT", &format!("{base}/v1/data/{doc_name}"), token, &state).await?;
