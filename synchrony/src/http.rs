@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,12 +18,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use synchrony_protocol::{CloseCode, DocId};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{Access, AuthError, Principal};
 use crate::doc::{DocCommand, DocError, JoinError};
 use crate::gate::{GateError, RegisterError};
 use crate::placement::Owner;
 use crate::session::{self, SessionParams};
+use crate::upgrade::{Upgrade, UpgradeRejection};
 use crate::Engine;
 
 /// What a client sees when a request fails.
@@ -287,7 +288,7 @@ async fn websocket(
     Path(doc): Path<String>,
     Query(params): Query<SessionParams>,
     caller: Result<Caller, ApiError>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, UpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // The id is checked first, so a bad one gets the same answer with or without an upgrade.
     let doc = parse_doc(&doc)?;
@@ -323,11 +324,11 @@ async fn websocket(
                 CloseCode::UNAUTHENTICATED
             };
             tracing::debug!(%refusal, "refusing a WebSocket in band");
-            return Ok(ws
-                .on_upgrade(move |socket| async move {
+            return Ok(
+                ws.accept(WebSocketConfig::default(), move |socket| async move {
                     session::refuse(engine, socket, code, refusal.kind()).await
-                })
-                .into_response());
+                }),
+            );
         }
         Err(refusal) => return Err(ApiError::Auth(refusal)),
     };
@@ -339,18 +340,17 @@ async fn websocket(
     }
     let limit = engine.config.limits.max_frame_bytes;
     let tracker = engine.tracker.clone();
-    Ok(ws
-        .max_frame_size(limit)
-        .max_message_size(limit)
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(limit))
+        .max_message_size(Some(limit))
         // tungstenite's defaults reserve 128 KiB for reading per socket: 1.25 GiB for 10,000
         // idle editors. The read buffer grows for large frames; the write buffer holds a batch
         // of queued frames until the session flushes it (see `session::WRITE_BATCH_BYTES`).
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(session::WRITE_BATCH_BYTES)
-        .on_upgrade(move |socket| {
-            tracker.track_future(session::run(engine, socket, doc, params, principal, access))
-        })
-        .into_response())
+        .write_buffer_size(session::WRITE_BATCH_BYTES);
+    Ok(ws.accept(config, move |socket| {
+        tracker.track_future(session::run(engine, socket, doc, params, principal, access))
+    }))
 }
 
 #[derive(Deserialize)]

@@ -30,6 +30,7 @@ pub mod placement;
 pub mod session;
 pub mod store;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

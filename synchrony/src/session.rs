@@ -5,15 +5,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use synchrony_protocol::{decode_frame, CloseCode, DocId};
 use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
 use crate::auth::{Access, Principal};
 use crate::doc::{DocCommand, JoinError, JoinRequest, Outbound};
+use crate::upgrade::Socket as WebSocket;
 use crate::Engine;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -24,6 +27,11 @@ const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Frames already queued for a client are written together, up to about this many bytes.
 pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// A message larger than this goes out in fragments of this size, each a slice of the one
+/// buffer every recipient shares. Written whole, tungstenite would copy it into the
+/// connection's write buffer and keep that capacity for as long as the connection lives.
+const FRAGMENT_BYTES: usize = 64 * 1024;
 
 /// Options a client chose in the query string.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -57,9 +65,36 @@ impl Drop for SessionGuard {
 fn close_frame(code: CloseCode, reason: impl Into<String>) -> WsMessage {
     let reason: String = reason.into();
     WsMessage::Close(Some(CloseFrame {
-        code: code.0,
+        code: code.0.into(),
         reason: reason.into(),
     }))
+}
+
+/// Feeds one binary message to the sink, fragmented when it is large (see [`FRAGMENT_BYTES`]).
+async fn feed_binary(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    data: Bytes,
+) -> Result<(), WsError> {
+    if data.len() <= FRAGMENT_BYTES {
+        return sink.feed(WsMessage::Binary(data)).await;
+    }
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + FRAGMENT_BYTES).min(data.len());
+        let opcode = if start == 0 {
+            Data::Binary
+        } else {
+            Data::Continue
+        };
+        let fragment = Frame::message(
+            data.slice(start..end),
+            OpCode::Data(opcode),
+            end == data.len(),
+        );
+        sink.feed(WsMessage::Frame(fragment)).await?;
+        start = end;
+    }
+    Ok(())
 }
 
 #[tracing::instrument(name = "session", skip_all, fields(doc_id = %doc, conn_id))]
@@ -136,12 +171,12 @@ pub async fn run(
                 // instead of one per frame (sends dominate the engine's CPU under load).
                 let batch = async {
                     let mut bytes = frame.len();
-                    sink.feed(WsMessage::Binary(frame)).await?;
+                    feed_binary(&mut sink, frame).await?;
                     while bytes < WRITE_BATCH_BYTES {
                         let Ok(next) = out_rx.try_recv() else { break };
                         state.taken(next.len());
                         bytes += next.len();
-                        sink.feed(WsMessage::Binary(next)).await?;
+                        feed_binary(&mut sink, next).await?;
                     }
                     sink.flush().await
                 };
@@ -172,14 +207,14 @@ pub async fn run(
                         tracing::warn!("text frame; closing the connection");
                         break Some((CloseCode::UNSUPPORTED_DATA, "text frames are not part of the protocol".into()));
                     }
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    // Fragments arrive reassembled; raw frames are never read.
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                     Some(Ok(WsMessage::Close(_))) | None => break None,
+                    Some(Err(WsError::Capacity(error))) => {
+                        tracing::warn!(%error, "frame over the size limit; closing the connection");
+                        break Some((CloseCode::TOO_LARGE, "frame too large".into()));
+                    }
                     Some(Err(error)) => {
-                        let text = error.to_string();
-                        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-                            tracing::warn!(%text, "frame over the size limit; closing the connection");
-                            break Some((CloseCode::TOO_LARGE, "frame too large".into()));
-                        }
                         tracing::debug!(%error, "socket error");
                         break None;
                     }

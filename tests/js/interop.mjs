@@ -157,6 +157,21 @@ const scenarios = {
     return { edits: made.ed1.length + made.ed2.length, text }
   },
 
+  // A client joins a document whose state is far larger than one WebSocket frame (the engine
+  // sends it in fragments) and reports the length and FNV-1a hash of the text it synced (a
+  // megabyte on stdout would be cut short by process.exit).
+  async large () {
+    const c = client('large')
+    await waitFor('sync', () => synced(c))
+    const text = c.text.toString()
+    c.provider.destroy()
+    let fnv1a = 0x811c9dc5
+    for (let i = 0; i < text.length; i++) {
+      fnv1a = Math.imul(fnv1a ^ text.charCodeAt(i), 0x01000193) >>> 0
+    }
+    return { length: text.length, fnv1a }
+  },
+
   // A stock client never receives an extension message, even when other clients ask for acks.
   async stock () {
     const c = client('stock')

@@ -29,6 +29,27 @@ async fn y_websocket_clients_converge_share_presence_and_bring_offline_edits() {
 }
 
 #[tokio::test]
+async fn a_state_sent_in_fragments_reaches_a_stock_client_whole() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let mut writer = YClient::synced(&engine, "app/interop-large", true).await;
+    // 1.5 MB: two dozen 64 KiB fragments, the last one partial.
+    let text: String = (0..150_000).map(|i| format!("{:09}|", i * 7)).collect();
+    writer.append(&text).await;
+    writer
+        .wait_until("the text to be durable", |c| c.acked_edits() == 1)
+        .await;
+    let result = node("large", &engine, "app/interop-large", &[]).await;
+    let fnv1a = text.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    assert_eq!(result["length"], text.len());
+    assert_eq!(
+        result["fnv1a"], fnv1a,
+        "the synced text differs from the written one"
+    );
+}
+
+#[tokio::test]
 async fn stock_clients_never_see_extension_messages() {
     let engine = EngineProcess::start(&EngineOptions::default()).await;
     // An opted-in client on the same document receives acks meanwhile.

@@ -129,3 +129,41 @@ async fn a_join_storm_on_a_document_larger_than_the_queue_budget() {
         engine.log()
     );
 }
+
+/// Joiners of a large document share one copy of its state: it goes out in fragments sliced from
+/// one buffer, not copied into every connection's write buffer (which also kept that capacity
+/// for as long as the connection lived).
+#[tokio::test]
+async fn joiners_of_a_large_document_share_one_copy_of_its_state() {
+    const JOINERS: usize = 40;
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let mut writer = YClient::synced(&engine, "app/shared-state", false).await;
+    let chunk = "0123456789abcdef".repeat(16 * 1024); // 256 KiB
+    for _ in 0..16 {
+        writer.append(&chunk).await;
+    }
+    let want = writer.text().len();
+    // One joiner first, so the cached encoding of the state exists before measuring.
+    let mut first = YClient::synced(&engine, "app/shared-state", false).await;
+    first.drain(Duration::from_millis(200)).await;
+    let before = engine.rss_kib();
+    let joins = (0..JOINERS).map(|_| YClient::synced(&engine, "app/shared-state", false));
+    let clients = futures_util::future::join_all(joins).await;
+    let after = engine.rss_kib();
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(
+            client.text().len(),
+            want,
+            "client {i} got the whole document"
+        );
+    }
+    let grown_mib = after.saturating_sub(before) / 1024;
+    println!(
+        "engine RSS {before} KiB before {JOINERS} joins of a 4 MiB document, {after} KiB after"
+    );
+    // A copy per joiner would be 160 MiB.
+    assert!(
+        grown_mib < 60,
+        "engine RSS grew by {grown_mib} MiB for {JOINERS} joiners of a 4 MiB document"
+    );
+}
