@@ -5,20 +5,25 @@
 //! writes the batch in one transaction, then tells each document, through a `watch` channel,
 //! the highest sequence number now durable. A failed write is retried with backoff and the
 //! batch is kept: nothing accepted is dropped, and while storage is down the bounded queue
-//! pushes back on the documents instead of growing.
+//! pushes back on the documents instead of growing. The queue is bounded in bytes as well as in
+//! updates, so a commit that stalls for a second (an fsync on a busy disk) does not yet stop the
+//! documents, while large updates still cannot pile up without limit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{LogEntry, Store};
 
-/// Updates waiting to be committed, at most.
-const QUEUE_LEN: usize = 4096;
+/// Updates waiting to be committed, at most (a few seconds' worth at the rates `loadtest`
+/// sustains)...
+const QUEUE_LEN: usize = 65_536;
+/// ...and their bytes, at most. One update larger than this takes the whole budget.
+const QUEUE_BYTES: usize = 64 << 20;
 /// A batch is cut at this many bytes even inside the window.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
@@ -30,6 +35,8 @@ enum Request {
         entry: LogEntry,
         seq: u64,
         durable: DurableWatch,
+        /// The entry's share of [`QUEUE_BYTES`], returned once it is committed.
+        budget: OwnedSemaphorePermit,
     },
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
@@ -39,6 +46,7 @@ enum Request {
 #[derive(Clone)]
 pub struct Persister {
     tx: mpsc::Sender<Request>,
+    budget: Arc<Semaphore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +64,10 @@ impl Persister {
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         tracker.spawn(run(store, window, rx, stop));
-        Self { tx }
+        Self {
+            tx,
+            budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
+        }
     }
 
     /// Queues one update; waits while the queue is full (back-pressure).
@@ -66,11 +77,19 @@ impl Persister {
         seq: u64,
         durable: DurableWatch,
     ) -> Result<(), PersisterStopped> {
+        let bytes = entry.data.len().clamp(1, QUEUE_BYTES) as u32;
+        let budget = self
+            .budget
+            .clone()
+            .acquire_many_owned(bytes)
+            .await
+            .map_err(|_| PersisterStopped)?;
         self.tx
             .send(Request::Append {
                 entry,
                 seq,
                 durable,
+                budget,
             })
             .await
             .map_err(|_| PersisterStopped)
@@ -94,6 +113,8 @@ struct Batch {
     /// Highest sequence per document in this batch, keyed by the watch's address.
     durable: HashMap<usize, (DurableWatch, u64)>,
     flushes: Vec<oneshot::Sender<()>>,
+    /// Queue budget held by the entries, released when the batch is committed.
+    budget: Vec<OwnedSemaphorePermit>,
 }
 
 impl Batch {
@@ -103,7 +124,9 @@ impl Batch {
                 entry,
                 seq,
                 durable,
+                budget,
             } => {
+                self.budget.push(budget);
                 self.bytes += entry.data.len();
                 self.entries.push(entry);
                 let key = Arc::as_ptr(&durable) as usize;
@@ -171,5 +194,50 @@ async fn run(
         let updates = batch.entries.len();
         batch.commit(&store).await;
         tracing::info!(updates, "final group commit done");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synchrony_protocol::DocId;
+
+    #[tokio::test]
+    async fn updates_beyond_the_byte_budget_are_all_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/p.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        let (stop, tracker) = (
+            CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
+        );
+        let persister = Persister::spawn(store.clone(), Duration::from_millis(5), stop, &tracker);
+        let doc = DocId::parse("budget").expect("id");
+        let durable: DurableWatch = Arc::new(watch::channel(0).0);
+        // One update larger than the whole budget, then more than the budget in smaller ones:
+        // each append must wait for earlier commits, never forever.
+        let sizes = [
+            QUEUE_BYTES + 1,
+            QUEUE_BYTES / 3,
+            QUEUE_BYTES / 3,
+            QUEUE_BYTES / 3,
+            10,
+        ];
+        for (seq, size) in sizes.iter().enumerate() {
+            let entry = LogEntry {
+                doc: doc.clone(),
+                data: bytes::Bytes::from(vec![7u8; *size]),
+            };
+            persister
+                .append(entry, seq as u64 + 1, durable.clone())
+                .await
+                .expect("append");
+        }
+        persister.flush().await.expect("flush");
+        assert_eq!(*durable.borrow(), sizes.len() as u64);
+        let stored = store.load(&doc).await.expect("load");
+        let lens: Vec<usize> = stored.updates.iter().map(Vec::len).collect();
+        assert_eq!(lens, sizes);
     }
 }

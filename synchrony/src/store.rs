@@ -493,11 +493,21 @@ async fn read_and_merge(
         head = head.max(row.try_get::<i64, _>(0)?);
         updates.push(row.try_get::<Vec<u8>, _>(1)?);
     }
+    let rows = rows.len() as i64;
+    // Merging a thousand updates into a large document takes milliseconds of CPU: on a runtime
+    // worker it would stall every connection scheduled there.
+    let doc_id = doc.clone();
+    let state = tokio::task::spawn_blocking(move || merge(&doc_id, snapshot.as_deref(), &updates))
+        .await
+        .map_err(|e| StoreError::Corrupt {
+            doc: doc.to_string(),
+            reason: format!("merging panicked: {e}"),
+        })??;
     Ok(Some(MergedLog {
         merged_before,
-        rows: rows.len() as i64,
+        rows,
         head,
-        state: merge(doc, snapshot.as_deref(), &updates)?,
+        state,
     }))
 }
 
