@@ -179,3 +179,31 @@ async fn a_bad_document_id_is_refused_before_the_upgrade() {
     assert!(body.contains("invalid-document-id"), "{body}");
     assert_eq!(engine.health().await["documents_loaded"], 0);
 }
+
+#[tokio::test]
+async fn a_request_that_is_not_a_websocket_upgrade_is_refused_with_a_reason() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let (status, body) = engine.get("/v1/ws/app/plain-get").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("websocket-upgrade") && body.contains("Connection"),
+        "{body}"
+    );
+    let old_version = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "8"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let response = synchrony_tests::http(
+        engine.port,
+        "GET",
+        "/synchrony/v1/ws/app/old-version",
+        &old_version,
+        &[],
+    )
+    .await;
+    assert_eq!(response.status, 426, "{}", response.text());
+    assert_eq!(response.header("sec-websocket-version"), Some("13"));
+    assert_eq!(engine.health().await["documents_loaded"], 0);
+}
