@@ -204,10 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn updates_beyond_the_byte_budget_are_all_committed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}/p.db?mode=rwc", dir.path().display());
-        let store = Store::connect(&url).await.expect("connect");
-        store.migrate().await.expect("migrate");
+        let (_dir, store) = crate::store::temp_sqlite().await;
         let (stop, tracker) = (
             CancellationToken::new(),
             tokio_util::task::TaskTracker::new(),
@@ -224,17 +221,22 @@ mod tests {
             QUEUE_BYTES / 3,
             10,
         ];
-        for (seq, size) in sizes.iter().enumerate() {
-            let entry = LogEntry {
-                doc: doc.clone(),
-                data: bytes::Bytes::from(vec![7u8; *size]),
-            };
-            persister
-                .append(entry, seq as u64 + 1, durable.clone())
-                .await
-                .expect("append");
-        }
-        persister.flush().await.expect("flush");
+        let appends = async {
+            for (seq, size) in sizes.iter().enumerate() {
+                let entry = LogEntry {
+                    doc: doc.clone(),
+                    data: bytes::Bytes::from(vec![7u8; *size]),
+                };
+                persister
+                    .append(entry, seq as u64 + 1, durable.clone())
+                    .await
+                    .expect("append");
+            }
+            persister.flush().await.expect("flush");
+        };
+        tokio::time::timeout(Duration::from_secs(60), appends)
+            .await
+            .expect("an append waited for budget that never came back");
         assert_eq!(*durable.borrow(), sizes.len() as u64);
         let stored = store.load(&doc).await.expect("load");
         let lens: Vec<usize> = stored.updates.iter().map(Vec::len).collect();

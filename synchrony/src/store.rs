@@ -501,7 +501,7 @@ async fn read_and_merge(
         .await
         .map_err(|e| StoreError::Corrupt {
             doc: doc.to_string(),
-            reason: format!("merging panicked: {e}"),
+            reason: format!("the merge did not finish: {e}"),
         })??;
     Ok(Some(MergedLog {
         merged_before,
@@ -548,6 +548,16 @@ pub fn merge(
         .into_iter()
         .chain(updates.iter().map(Vec::as_slice));
     yrs::merge_updates_v1(all).map_err(|e| corrupt(e.to_string()))
+}
+
+/// A migrated SQLite store in a fresh temporary directory, which lives as long as the guard.
+#[cfg(test)]
+pub(crate) async fn temp_sqlite() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/store.db?mode=rwc", dir.path().display());
+    let store = Store::connect(&url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    (dir, store)
 }
 
 #[cfg(test)]
@@ -615,10 +625,7 @@ mod tests {
 
     #[tokio::test]
     async fn append_load_compact_on_sqlite() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}/s.db?mode=rwc", dir.path().display());
-        let store = Store::connect(&url).await.expect("connect");
-        store.migrate().await.expect("migrate");
+        let (_dir, store) = temp_sqlite().await;
         store.migrate().await.expect("migrations are idempotent");
         let doc = DocId::parse("app/doc-1").expect("id");
         let other = DocId::parse("app/doc-2").expect("id");

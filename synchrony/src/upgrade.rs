@@ -49,8 +49,9 @@ impl IntoResponse for UpgradeRejection {
     fn into_response(self) -> Response {
         let status = match self {
             // RFC 6455 4.4: answer an unsupported version with 426 and the versions we speak.
-            UpgradeRejection::Version => StatusCode::UPGRADE_REQUIRED,
-            UpgradeRejection::NotUpgradable => StatusCode::UPGRADE_REQUIRED,
+            UpgradeRejection::Version | UpgradeRejection::NotUpgradable => {
+                StatusCode::UPGRADE_REQUIRED
+            }
             UpgradeRejection::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::BAD_REQUEST,
         };
