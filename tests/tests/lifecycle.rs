@@ -179,13 +179,17 @@ async fn silent_connections_time_out_and_live_ones_stay() {
         }
         Ended::Dropped => {}
     }
+    // Connection ids follow the order in which sessions start, not the order of the upgrades, so
+    // the log cannot say which line is the silent client's. The live client is still open, so
+    // exactly one idle close means the silent one was closed.
     let log = engine.log();
-    assert!(
-        log.lines().any(
-            |l| l.contains("closing the connection code=1001 reason=idle timeout")
-                && l.contains("conn_id=1")
-        ),
-        "the engine did not close the silent connection for idleness:\n{log}"
+    let idle_closes = log
+        .lines()
+        .filter(|l| l.contains("closing the connection code=1001 reason=idle timeout"))
+        .count();
+    assert_eq!(
+        idle_closes, 1,
+        "the engine should have closed exactly the silent connection for idleness:\n{log}"
     );
     live.append("still here").await;
     let reader = YClient::synced(&engine, "app/idle-conn", false).await;
