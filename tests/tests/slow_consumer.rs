@@ -116,12 +116,14 @@ async fn a_join_storm_on_a_document_larger_than_the_queue_budget() {
             }
         }
     }
-    for (i, client) in clients.iter().enumerate() {
-        assert_eq!(
-            client.text().len(),
-            want.len(),
-            "client {i} got the whole document"
-        );
+    // The writer's last chunks may still be on their way when a joiner is answered; they then
+    // come as broadcasts after its sync step 2, and none may be lost.
+    for (i, client) in clients.iter_mut().enumerate() {
+        client
+            .wait_until(&format!("client {i} to have the whole document"), |c| {
+                c.text().len() == want.len()
+            })
+            .await;
     }
     assert!(
         !engine.log().contains("falling behind"),
