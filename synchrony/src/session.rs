@@ -144,11 +144,22 @@ pub async fn run(
         Instant::now().checked_add(Duration::from_secs(left))
     });
     let expires = expires.flatten();
+    // The futures that outlive one turn of the loop are made once, not on every frame: under load
+    // a session turns once per message, and re-registering these showed in profiles.
+    let shutdown = cancel.cancelled();
+    tokio::pin!(shutdown);
+    let notified = state.notify.notified();
+    tokio::pin!(notified);
+    // Never fires when the token has no expiry (the branch is disabled).
+    let expiry = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now));
+    tokio::pin!(expiry);
     let close: Option<(CloseCode, String)> = loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break Some((CloseCode::SERVICE_RESTART, "server shutting down".into())),
-            _ = state.notify.notified() => {
+            _ = &mut shutdown => break Some((CloseCode::SERVICE_RESTART, "server shutting down".into())),
+            _ = &mut notified => {
+                // `notify_one` keeps a permit, so nothing signalled before this re-arm is lost.
+                notified.set(state.notify.notified());
                 if let Some(close) = state.take_close() {
                     break Some(close);
                 }
@@ -220,7 +231,7 @@ pub async fn run(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+            _ = &mut expiry, if expires.is_some() => {
                 break Some((CloseCode::UNAUTHENTICATED, "token expired".into()));
             }
             _ = ping.tick() => {
