@@ -145,9 +145,14 @@ async fn joiners_of_a_large_document_share_one_copy_of_its_state() {
         writer.append(&chunk).await;
     }
     let want = writer.text().len();
-    // One joiner first, so the cached encoding of the state exists before measuring.
+    // One joiner first, so the cached encoding of the state exists before measuring. Once it
+    // has the whole text the engine has applied every chunk, so later joiners sync all of it.
     let mut first = YClient::synced(&engine, "app/shared-state", false).await;
-    first.drain(Duration::from_millis(200)).await;
+    first
+        .wait_until("the first joiner to have the whole document", |c| {
+            c.text().len() == want
+        })
+        .await;
     let before = engine.rss_kib();
     let joins = (0..JOINERS).map(|_| YClient::synced(&engine, "app/shared-state", false));
     let clients = futures_util::future::join_all(joins).await;
