@@ -8,11 +8,14 @@
 //!   stock `y-websocket` client never sees an unknown message type.
 //! - [`close`]: WebSocket close codes and which of them a client may retry.
 //! - [`doc_id`]: document id validation, applied before an id reaches storage or logs.
+//! - [`nesting`]: how deeply updates and JSON nest, measured without recursion, so that input
+//!   that would overflow a stack in yrs is refused first.
 
 pub mod close;
 pub mod doc_id;
 pub mod ext;
 pub mod frame;
+pub mod nesting;
 
 pub use close::CloseCode;
 pub use doc_id::{DocId, DocIdError};

@@ -152,6 +152,17 @@ pub struct LimitsConfig {
     #[arg(long = "max-doc-bytes", env = "SYNCHRONY_MAX_DOC_BYTES", default_value_t = 64 << 20)]
     pub max_doc_bytes: usize,
 
+    /// Deepest nesting of shared types in a document, and of values inside an update or an
+    /// awareness state (at most 256). Deeper input is refused (1007 / 400) before yrs, which
+    /// recurses on it, sees it.
+    #[arg(
+        long = "max-nesting-depth",
+        env = "SYNCHRONY_MAX_NESTING_DEPTH",
+        default_value_t = synchrony_protocol::nesting::DEFAULT_MAX_NESTING,
+        value_parser = parse_nesting_depth
+    )]
+    pub max_nesting_depth: usize,
+
     /// Messages queued towards one client before it counts as lagging.
     #[arg(
         long = "outbound-queue-messages",
@@ -171,6 +182,14 @@ pub struct LimitsConfig {
         default_value_t = 3
     )]
     pub max_resyncs_per_minute: usize,
+}
+
+fn parse_nesting_depth(text: &str) -> Result<usize, String> {
+    let ceiling = synchrony_protocol::nesting::MAX_NESTING_CEILING;
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=ceiling).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a depth from 1 to {ceiling}")),
+    }
 }
 
 /// Timers.

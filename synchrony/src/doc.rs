@@ -30,6 +30,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
 use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
+use crate::nesting::{NestingError, NestingIndex};
 use crate::persist::{DurableWatch, Persister};
 use crate::store::{LogEntry, Store, StoreError};
 
@@ -428,9 +429,23 @@ struct StateCache {
 /// Why an update was not applied.
 enum Rejection {
     Invalid(String),
+    /// Nested deeper than `synchrony.max.nesting.depth`.
+    TooDeep(String),
     TooLarge,
     /// yrs panicked or failed half-way: the in-memory document cannot be trusted.
     Poisoned(String),
+}
+
+impl From<NestingError> for Rejection {
+    fn from(error: NestingError) -> Self {
+        match error {
+            NestingError::TooDeep { .. }
+            | NestingError::Scan(synchrony_protocol::nesting::ScanError::TooDeep { .. }) => {
+                Rejection::TooDeep(error.to_string())
+            }
+            other => Rejection::Invalid(other.to_string()),
+        }
+    }
 }
 
 struct DocActor {
@@ -442,6 +457,8 @@ struct DocActor {
     cache: StateCache,
     /// Approximate encoded size, for the document size limit.
     approx_bytes: usize,
+    /// How deeply the document's types nest; deeper updates are refused before yrs sees them.
+    nesting: NestingIndex,
     /// Sequence number of the last update handed to the persister.
     submitted: u64,
     durable: DurableWatch,
@@ -467,6 +484,7 @@ fn frame(message: &Message) -> Bytes {
 impl DocActor {
     fn new(id: DocId, generation: u64, docs: Arc<Docs>) -> Self {
         let (durable, durable_rx) = watch::channel(0);
+        let limit = docs.deps.limits.max_nesting_depth;
         Self {
             id,
             generation,
@@ -475,6 +493,7 @@ impl DocActor {
             conns: HashMap::new(),
             cache: StateCache::default(),
             approx_bytes: 0,
+            nesting: NestingIndex::new(limit),
             submitted: 0,
             durable: Arc::new(durable),
             durable_rx,
@@ -587,9 +606,18 @@ impl DocActor {
         self.log_rows = stored.updates.len() as u64;
         self.log_bytes = stored.log_bytes() as u64;
         let doc = yrs::Doc::new();
+        let mut nesting = NestingIndex::new(self.deps().limits.max_nesting_depth);
         {
             let mut txn = doc.transact_mut();
             for bytes in stored.snapshot.iter().chain(stored.updates.iter()) {
+                // Stored before the nesting limit existed, or under a higher one: refuse to load
+                // rather than let yrs overflow its stack.
+                if let Err(error) = nesting.admit(bytes) {
+                    return Err(StoreError::Corrupt {
+                        doc: self.id.to_string(),
+                        reason: error.to_string(),
+                    });
+                }
                 let applied = catch_unwind(AssertUnwindSafe(|| {
                     Update::decode_v1(bytes)
                         .map_err(|e| e.to_string())
@@ -612,6 +640,7 @@ impl DocActor {
                 }
             }
         }
+        self.nesting = nesting;
         let old = std::mem::replace(&mut self.awareness, Awareness::new(doc));
         // A rebuild keeps the presence of connected clients.
         if let Ok(states) = old.update() {
@@ -665,7 +694,9 @@ impl DocActor {
                 Err(rejection) => {
                     let error = match rejection {
                         Rejection::TooLarge => DocError::TooLarge,
-                        Rejection::Invalid(e) => DocError::InvalidUpdate(e),
+                        Rejection::Invalid(e) | Rejection::TooDeep(e) => {
+                            DocError::InvalidUpdate(e)
+                        }
                         Rejection::Poisoned(e) => {
                             tracing::error!(reason = %e, "yrs failed applying a REST update; rebuilding");
                             self.rebuild().await;
@@ -694,6 +725,10 @@ impl DocActor {
                     text.insert(&mut txn, 0, &content);
                     txn.encode_update_v1()
                 };
+                if let Err(error) = self.nesting.admit(&update) {
+                    // A root text's content nests one level: this cannot happen.
+                    tracing::error!(%error, "a text reset failed the nesting check");
+                }
                 self.cache = StateCache::default();
                 self.approx_bytes += update.len();
                 let outcome = Applied {
@@ -834,6 +869,10 @@ impl DocActor {
                 tracing::warn!(conn_id, %reason, "invalid update; closing the connection");
                 self.close(conn_id, CloseCode::INVALID_PAYLOAD, "invalid update");
             }
+            Err(Rejection::TooDeep(reason)) => {
+                tracing::warn!(conn_id, %reason, "update nests too deeply; closing the connection");
+                self.close(conn_id, CloseCode::INVALID_PAYLOAD, "update nests too deeply");
+            }
             Err(Rejection::TooLarge) => {
                 tracing::warn!(
                     conn_id,
@@ -853,6 +892,15 @@ impl DocActor {
     /// A read-only client's update is never applied. One that adds nothing (the step 2 every
     /// client sends after syncing) is ignored; anything else gets the permission-denied message.
     fn refuse_read_only(&mut self, conn_id: u64, raw: &[u8]) {
+        if let Err(error) = self.nesting.check(raw) {
+            tracing::warn!(conn_id, %error, "invalid update from a read-only connection; closing it");
+            let reason = match Rejection::from(error) {
+                Rejection::TooDeep(_) => "update nests too deeply",
+                _ => "invalid update",
+            };
+            self.close(conn_id, CloseCode::INVALID_PAYLOAD, reason);
+            return;
+        }
         let adds_nothing = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => {
                 let txn = self.awareness.doc().transact();
@@ -882,6 +930,8 @@ impl DocActor {
         if self.approx_bytes.saturating_add(raw.len()) > self.deps().limits.max_doc_bytes {
             return Err(Rejection::TooLarge);
         }
+        // Before yrs decodes anything: it recurses on nested values and types.
+        let admitted = self.nesting.check(raw).map_err(Rejection::from)?;
         let update = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => update,
             Ok(Err(e)) => return Err(Rejection::Invalid(e.to_string())),
@@ -901,6 +951,7 @@ impl DocActor {
             Ok(Err(e)) => return Err(Rejection::Poisoned(e)),
             Err(_) => return Err(Rejection::Poisoned("yrs panicked".into())),
         };
+        self.nesting.record(admitted);
         if encoded.is_some() {
             self.cache = StateCache::default();
         }
@@ -987,6 +1038,25 @@ impl DocActor {
     }
 
     fn on_awareness(&mut self, conn_id: u64, update: AwarenessUpdate) {
+        let limit = self.deps().limits.max_nesting_depth;
+        if let Some((id, _)) = update
+            .clients
+            .iter()
+            .find(|(_, e)| synchrony_protocol::nesting::json_depth(&e.json) > limit)
+        {
+            tracing::warn!(
+                conn_id,
+                client_id = id.get(),
+                limit,
+                "awareness state nests too deeply; closing the connection"
+            );
+            self.close(
+                conn_id,
+                CloseCode::INVALID_PAYLOAD,
+                "awareness state nests too deeply",
+            );
+            return;
+        }
         // JavaScript clients JSON.parse every state: one bad string would break all of them.
         if let Some((id, _)) = update
             .clients

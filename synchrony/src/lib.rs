@@ -10,6 +10,7 @@
 //! - [`gate`]: tokens of requests → principals, with registered apps' secrets from storage.
 //! - [`store`]: the update log and snapshots on SQLite or PostgreSQL (sqlx), and compaction.
 //! - [`persist`]: group commit of accepted updates and "durable through" notifications.
+//! - [`nesting`]: how deeply a document's shared types nest; deeper updates are refused.
 //! - [`doc`]: the registry of loaded documents and the actor that owns each one.
 //! - [`session`]: one WebSocket connection, bytes ↔ messages ↔ the document actor.
 //! - [`placement`]: which node owns a document (always this one until the cluster lands).
@@ -25,6 +26,7 @@ pub mod doc;
 pub mod gate;
 pub mod http;
 pub mod keyspace;
+pub mod nesting;
 pub mod persist;
 pub mod placement;
 pub mod session;

@@ -301,8 +301,26 @@ fn print_config(resolved: &Resolved, top: &clap::ArgMatches) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Stack of each runtime thread. Client input never makes the engine recurse deeply (nesting is
+/// bounded by `synchrony.max.nesting.depth` before yrs sees it); this is a margin on top, and
+/// costs address space only until a stack is actually used.
+const THREAD_STACK_BYTES: usize = 8 << 20;
+
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let (cli, resolved, matches) = parse_cli();
     let target = match &cli.command {
         Some(Command::Serve(config)) => {

@@ -1,0 +1,194 @@
+//! Hostile input that used to take the whole engine down: each is refused on its own connection
+//! or request, and the other editors of the document carry on.
+#![allow(clippy::unwrap_used)]
+
+use synchrony::auth::{mint_hs256, MintClaims};
+use synchrony::gate::unix_now;
+use synchrony_protocol::{encode_message, Message, SyncMessage};
+use synchrony_tests::{
+    sqlite_url, stored_text, Ended, EngineOptions, EngineProcess, RawClient, YClient, WAIT,
+};
+
+/// One item in root array `a` whose content is an `Any` array nested `depth` levels (yrs
+/// decodes it recursively: 50,000 levels in 100 KB overflowed the engine's stack).
+fn nested_any_update(depth: usize) -> Vec<u8> {
+    let mut b = vec![1u8, 1, 5, 0, 8, 1, 1, b'a', 1];
+    for _ in 0..depth {
+        b.extend([117, 1]);
+    }
+    b.extend([126, 0]);
+    b
+}
+
+fn var_uint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// `depth` Y.Arrays, each inside the previous one, under root array `a`, from client 6: about
+/// 7 bytes a level. yrs integrates it, then recurses when it renders or deletes it.
+fn nested_types_update(depth: usize) -> Vec<u8> {
+    let mut b = vec![1u8];
+    var_uint(depth as u64, &mut b);
+    b.extend([6, 0]);
+    for clock in 0..depth as u64 {
+        b.push(7); // an item holding a type, no origins: its parent follows
+        if clock == 0 {
+            b.extend([1, 1, b'a']);
+        } else {
+            b.extend([0, 6]);
+            var_uint(clock - 1, &mut b);
+        }
+        b.push(0); // Y.Array
+    }
+    b.push(0);
+    b
+}
+
+fn deep_awareness(depth: usize) -> Vec<u8> {
+    let json = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let mut clients = std::collections::HashMap::new();
+    clients.insert(
+        yrs::block::ClientID::new(99),
+        yrs::sync::awareness::AwarenessUpdateEntry {
+            clock: 1,
+            json: json.into(),
+        },
+    );
+    encode_message(&Message::Awareness(yrs::sync::AwarenessUpdate { clients }))
+}
+
+const SECRET: &str = "hostile-input-test-secret-0123456789";
+
+fn token(doc: &str, access: &str) -> String {
+    let now = unix_now();
+    let claims = MintClaims {
+        iss: None,
+        aud: None,
+        sub: Some("mallory".into()),
+        iat: now,
+        exp: now + 600,
+        access: [(format!("/data/{doc}"), access.to_owned())].into(),
+        session: None,
+    };
+    mint_hs256(&claims, SECRET).unwrap()
+}
+
+#[test]
+fn the_handmade_updates_are_what_yrs_reads() {
+    use yrs::updates::decoder::Decode;
+    let small = nested_types_update(3);
+    let doc = yrs::Doc::new();
+    let mut txn = yrs::Transact::transact_mut(&doc);
+    txn.apply_update(yrs::Update::decode_v1(&small).unwrap())
+        .unwrap();
+    assert!(!yrs::ReadTxn::has_missing_updates(&txn));
+    assert!(yrs::Update::decode_v1(&nested_any_update(3)).is_ok());
+}
+
+#[tokio::test]
+async fn deeply_nested_input_is_refused_everywhere_and_hurts_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions::sqlite(dir.path()).arg("--jwt-secret", SECRET);
+    let engine = EngineProcess::start(&options).await;
+    let doc = "app/deep";
+    let full = token(doc, "full");
+    let read = token(doc, "read");
+    let doc_with = |t: &str| format!("{doc}?token={t}");
+    let mut bystander = YClient::synced(&engine, &doc_with(&full), true).await;
+    let mut watcher = YClient::synced(&engine, &doc_with(&full), false).await;
+    bystander.append("base;").await;
+
+    let any = nested_any_update(100_000);
+    let types = nested_types_update(40_000);
+    assert!(any.len() < 300_000 && types.len() < 300_000);
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "an update nesting values",
+            &full,
+            encode_message(&Message::Sync(SyncMessage::Update(any.clone()))),
+        ),
+        (
+            "an update nesting types",
+            &full,
+            encode_message(&Message::Sync(SyncMessage::Update(types.clone()))),
+        ),
+        (
+            "a step 2 nesting types",
+            &full,
+            encode_message(&Message::Sync(SyncMessage::SyncStep2(types.clone()))),
+        ),
+        (
+            "a read-only client's step 2 nesting values",
+            &read,
+            encode_message(&Message::Sync(SyncMessage::SyncStep2(any.clone()))),
+        ),
+        (
+            "an awareness state nesting JSON",
+            &full,
+            deep_awareness(100_000),
+        ),
+    ];
+    for (i, (name, token, frame)) in cases.into_iter().enumerate() {
+        let mut bad = RawClient::connect(&engine.ws_url(&doc_with(token), ""))
+            .await
+            .unwrap();
+        bad.send(frame).await;
+        match bad.ended(WAIT).await {
+            Ended::Closed { code, reason } => {
+                assert_eq!(code, 1007, "{name}: closed with {code} ({reason})");
+                assert!(reason.contains("nests too deeply"), "{name}: {reason}");
+            }
+            Ended::Dropped => panic!("{name}: dropped without a close frame (engine alive?)"),
+        }
+        let marker = format!("ok{i};");
+        bystander.append(&marker).await;
+        watcher
+            .wait_until(&format!("the edit after {name}"), |w| {
+                w.text().ends_with(&marker)
+            })
+            .await;
+    }
+
+    // The REST API refuses the same bodies with 400 and renders the document afterwards.
+    let admin = {
+        let now = unix_now();
+        let claims = MintClaims {
+            iss: None,
+            aud: None,
+            sub: None,
+            iat: now,
+            exp: now + 600,
+            access: [("admin".to_owned(), "admin".to_owned())].into(),
+            session: None,
+        };
+        mint_hs256(&claims, SECRET).unwrap()
+    };
+    for (name, body) in [("values", &any), ("types", &types)] {
+        let response = engine
+            .request("PUT", &format!("/v1/data/{doc}"), Some(&admin), body)
+            .await;
+        assert_eq!(response.status, 400, "{name}: {}", response.text());
+        assert!(
+            response.text().contains("deeper than"),
+            "{name}: {}",
+            response.text()
+        );
+    }
+    let rendered = engine
+        .request("GET", &format!("/v1/data/{doc}"), Some(&admin), b"")
+        .await;
+    assert_eq!(rendered.status, 200, "{}", rendered.text());
+
+    let edits = bystander.edits;
+    bystander
+        .wait_until("acks", |c| c.acked_edits() == edits)
+        .await;
+    let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
+    assert_eq!(stored, bystander.text());
+    assert_eq!(stored, watcher.text());
+    assert!(engine.log().contains("nests too deeply"));
+}
