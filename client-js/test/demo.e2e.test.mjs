@@ -138,7 +138,7 @@ test('two people edit together, see each other, and survive an engine restart', 
 })
 
 test('with tokens: names come from the session claim, and a page without a token says what to do', { skip: missing }, async () => {
-  const secret = 'demo-e2e-secret-0123456789'
+  const secret = 'demo-e2e-secret-0123456789-abcdefgh'
   const engine = await startEngine({ args: ['--jwt-secret', secret] })
   const doc = 'team/notes'
   const token = (fullname) => mintToken(secret, {

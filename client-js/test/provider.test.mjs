@@ -68,7 +68,7 @@ test('a 4400-band close stops the provider with a permanent failure', async () =
 })
 
 test('tokens are refreshed before they expire, and after a 4401', async () => {
-  const secret = 'js-test-secret-0123456789'
+  const secret = 'js-test-secret-0123456789-abcdefgh'
   const engine = await startEngine({ args: ['--jwt-secret', secret, '--jwt-leeway-secs', '0'] })
   let minted = 0
   const getToken = (lifetime) => () => {

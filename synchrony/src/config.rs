@@ -59,6 +59,8 @@ pub enum ConfigError {
     PublicKey(String),
     #[error("{0}")]
     Cluster(String),
+    #[error("{key}: {reason}")]
+    Secret { key: &'static str, reason: String },
     #[error(
         "synchrony.bind is {0}, not a loopback address, and no authentication is configured: set \
          synchrony.service.authtoken (hosts then register apps), synchrony.jwt.secret or jwt.public.key"
@@ -322,7 +324,49 @@ pub struct AuthConfig {
     pub jwt_leeway_secs: u64,
 }
 
+/// Shortest static HS256 secret accepted: RFC 7518 (3.2) requires a key at least as long as the
+/// hash, 256 bits.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+/// Shortest registration token (`synchrony.service.authtoken`) and cluster secret accepted.
+pub const MIN_SHARED_TOKEN_BYTES: usize = 16;
+
+/// A secret as configured: empty or blank means unset, whatever form it came in (a flag, an
+/// empty environment variable, `-Dkey=`, a `key=` properties line). One that is set must be at
+/// least `min` bytes.
+fn secret(
+    value: Option<String>,
+    key: &'static str,
+    min: usize,
+) -> Result<Option<String>, ConfigError> {
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    if value.len() < min {
+        return Err(ConfigError::Secret {
+            key,
+            reason: format!(
+                "is {} bytes; a secret must be at least {min} bytes (unset it to leave it off)",
+                value.len()
+            ),
+        });
+    }
+    Ok(Some(value))
+}
+
 impl AuthConfig {
+    /// Treats empty or blank secrets as unset and refuses short ones, naming the key.
+    pub fn normalized(mut self) -> Result<Self, ConfigError> {
+        self.service_authtoken = secret(
+            self.service_authtoken,
+            "synchrony.service.authtoken",
+            MIN_SHARED_TOKEN_BYTES,
+        )?;
+        self.jwt_secret = secret(self.jwt_secret, "synchrony.jwt.secret", MIN_JWT_SECRET_BYTES)?;
+        self.jwt_public_key = self.jwt_public_key.filter(|k| !k.trim().is_empty());
+        self.service_urls.retain(|u| !u.trim().is_empty());
+        Ok(self)
+    }
+
     /// Whether anything makes tokens required (registered apps also do, found at startup).
     pub fn configured(&self) -> bool {
         self.service_authtoken.is_some()
@@ -518,13 +562,14 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// Cross-key checks: a join type needs its own keys, a secret when authentication is on.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.authentication_enabled
-            && self
-                .authentication_secret
-                .as_deref()
-                .is_none_or(str::is_empty)
-        {
+    /// A blank secret counts as unset; a set one must be long enough.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.authentication_secret = secret(
+            self.authentication_secret.take(),
+            "cluster.authentication.secret",
+            MIN_SHARED_TOKEN_BYTES,
+        )?;
+        if self.authentication_enabled && self.authentication_secret.is_none() {
             return Err(ConfigError::Cluster(
                 "cluster.authentication.enabled is true but cluster.authentication.secret is empty"
                     .into(),

@@ -85,8 +85,9 @@ const STORAGE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 impl Engine {
     /// Builds the engine without touching storage: the router can answer (heartbeat 503)
     /// while [`Engine::initialize`] migrates.
-    pub fn new(config: ServeConfig) -> Result<Arc<Self>, EngineError> {
+    pub fn new(mut config: ServeConfig) -> Result<Arc<Self>, EngineError> {
         config.normalized_context_path()?;
+        config.auth = config.auth.normalized()?;
         if !config.auth.configured() && !config.bind.is_loopback() {
             return Err(ConfigError::InsecureBind(config.bind).into());
         }

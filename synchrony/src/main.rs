@@ -363,9 +363,15 @@ async fn run() -> ExitCode {
     }
 }
 
-async fn mint(args: TokenArgs) -> Result<String, (u8, String)> {
+async fn mint(mut args: TokenArgs) -> Result<String, (u8, String)> {
     use synchrony::auth::{mint_hs256, mint_with_private_key, MintClaims};
     let config_error = |m: String| (exit::CONFIG, m);
+    args.auth = args
+        .auth
+        .normalized()
+        .map_err(|e| config_error(e.to_string()))?;
+    args.app_secret = args.app_secret.filter(|s| !s.trim().is_empty());
+    args.jwt_private_key = args.jwt_private_key.filter(|k| !k.trim().is_empty());
     if args.admin != args.docs.is_empty() {
         return Err(config_error(
             "give either --admin or at least one --doc".into(),

@@ -243,10 +243,16 @@ pub async fn run_engine_to_exit(args: &[&str]) -> (Option<i32>, String) {
 
 /// Runs `synchrony <args>` to completion (bounded): exit code, stdout, stderr.
 pub async fn run_cli(args: &[&str]) -> (Option<i32>, String, String) {
+    run_cli_with_env(args, &[]).await
+}
+
+/// Runs `synchrony <args>` with extra environment variables: exit code, stdout, stderr.
+pub async fn run_cli_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let output = tokio::time::timeout(
         WAIT,
         Command::new(engine_binary())
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("SYNCHRONY_DATABASE_URL")
             .stdin(Stdio::null())
             .kill_on_drop(true)

@@ -652,13 +652,19 @@ async fn synchrony_token_mints_for_registered_apps_and_configured_keys() {
     let short = mint(&["--doc", "wiki/cli", "--ttl-secs", "1"]).await;
     assert!(!short.is_empty());
 
+    const LONG: &str = "a-static-secret-of-32-bytes-or-more";
     for (args, needle) in [
         (vec!["token", "--doc", "x"], "no signing key"),
+        (vec!["token", "--doc", "x", "--jwt-secret", "  "], "no signing key"),
         (
-            vec!["token", "--doc", "x", "--admin", "--jwt-secret", "s"],
+            vec!["token", "--doc", "x", "--admin", "--jwt-secret", LONG],
             "either --admin or",
         ),
-        (vec!["token", "--doc", "a b", "--jwt-secret", "s"], "--doc"),
+        (vec!["token", "--doc", "a b", "--jwt-secret", LONG], "--doc"),
+        (
+            vec!["token", "--doc", "x", "--jwt-secret", "short"],
+            "synchrony.jwt.secret: is 5 bytes; a secret must be at least 32 bytes",
+        ),
         (
             vec![
                 "token",

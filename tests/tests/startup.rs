@@ -1,7 +1,7 @@
 //! Startup failures end with the documented exit code and a message naming the cause.
 #![allow(clippy::unwrap_used)]
 
-use synchrony_tests::{run_engine_to_exit, EngineOptions, EngineProcess};
+use synchrony_tests::{run_cli_with_env, run_engine_to_exit, EngineOptions, EngineProcess};
 
 #[tokio::test]
 async fn operator_mistakes_get_their_exit_codes() {
@@ -569,4 +569,71 @@ async fn the_readme_lists_every_key() {
         keys > 30,
         "synchrony config listed only {keys} keys:\n{output}"
     );
+}
+
+/// Empty or blank secrets, in every form a key can take, count as unset: beyond loopback the
+/// engine refuses to start without real authentication; short secrets are refused by name.
+#[tokio::test]
+async fn empty_and_short_secrets_never_count_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let props = dir.path().join("empty.properties");
+    std::fs::write(
+        &props,
+        "synchrony.service.authtoken=\nsynchrony.jwt.secret=   \n",
+    )
+    .unwrap();
+    let props = props.to_str().unwrap().to_owned();
+    let with = |extra: &[&str]| -> Vec<String> {
+        ["serve", "--port", "0", "--data-dir", &data, "--bind", "0.0.0.0"]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let insecure = "not a loopback address, and no authentication is configured";
+    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+        (with(&[]), vec![("SYNCHRONY_SERVICE_AUTHTOKEN", "")], insecure),
+        (with(&[]), vec![("synchrony.service.authtoken", "")], insecure),
+        (with(&[]), vec![("SYNCHRONY_JWT_SECRET", " ")], insecure),
+        (with(&["--jwt-secret", ""]), vec![], insecure),
+        (with(&["--service-authtoken", "  "]), vec![], insecure),
+        (with(&["-Dsynchrony.service.authtoken="]), vec![], insecure),
+        (with(&["--properties-file", &props]), vec![], insecure),
+        (
+            with(&["--jwt-secret", "too-short"]),
+            vec![],
+            "synchrony.jwt.secret: is 9 bytes; a secret must be at least 32 bytes",
+        ),
+        (
+            with(&[]),
+            vec![("SYNCHRONY_SERVICE_AUTHTOKEN", "short")],
+            "synchrony.service.authtoken: is 5 bytes; a secret must be at least 16 bytes",
+        ),
+        (
+            with(&["--jwt-secret", "a-static-secret-of-32-bytes-or-more"]),
+            vec![
+                ("CLUSTER_AUTHENTICATION_ENABLED", "true"),
+                ("CLUSTER_AUTHENTICATION_SECRET", " "),
+            ],
+            "cluster.authentication.secret is empty",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = run_cli_with_env(&args, &env).await;
+        assert_eq!(code, Some(2), "{args:?} {env:?}: exit {code:?}\n{stderr}");
+        assert!(stderr.contains(needle), "{args:?} {env:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+
+    // On loopback an empty authtoken leaves the engine open, and it says so.
+    let engine = EngineProcess::start(
+        &EngineOptions::default()
+            .arg("--service-authtoken", "")
+            .arg("--jwt-secret", " "),
+    )
+    .await;
+    let health = engine.health().await;
+    assert_eq!(health["auth"], "open", "{health}");
 }
