@@ -37,6 +37,11 @@ use crate::store::{LogEntry, Store, StoreError};
 /// Commands a document's mailbox holds, at most.
 const MAILBOX_LEN: usize = 256;
 
+/// Awareness client ids one connection may hold states for (a y-websocket client uses one).
+pub const MAX_AWARENESS_IDS: usize = 8;
+/// Largest awareness state (its JSON text) a connection may publish.
+pub const MAX_AWARENESS_STATE_BYTES: usize = 64 * 1024;
+
 /// What the rest of the engine needs to run documents.
 #[derive(Clone)]
 pub struct DocDeps {
@@ -431,6 +436,8 @@ enum Rejection {
     Invalid(String),
     /// Nested deeper than `synchrony.max.nesting.depth`.
     TooDeep(String),
+    /// Holds a type under content the document lacks: the client should resync (1013).
+    Unanchored(String),
     TooLarge,
     /// yrs panicked or failed half-way: the in-memory document cannot be trusted.
     Poisoned(String),
@@ -443,6 +450,7 @@ impl From<NestingError> for Rejection {
             | NestingError::Scan(synchrony_protocol::nesting::ScanError::TooDeep { .. }) => {
                 Rejection::TooDeep(error.to_string())
             }
+            NestingError::PendingType => Rejection::Unanchored(error.to_string()),
             other => Rejection::Invalid(other.to_string()),
         }
     }
@@ -459,6 +467,8 @@ struct DocActor {
     approx_bytes: usize,
     /// How deeply the document's types nest; deeper updates are refused before yrs sees them.
     nesting: NestingIndex,
+    /// Which connection holds each awareness client id: nobody else may change or remove it.
+    awareness_owners: HashMap<ClientID, u64>,
     /// Sequence number of the last update handed to the persister.
     submitted: u64,
     durable: DurableWatch,
@@ -471,10 +481,38 @@ struct DocActor {
     compacting: Arc<AtomicBool>,
     /// REST changes waiting for durability: (sequence, reply).
     waiting: Vec<(u64, oneshot::Sender<Result<(), DocError>>)>,
-    /// Set by a delete: the actor stops and handles nothing more.
-    deleted: bool,
-    /// What this actor last added to the registry's resident total.
+    /// Set by a delete or a failed rebuild: the actor stops and handles nothing more.
+    stopped: bool,
+    /// This document's share of the registry's resident total.
+    residency: Residency,
+}
+
+/// A document's share of the registry's resident total, given back when its actor ends however
+/// it ends: a panicking actor used to leave its size counted against `synchrony.memory.max`.
+struct Residency {
+    docs: Arc<Docs>,
     reported: u64,
+}
+
+impl Residency {
+    fn set(&mut self, bytes: u64) {
+        if bytes > self.reported {
+            self.docs
+                .resident
+                .fetch_add(bytes - self.reported, Ordering::Relaxed);
+        } else {
+            self.docs
+                .resident
+                .fetch_sub(self.reported - bytes, Ordering::Relaxed);
+        }
+        self.reported = bytes;
+    }
+}
+
+impl Drop for Residency {
+    fn drop(&mut self) {
+        self.set(0);
+    }
 }
 
 fn frame(message: &Message) -> Bytes {
@@ -485,6 +523,10 @@ impl DocActor {
     fn new(id: DocId, generation: u64, docs: Arc<Docs>) -> Self {
         let (durable, durable_rx) = watch::channel(0);
         let limit = docs.deps.limits.max_nesting_depth;
+        let residency = Residency {
+            docs: docs.clone(),
+            reported: 0,
+        };
         Self {
             id,
             generation,
@@ -494,6 +536,7 @@ impl DocActor {
             cache: StateCache::default(),
             approx_bytes: 0,
             nesting: NestingIndex::new(limit),
+            awareness_owners: HashMap::new(),
             submitted: 0,
             durable: Arc::new(durable),
             durable_rx,
@@ -502,8 +545,8 @@ impl DocActor {
             compact_at: None,
             compacting: Arc::new(AtomicBool::new(false)),
             waiting: Vec::new(),
-            deleted: false,
-            reported: 0,
+            stopped: false,
+            residency,
         }
     }
 
@@ -513,17 +556,47 @@ impl DocActor {
 
     /// Brings the registry's resident total up to date with this document's size.
     fn account(&mut self) {
-        let now = self.approx_bytes as u64;
-        if now > self.reported {
-            self.docs
-                .resident
-                .fetch_add(now - self.reported, Ordering::Relaxed);
-        } else {
-            self.docs
-                .resident
-                .fetch_sub(self.reported - now, Ordering::Relaxed);
+        self.residency.set(self.approx_bytes as u64);
+    }
+
+    /// Handles a command; a panic in it (yrs on client data, most likely) closes the connection
+    /// that sent it and rebuilds the document from storage instead of ending the actor.
+    async fn handle_contained(&mut self, command: DocCommand) {
+        use futures_util::FutureExt;
+        let conn_id = match &command {
+            DocCommand::Message { conn_id, .. }
+            | DocCommand::Resync { conn_id }
+            | DocCommand::Leave { conn_id } => Some(*conn_id),
+            DocCommand::Join { request, .. } => Some(request.conn_id),
+            _ => None,
+        };
+        if AssertUnwindSafe(self.handle(command))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                conn_id,
+                "handling a command panicked; closing its connection and rebuilding the document"
+            );
+            if let Some(conn_id) = conn_id {
+                self.close(conn_id, CloseCode::INTERNAL_ERROR, "internal error");
+            }
+            self.rebuild().await;
         }
-        self.reported = now;
+    }
+
+    /// Whether `extra` more bytes fit under the document size limit. The running estimate only
+    /// grows with each update; near the limit it is replaced by the real encoded size, so that
+    /// content deleted since makes room again (paste-and-delete cycles ended in a false 4413).
+    fn fits(&mut self, extra: usize) -> bool {
+        let max = self.deps().limits.max_doc_bytes;
+        if self.approx_bytes.saturating_add(extra) <= max {
+            return true;
+        }
+        self.cache = StateCache::default();
+        self.full_state();
+        self.approx_bytes.saturating_add(extra) <= max
     }
 
     #[tracing::instrument(name = "doc", skip_all, fields(doc_id = %self.id))]
@@ -547,9 +620,9 @@ impl DocActor {
             tokio::select! {
                 command = rx.recv() => match command {
                     Some(command) => {
-                        self.handle(command).await;
+                        self.handle_contained(command).await;
                         self.account();
-                        if self.deleted {
+                        if self.stopped {
                             break;
                         }
                     }
@@ -580,9 +653,17 @@ impl DocActor {
             match command {
                 // Joiners and, after a delete, everyone retry against a new actor.
                 DocCommand::Join { .. } => {}
-                _ if self.deleted => {}
-                other => self.handle(other).await,
+                _ if self.stopped => {}
+                other => self.handle_contained(other).await,
             }
+        }
+        // REST callers are answered once their change is durable. Ending with their replies
+        // unsent would make them retry against the next actor: a text reset applied twice.
+        if !self.waiting.is_empty() {
+            if self.deps().persister.flush().await.is_err() {
+                tracing::error!("persister stopped while an unloading document waited for it");
+            }
+            self.on_durable();
         }
         for conn in self.conns.values() {
             let code = if cancel.is_cancelled() {
@@ -612,7 +693,7 @@ impl DocActor {
             for bytes in stored.snapshot.iter().chain(stored.updates.iter()) {
                 // Stored before the nesting limit existed, or under a higher one: refuse to load
                 // rather than let yrs overflow its stack.
-                if let Err(error) = nesting.admit(bytes) {
+                if let Err(error) = nesting.admit(bytes, &txn.state_vector()) {
                     return Err(StoreError::Corrupt {
                         doc: self.id.to_string(),
                         reason: error.to_string(),
@@ -694,7 +775,7 @@ impl DocActor {
                 Err(rejection) => {
                     let error = match rejection {
                         Rejection::TooLarge => DocError::TooLarge,
-                        Rejection::Invalid(e) | Rejection::TooDeep(e) => {
+                        Rejection::Invalid(e) | Rejection::TooDeep(e) | Rejection::Unanchored(e) => {
                             DocError::InvalidUpdate(e)
                         }
                         Rejection::Poisoned(e) => {
@@ -711,22 +792,21 @@ impl DocActor {
                 content,
                 reply,
             } => {
-                if self.approx_bytes.saturating_add(content.len())
-                    > self.deps().limits.max_doc_bytes
-                {
+                if !self.fits(content.len()) {
                     let _ = reply.send(Err(DocError::TooLarge));
                     return;
                 }
-                let update = {
+                let (update, before) = {
                     let text = self.awareness.doc().get_or_insert_text(root.as_str());
                     let mut txn = self.awareness.doc().transact_mut();
                     let len = text.len(&txn);
                     text.remove_range(&mut txn, 0, len);
                     text.insert(&mut txn, 0, &content);
-                    txn.encode_update_v1()
+                    (txn.encode_update_v1(), txn.before_state().clone())
                 };
-                if let Err(error) = self.nesting.admit(&update) {
-                    // A root text's content nests one level: this cannot happen.
+                // A root text's content sits at level 1, and structs still waiting for it hold
+                // no types (see `nesting`): recording cannot fail.
+                if let Err(error) = self.nesting.admit(&update, &before) {
                     tracing::error!(%error, "a text reset failed the nesting check");
                 }
                 self.cache = StateCache::default();
@@ -790,31 +870,29 @@ impl DocActor {
         }
     }
 
-    /// Closes every client with 4404, commits what is queued, then removes the stored document.
+    /// Commits what is queued, removes the stored document, then closes every client with 4404.
+    /// Until storage has deleted it, nobody is told it is gone: a failed delete leaves the
+    /// document and its editors as they were.
     async fn delete(&mut self) -> Result<(), DocError> {
+        if self.deps().persister.flush().await.is_err() {
+            return Err(DocError::Storage);
+        }
+        if let Err(error) = self.deps().store.delete_doc(&self.id).await {
+            tracing::error!(%error, "deleting the document failed; it stays");
+            return Err(DocError::Storage);
+        }
+        tracing::info!("document deleted");
+        self.stopped = true;
+        self.log_rows = 0;
         for (_, conn) in self.conns.drain() {
             conn.out
                 .state
                 .request_close(CloseCode::DOCUMENT_DELETED, "document deleted");
         }
-        self.deleted = true;
-        if self.deps().persister.flush().await.is_err() {
-            return Err(DocError::Storage);
-        }
         for (_, reply) in self.waiting.drain(..) {
             let _ = reply.send(Ok(()));
         }
-        match self.deps().store.delete_doc(&self.id).await {
-            Ok(_) => {
-                tracing::info!("document deleted");
-                self.log_rows = 0;
-                Ok(())
-            }
-            Err(error) => {
-                tracing::error!(%error, "deleting the document failed");
-                Err(DocError::Storage)
-            }
-        }
+        Ok(())
     }
 
     async fn on_message(&mut self, conn_id: u64, message: Message) {
@@ -873,6 +951,14 @@ impl DocActor {
                 tracing::warn!(conn_id, %reason, "update nests too deeply; closing the connection");
                 self.close(conn_id, CloseCode::INVALID_PAYLOAD, "update nests too deeply");
             }
+            Err(Rejection::Unanchored(reason)) => {
+                tracing::warn!(conn_id, %reason, "update depends on content the server lacks; closing with 1013 so the client resyncs");
+                self.close(
+                    conn_id,
+                    CloseCode::TRY_AGAIN_LATER,
+                    "update depends on content the server lacks; resync",
+                );
+            }
             Err(Rejection::TooLarge) => {
                 tracing::warn!(
                     conn_id,
@@ -892,7 +978,8 @@ impl DocActor {
     /// A read-only client's update is never applied. One that adds nothing (the step 2 every
     /// client sends after syncing) is ignored; anything else gets the permission-denied message.
     fn refuse_read_only(&mut self, conn_id: u64, raw: &[u8]) {
-        if let Err(error) = self.nesting.check(raw) {
+        let held = self.awareness.doc().transact().state_vector();
+        if let Err(error) = self.nesting.check(raw, &held) {
             tracing::warn!(conn_id, %error, "invalid update from a read-only connection; closing it");
             let reason = match Rejection::from(error) {
                 Rejection::TooDeep(_) => "update nests too deeply",
@@ -927,11 +1014,12 @@ impl DocActor {
     /// transaction produced, or the raw bytes when some structs wait for missing predecessors
     /// (the transaction's update would leave them out).
     fn apply(&mut self, raw: &[u8]) -> Result<Applied, Rejection> {
-        if self.approx_bytes.saturating_add(raw.len()) > self.deps().limits.max_doc_bytes {
+        if !self.fits(raw.len()) {
             return Err(Rejection::TooLarge);
         }
         // Before yrs decodes anything: it recurses on nested values and types.
-        let admitted = self.nesting.check(raw).map_err(Rejection::from)?;
+        let held = self.awareness.doc().transact().state_vector();
+        let admitted = self.nesting.check(raw, &held).map_err(Rejection::from)?;
         let update = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => update,
             Ok(Err(e)) => return Err(Rejection::Invalid(e.to_string())),
@@ -1037,56 +1125,41 @@ impl DocActor {
         });
     }
 
-    fn on_awareness(&mut self, conn_id: u64, update: AwarenessUpdate) {
-        let limit = self.deps().limits.max_nesting_depth;
-        if let Some((id, _)) = update
-            .clients
-            .iter()
-            .find(|(_, e)| synchrony_protocol::nesting::json_depth(&e.json) > limit)
-        {
-            tracing::warn!(
-                conn_id,
-                client_id = id.get(),
-                limit,
-                "awareness state nests too deeply; closing the connection"
-            );
-            self.close(
-                conn_id,
-                CloseCode::INVALID_PAYLOAD,
-                "awareness state nests too deeply",
-            );
+    fn on_awareness(&mut self, conn_id: u64, mut update: AwarenessUpdate) {
+        if let Some((code, reason)) = self.awareness_refusal(conn_id, &update) {
+            tracing::warn!(conn_id, reason, "awareness update refused; closing the connection");
+            self.close(conn_id, code, reason);
             return;
         }
-        // JavaScript clients JSON.parse every state: one bad string would break all of them.
-        if let Some((id, _)) = update
-            .clients
-            .iter()
-            .find(|(_, e)| serde_json::from_str::<serde::de::IgnoredAny>(&e.json).is_err())
-        {
-            tracing::warn!(
-                conn_id,
-                client_id = id.get(),
-                "awareness state is not JSON; closing the connection"
-            );
-            self.close(
-                conn_id,
-                CloseCode::INVALID_PAYLOAD,
-                "awareness state is not JSON",
-            );
+        // Another connection's states are its own: entries for them are dropped, so no client
+        // can move, rename or remove someone else's presence.
+        update.clients.retain(|id, _| {
+            let foreign = self
+                .awareness_owners
+                .get(id)
+                .is_some_and(|owner| *owner != conn_id);
+            if foreign {
+                tracing::debug!(conn_id, client_id = id.get(), "awareness entry for another connection's client id ignored");
+            }
+            !foreign
+        });
+        if update.clients.is_empty() {
             return;
         }
-        let f = frame(&Message::Awareness(update.clone()));
-        match self.awareness.apply_update_summary(update) {
+        match self.awareness.apply_update_summary(update.clone()) {
             Ok(Some(summary)) => {
                 if let Some(conn) = self.conns.get_mut(&conn_id) {
-                    conn.awareness_ids
-                        .extend(summary.added.iter().chain(&summary.updated));
+                    for id in summary.added.iter().chain(&summary.updated) {
+                        conn.awareness_ids.insert(*id);
+                        self.awareness_owners.insert(*id, conn_id);
+                    }
                     for id in &summary.removed {
                         conn.awareness_ids.remove(id);
+                        self.awareness_owners.remove(id);
                     }
                 }
                 // To everyone, the sender too: y-websocket clients count it as a sign of life.
-                self.broadcast(&f, None);
+                self.broadcast(&frame(&Message::Awareness(update)), None);
             }
             Ok(None) => {}
             Err(error) => {
@@ -1100,10 +1173,50 @@ impl DocActor {
         }
     }
 
+    /// Why an awareness update closes its connection, if it does: states that are not JSON
+    /// (JavaScript clients JSON.parse every state, so one bad string would break all of them),
+    /// nest too deeply, are too large, or would give the connection too many client ids.
+    fn awareness_refusal(
+        &self,
+        conn_id: u64,
+        update: &AwarenessUpdate,
+    ) -> Option<(CloseCode, &'static str)> {
+        let depth = self.deps().limits.max_nesting_depth;
+        for entry in update.clients.values() {
+            if entry.json.len() > MAX_AWARENESS_STATE_BYTES {
+                return Some((CloseCode::TOO_LARGE, "awareness state too large"));
+            }
+            if synchrony_protocol::nesting::json_depth(&entry.json) > depth {
+                return Some((
+                    CloseCode::INVALID_PAYLOAD,
+                    "awareness state nests too deeply",
+                ));
+            }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&entry.json).is_err() {
+                return Some((CloseCode::INVALID_PAYLOAD, "awareness state is not JSON"));
+            }
+        }
+        let held = self.conns.get(&conn_id).map(|c| &c.awareness_ids)?;
+        let new_ids = update
+            .clients
+            .keys()
+            .filter(|id| !held.contains(id) && !self.awareness_owners.contains_key(id))
+            .count();
+        (held.len() + new_ids > MAX_AWARENESS_IDS).then_some((
+            CloseCode::INVALID_PAYLOAD,
+            "too many awareness client ids on one connection",
+        ))
+    }
+
     fn leave(&mut self, conn_id: u64) {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
         };
+        for id in &conn.awareness_ids {
+            if self.awareness_owners.get(id) == Some(&conn_id) {
+                self.awareness_owners.remove(id);
+            }
+        }
         let ids: Vec<ClientID> = conn
             .awareness_ids
             .into_iter()
@@ -1187,7 +1300,9 @@ impl DocActor {
             tracing::error!("persister stopped during a rebuild");
         }
         if let Err(error) = self.load().await {
-            tracing::error!(%error, "rebuild failed; closing all connections");
+            // What is in memory cannot be trusted: serve nobody from it.
+            tracing::error!(%error, "rebuild failed; closing all connections and stopping");
+            self.stopped = true;
             for conn in self.conns.values() {
                 conn.out
                     .state
@@ -1272,4 +1387,48 @@ struct Applied {
     /// Send the broadcast to the origin as well.
     echo: bool,
     persist: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn docs() -> (tempfile::TempDir, Arc<Docs>) {
+        let (dir, store) = crate::store::temp_sqlite().await;
+        let config = crate::config::ServeConfig::default();
+        let tracker = TaskTracker::new();
+        let persister = Persister::spawn(
+            store.clone(),
+            config.timing.flush_window(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        let docs = Docs::new(DocDeps {
+            store,
+            persister,
+            limits: config.limits,
+            timing: config.timing,
+            compaction: config.compaction,
+            memory_max: config.managed.memory_max,
+            cancel: CancellationToken::new(),
+            tracker,
+        });
+        (dir, docs)
+    }
+
+    #[tokio::test]
+    async fn a_document_that_ends_in_a_panic_gives_back_its_resident_bytes() {
+        let (_dir, docs) = docs().await;
+        let actor = DocActor::new(DocId::parse("p").unwrap(), 1, docs.clone());
+        let task = tokio::spawn(async move {
+            let mut actor = actor;
+            actor.approx_bytes = 12_345;
+            actor.account();
+            assert_eq!(actor.docs.resident_bytes(), 12_345);
+            panic!("yrs misbehaved");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(docs.resident_bytes(), 0, "the panicked actor's size still counts");
+    }
 }

@@ -9,18 +9,26 @@
 //! struct the document has seen, its level (1 inside a root type, one more inside each nested
 //! type), as clock ranges per client: runs of typing at one level take one entry.
 //!
-//! The estimate errs on the deep side: where two structs claim one id (a client resending
-//! what it already sent, or a garbage-collected range and the item it replaced) the deeper level
-//! counts, and an item under neighbours takes the deeper of the two. Structs whose parent is not
-//! known yet wait, as yrs keeps them pending, and are counted when what they wait for arrives.
+//! The estimate errs on the deep side: where two structs claim one id not yet in the document
+//! the deeper level counts, and an item under neighbours takes the deeper of the two. Parts of
+//! structs the document already holds are skipped, as yrs skips them.
+//!
+//! Structs whose parent is not known yet wait, as yrs keeps them pending, and are placed when
+//! what they wait for arrives. A waiting struct may not hold a type: then whatever it waits for,
+//! it lands at most one level below a type that was itself checked, so completing it can never
+//! pass the limit (a chain of types parked under an id not yet written would otherwise be
+//! integrated by yrs the moment anyone wrote that id). Honest clients send such an update only
+//! when the server lost something they depend on; they are closed with 1013 and resync.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use synchrony_protocol::nesting::{scan_update, Parent, ScanError, Struct, StructId};
+use yrs::block::ClientID;
+use yrs::StateVector;
 
 /// Structs waiting for a missing predecessor, at most. yrs holds such structs until the
-/// predecessor arrives; honest clients leave few.
-const MAX_PENDING: usize = 65_536;
+/// predecessor arrives; honest clients leave few. Every update re-examines them.
+const MAX_PENDING: usize = 4_096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NestingError {
@@ -30,6 +38,8 @@ pub enum NestingError {
     TooDeep { limit: u32 },
     #[error("more than {MAX_PENDING} structs wait for predecessors the document does not have")]
     TooManyPending,
+    #[error("the update nests a shared type under content the document does not have")]
+    PendingType,
 }
 
 /// Levels of clock ranges, per client: start → (end, level), ranges disjoint.
@@ -147,21 +157,37 @@ impl NestingIndex {
 
     /// Checks an update and records its structs when it is within the limits; records nothing
     /// when it is refused.
-    pub fn admit(&mut self, update: &[u8]) -> Result<(), NestingError> {
-        let admitted = self.check(update)?;
+    pub fn admit(&mut self, update: &[u8], held: &StateVector) -> Result<(), NestingError> {
+        let admitted = self.check(update, held)?;
         self.record(admitted);
         Ok(())
     }
 
     /// Checks an update without recording it: [`NestingIndex::record`] does, once the update
-    /// has been applied.
-    pub fn check(&self, update: &[u8]) -> Result<Admitted, NestingError> {
+    /// has been applied. `held` is the document's state vector: what yrs has integrated.
+    pub fn check(&self, update: &[u8], held: &StateVector) -> Result<Admitted, NestingError> {
         let structs = scan_update(update, self.limit as usize)?;
-        if structs.is_empty() {
+        let fresh = structs.into_iter().filter_map(|mut s| {
+            // yrs skips what it holds: so does the index (a resent range costs nothing).
+            let have = held.get(&ClientID::new(s.id.client));
+            let end = s.id.clock.saturating_add(s.len);
+            if end <= have {
+                return None;
+            }
+            if s.id.clock < have {
+                s.len = end - have;
+                s.id.clock = have;
+            }
+            Some(s)
+        });
+        let candidates: Vec<Struct> = self.pending.iter().copied().chain(fresh).collect();
+        if candidates.is_empty() {
             return Ok(Admitted::default());
         }
-        let candidates: Vec<Struct> = self.pending.iter().copied().chain(structs).collect();
         let (added, unresolved) = self.resolve(&candidates)?;
+        if unresolved.iter().any(|s| s.holds_type) {
+            return Err(NestingError::PendingType);
+        }
         if unresolved.len() > MAX_PENDING {
             return Err(NestingError::TooManyPending);
         }
@@ -275,6 +301,10 @@ mod tests {
         XmlElementPrelim, XmlFragment,
     };
 
+    fn sv0() -> StateVector {
+        StateVector::default()
+    }
+
     /// An update nesting arrays `depth` levels under root array `a` (the root is level 1).
     fn nested_arrays(client: u64, depth: usize) -> Vec<u8> {
         let doc = Doc::with_client_id(client);
@@ -292,10 +322,10 @@ mod tests {
         // `depth` nested arrays under a root: the innermost array's children are at level
         // depth + 1, so a limit of depth + 1 admits it.
         let mut index = NestingIndex::new(11);
-        index.admit(&nested_arrays(1, 10)).unwrap();
+        index.admit(&nested_arrays(1, 10), &sv0()).unwrap();
         let mut index = NestingIndex::new(10);
         assert!(matches!(
-            index.admit(&nested_arrays(1, 10)),
+            index.admit(&nested_arrays(1, 10), &sv0()),
             Err(NestingError::TooDeep { limit: 10 })
         ));
         assert_eq!(index.entries(), 0, "a refused update leaves nothing behind");
@@ -303,7 +333,7 @@ mod tests {
         let deep = nested_arrays(2, 30_000);
         assert!(deep.len() < 300_000);
         assert!(matches!(
-            NestingIndex::new(128).admit(&deep),
+            NestingIndex::new(128).admit(&deep, &sv0()),
             Err(NestingError::TooDeep { .. })
         ));
     }
@@ -316,7 +346,7 @@ mod tests {
         let mut cur = {
             let mut txn = doc.transact_mut();
             let m = root.insert(&mut txn, "k", MapPrelim::default());
-            index.admit(&txn.encode_update_v1()).unwrap();
+            index.admit(&txn.encode_update_v1(), &sv0()).unwrap();
             m
         };
         let mut refused_at = None;
@@ -324,7 +354,7 @@ mod tests {
             let mut txn = doc.transact_mut();
             let before = txn.state_vector();
             cur = cur.insert(&mut txn, "k", MapPrelim::default());
-            if index.admit(&txn.encode_diff_v1(&before)).is_err() {
+            if index.admit(&txn.encode_diff_v1(&before), &before).is_err() {
                 refused_at = Some(level);
                 break;
             }
@@ -333,35 +363,34 @@ mod tests {
     }
 
     #[test]
-    fn structs_arriving_before_their_parents_are_counted_when_the_parents_come() {
-        // The chain in two halves, the inner half first: it waits, then the outer half makes
-        // the whole too deep.
+    fn structs_arriving_before_their_parents_wait_and_types_may_not() {
         let doc = Doc::with_client_id(9);
         let root = doc.get_or_insert_array("a");
-        let (outer, inner) = {
+        let (outer, values, types) = {
             let mut txn = doc.transact_mut();
-            let mut cur = root.insert(&mut txn, 0, ArrayPrelim::default());
-            for _ in 0..30 {
-                cur = cur.insert(&mut txn, 0, ArrayPrelim::default());
-            }
+            let inner = root.insert(&mut txn, 0, ArrayPrelim::default());
             let outer = txn.encode_update_v1();
             let before = txn.state_vector();
-            for _ in 0..30 {
-                cur = cur.insert(&mut txn, 0, ArrayPrelim::default());
-            }
-            (outer, txn.encode_diff_v1(&before))
+            inner.push_back(&mut txn, "value");
+            inner.push_back(&mut txn, 2);
+            let values = txn.encode_diff_v1(&before);
+            let before = txn.state_vector();
+            inner.insert(&mut txn, 0, ArrayPrelim::default());
+            (outer, values, txn.encode_diff_v1(&before))
         };
+        // Values may wait for the array that holds them, and are placed once it comes.
         let mut index = NestingIndex::new(50);
-        index.admit(&inner).unwrap();
-        assert_eq!(index.pending.len(), 30);
+        index.admit(&values, &sv0()).unwrap();
+        assert!(!index.pending.is_empty());
+        // A type may not wait: a chain of them parked under an id nobody wrote yet would be
+        // integrated by yrs the moment someone wrote it, however deep it went.
         assert!(matches!(
-            index.admit(&outer),
-            Err(NestingError::TooDeep { .. })
+            index.admit(&types, &sv0()),
+            Err(NestingError::PendingType)
         ));
-        // Each half alone is fine.
-        let mut index = NestingIndex::new(50);
-        index.admit(&outer).unwrap();
+        index.admit(&outer, &sv0()).unwrap();
         assert!(index.pending.is_empty());
+        assert_eq!(index.known.get(StructId { client: 9, clock: 1 }), Some(2));
     }
 
     #[test]
@@ -382,7 +411,7 @@ mod tests {
             if i % 10 == 0 {
                 text.remove_range(&mut txn, 0, 1);
             }
-            index.admit(&txn.encode_diff_v1(&before)).unwrap();
+            index.admit(&txn.encode_diff_v1(&before), &before).unwrap();
         }
         assert!(index.entries() < 200, "{} entries", index.entries());
         // A whole-state update (a load) gives the same picture.
@@ -390,7 +419,7 @@ mod tests {
         let state = doc
             .transact()
             .encode_state_as_update_v1(&StateVector::default());
-        fresh.admit(&state).unwrap();
+        fresh.admit(&state, &sv0()).unwrap();
         assert!(Update::decode_v1(&state).is_ok());
         assert!(fresh.pending.is_empty());
     }

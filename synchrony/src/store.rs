@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor, Row};
 use synchrony_protocol::DocId;
 use yrs::updates::decoder::Decode;
@@ -240,23 +240,29 @@ impl Store {
         Ok(())
     }
 
-    /// Reads a document's snapshot and log.
+    /// Reads a document's snapshot and log as one consistent view. One statement reads both: read
+    /// by two, a compaction committing in between left a load with the old snapshot and without
+    /// the rows merged into the new one (acknowledged edits missing from the loaded document).
     pub async fn load(&self, doc: &DocId) -> Result<StoredDoc, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let snapshot = sqlx::query("SELECT data FROM doc_snapshots WHERE doc_id = $1")
-            .bind(doc.as_str())
-            .fetch_optional(&mut *conn)
-            .await?
-            .map(|row: AnyRow| row.try_get::<Vec<u8>, _>(0))
-            .transpose()?;
-        let updates = sqlx::query("SELECT data FROM doc_updates WHERE doc_id = $1 ORDER BY id")
-            .bind(doc.as_str())
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|row| row.try_get::<Vec<u8>, _>(0))
-            .collect::<Result<_, _>>()?;
-        Ok(StoredDoc { snapshot, updates })
+        let rows = sqlx::query(
+            "SELECT CAST(0 AS BIGINT) AS part, CAST(0 AS BIGINT) AS id, data FROM doc_snapshots \
+             WHERE doc_id = $1 \
+             UNION ALL SELECT CAST(1 AS BIGINT) AS part, id, data FROM doc_updates WHERE doc_id = $1 \
+             ORDER BY part, id",
+        )
+        .bind(doc.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stored = StoredDoc::default();
+        for row in rows {
+            let data = row.try_get::<Vec<u8>, _>(2)?;
+            if row.try_get::<i64, _>(0)? == 0 {
+                stored.snapshot = Some(data);
+            } else {
+                stored.updates.push(data);
+            }
+        }
+        Ok(stored)
     }
 
     /// Merges a document's log into its snapshot inside one transaction, reading what is in the
@@ -527,10 +533,16 @@ pub fn merge(
     };
     let ydoc = yrs::Doc::new();
     let mut txn = ydoc.transact_mut();
+    // Rows passed the nesting check when they were accepted; rows stored before it existed (or
+    // under a higher limit) must not make yrs recurse past its stack here either.
+    let mut nesting = crate::nesting::NestingIndex::new(synchrony_protocol::nesting::MAX_NESTING_CEILING);
     for bytes in snapshot
         .into_iter()
         .chain(updates.iter().map(Vec::as_slice))
     {
+        nesting
+            .admit(bytes, &txn.state_vector())
+            .map_err(|e| corrupt(e.to_string()))?;
         let update = Update::decode_v1(bytes).map_err(|e| corrupt(e.to_string()))?;
         txn.apply_update(update)
             .map_err(|e| corrupt(e.to_string()))?;

@@ -158,3 +158,80 @@ async fn sqlite_appends_race_compaction() {
     let dir = tempfile::tempdir().unwrap();
     appends_race_compaction(&format!("{}?mode=rwc", sqlite_url(dir.path()))).await;
 }
+
+/// Loads run while writers append and a compactor loops: every load holds every update that was
+/// committed before the load began. (Reading the snapshot and the log in two statements let a
+/// compaction commit in between: the load then had neither the old rows nor the new snapshot.)
+async fn loads_race_compaction(url: &str) {
+    let store = Arc::new(Store::connect(url).await.unwrap());
+    store.migrate().await.unwrap();
+    let doc = DocId::parse("race/load").unwrap();
+    let committed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (store, doc, committed) = (store.clone(), doc.clone(), committed.clone());
+        tokio::spawn(async move {
+            let ydoc = yrs::Doc::with_client_id(42);
+            let text = ydoc.get_or_insert_text("content");
+            for i in 0..400 {
+                let marker = format!("<{i}>");
+                let update = {
+                    let mut txn = ydoc.transact_mut();
+                    text.push(&mut txn, &marker);
+                    txn.encode_update_v1()
+                };
+                let entry = LogEntry {
+                    doc: doc.clone(),
+                    data: update.into(),
+                };
+                store.append(&[entry]).await.unwrap();
+                committed.lock().unwrap().push(marker);
+            }
+        })
+    };
+    let compactor = {
+        let (store, doc) = (store.clone(), doc.clone());
+        tokio::spawn(async move {
+            let mut merged = 0;
+            while merged < 40 {
+                if let Ok(c) = store.compact(&doc).await {
+                    merged += u64::from(c.merged_rows > 0);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut loads = 0;
+    while !writer.is_finished() || loads < 50 {
+        let before: Vec<String> = committed.lock().unwrap().clone();
+        let stored = store.load(&doc).await.unwrap();
+        let merged =
+            synchrony::store::merge(&doc, stored.snapshot.as_deref(), &stored.updates).unwrap();
+        let ydoc = yrs::Doc::new();
+        let text = ydoc.get_or_insert_text("content");
+        let mut txn = ydoc.transact_mut();
+        txn.apply_update(yrs::updates::decoder::Decode::decode_v1(&merged).unwrap())
+            .unwrap();
+        let seen = yrs::GetString::get_string(&text, &txn);
+        for marker in &before {
+            assert!(
+                seen.contains(marker.as_str()),
+                "load {loads} lacks {marker}, committed before it began"
+            );
+        }
+        loads += 1;
+    }
+    writer.await.unwrap();
+    compactor.abort();
+}
+
+#[tokio::test]
+async fn postgres_loads_race_compaction() {
+    let db = PgDatabase::create().await;
+    loads_race_compaction(&db.url).await;
+}
+
+#[tokio::test]
+async fn sqlite_loads_race_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    loads_race_compaction(&format!("{}?mode=rwc", sqlite_url(dir.path()))).await;
+}

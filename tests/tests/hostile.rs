@@ -129,7 +129,7 @@ async fn deeply_nested_input_is_refused_everywhere_and_hurts_nobody() {
         (
             "an awareness state nesting JSON",
             &full,
-            deep_awareness(100_000),
+            deep_awareness(20_000),
         ),
     ];
     for (i, (name, token, frame)) in cases.into_iter().enumerate() {
@@ -191,4 +191,89 @@ async fn deeply_nested_input_is_refused_everywhere_and_hurts_nobody() {
     assert_eq!(stored, bystander.text());
     assert_eq!(stored, watcher.text());
     assert!(engine.log().contains("nests too deeply"));
+}
+
+fn awareness(entries: &[(u64, u32, &str)]) -> Vec<u8> {
+    let clients = entries
+        .iter()
+        .map(|(id, clock, json)| {
+            (
+                yrs::block::ClientID::new(*id),
+                yrs::sync::awareness::AwarenessUpdateEntry {
+                    clock: *clock,
+                    json: (*json).into(),
+                },
+            )
+        })
+        .collect();
+    encode_message(&Message::Awareness(yrs::sync::AwarenessUpdate { clients }))
+}
+
+/// All awareness states the engine holds, as an `AwarenessQuery` answer shows them.
+async fn states(engine: &EngineProcess, doc: &str) -> std::collections::HashMap<u64, String> {
+    let mut probe = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+    probe.send_message(&Message::AwarenessQuery).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no awareness answer");
+        let Some(frame) = probe.next_binary(std::time::Duration::from_millis(500)).await else {
+            continue;
+        };
+        if let Ok(Message::Awareness(update)) =
+            synchrony_protocol::frame::decode_frame_any(&frame)
+        {
+            return update
+                .clients
+                .into_iter()
+                .map(|(id, e)| (id.get(), e.json.to_string()))
+                .collect();
+        }
+    }
+}
+
+#[tokio::test]
+async fn awareness_is_bounded_per_connection_and_nobody_can_touch_anothers() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/presence";
+    let mut alice = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+    alice.send(awareness(&[(1, 1, r#"{"name":"alice"}"#)])).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while states(&engine, doc).await.get(&1).map(String::as_str) != Some(r#"{"name":"alice"}"#) {
+        assert!(tokio::time::Instant::now() < deadline, "alice's state never arrived");
+    }
+
+    // Mallory renames alice, then removes her, with higher clocks: both ignored.
+    let mut mallory = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+    mallory
+        .send(awareness(&[(1, 5, r#"{"name":"mallory"}"#), (2, 1, r#"{"name":"m"}"#)]))
+        .await;
+    mallory.send(awareness(&[(1, 6, "null")])).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = states(&engine, doc).await;
+        if now.get(&2).map(String::as_str) == Some(r#"{"name":"m"}"#) {
+            assert_eq!(now.get(&1).map(String::as_str), Some(r#"{"name":"alice"}"#), "{now:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "mallory's own state never arrived");
+    }
+
+    // Too many client ids on one connection, and an oversized state: closed.
+    let many: Vec<(u64, u32, &str)> = (100..109).map(|id| (id, 1, "{}")).collect();
+    let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(70_000));
+    for (name, frame, want) in [
+        ("nine client ids", awareness(&many), 1007),
+        ("a 70 KB state", awareness(&[(200, 1, big.as_str())]), 4413),
+    ] {
+        let mut bad = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+        bad.send(frame).await;
+        match bad.ended(WAIT).await {
+            Ended::Closed { code, reason } => assert_eq!(code, want, "{name}: {reason}"),
+            Ended::Dropped => panic!("{name}: dropped"),
+        }
+    }
+    let now = states(&engine, doc).await;
+    assert!(!now.contains_key(&100) && !now.contains_key(&200), "{now:?}");
+    assert_eq!(now.get(&1).map(String::as_str), Some(r#"{"name":"alice"}"#));
+    drop(alice);
 }
