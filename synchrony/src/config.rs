@@ -315,6 +315,16 @@ pub struct AuthConfig {
     #[arg(long = "jwt-public-key", env = "JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<String>,
 
+    /// Web page origins (`https://wiki.example.com`) allowed to connect, comma-separated; `*`
+    /// allows any. Unset: loopback pages only while no authentication is configured, any page
+    /// once tokens are required. Requests without an Origin header and same-origin ones pass.
+    #[arg(
+        long = "allowed-origins",
+        env = "SYNCHRONY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
     /// Clock skew tolerated on token times, seconds.
     #[arg(
         long = "jwt-leeway-secs",

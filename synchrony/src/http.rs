@@ -116,12 +116,45 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
     } else {
         inner
     };
-    let inner = inner.with_state(engine);
+    let inner = inner
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            check_origin,
+        ))
+        .with_state(engine);
     if context_path.is_empty() {
         inner
     } else {
         Router::new().nest(context_path, inner)
     }
+}
+
+/// Refuses requests from web pages whose origin is not allowed (see [`crate::origin`]).
+async fn check_origin(
+    State(engine): State<Arc<Engine>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if engine
+        .origins
+        .admits(request.headers(), !engine.gate.enforced())
+    {
+        return next.run(request).await;
+    }
+    let origin = request
+        .headers()
+        .get("origin")
+        .and_then(|o| o.to_str().ok())
+        .unwrap_or("?");
+    tracing::debug!(origin, path = %request.uri().path(), "request from a page whose origin is not allowed");
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({
+            "type": "origin-not-allowed",
+            "message": format!("pages from {origin} may not use this engine (synchrony.allowed.origins)"),
+        })),
+    )
+        .into_response()
 }
 
 /// The token of a request: `?token=`, then `Authorization: Bearer`, then `x-token`.

@@ -6,6 +6,7 @@
 //! - [`config`]: every setting, parsed once by `main` and passed down typed.
 //! - [`keyspace`]: Synchrony's key forms (dotted environment, `-D`, `reza.*`, properties file)
 //!   resolved into flags before parsing.
+//! - [`origin`]: which web pages may connect, by their Origin header.
 //! - [`auth`]: token verification and access grants (pure; the clock is a parameter).
 //! - [`gate`]: tokens of requests → principals, with registered apps' secrets from storage.
 //! - [`store`]: the update log and snapshots on SQLite or PostgreSQL (sqlx), and compaction.
@@ -27,6 +28,7 @@ pub mod gate;
 pub mod http;
 pub mod keyspace;
 pub mod nesting;
+pub mod origin;
 pub mod persist;
 pub mod placement;
 pub mod session;
@@ -62,6 +64,8 @@ pub struct Engine {
     pub config: ServeConfig,
     pub store: Store,
     pub gate: Gate,
+    /// Which web pages may connect.
+    pub origins: crate::origin::OriginPolicy,
     pub docs: Arc<Docs>,
     pub placement: Arc<dyn Placement>,
     /// Cancelled when shutdown begins: sessions close with 1012, documents stop.
@@ -115,10 +119,12 @@ impl Engine {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });
+        let origins = crate::origin::OriginPolicy::new(&config.auth.allowed_origins);
         Ok(Arc::new(Self {
             config,
             store,
             gate,
+            origins,
             docs,
             placement: Arc::new(SingleNode),
             cancel,

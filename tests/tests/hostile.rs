@@ -277,3 +277,84 @@ async fn awareness_is_bounded_per_connection_and_nobody_can_touch_anothers() {
     assert_eq!(now.get(&1).map(String::as_str), Some(r#"{"name":"alice"}"#));
     drop(alice);
 }
+
+async fn ws_with_origin(engine: &EngineProcess, doc: &str, origin: &str) -> Result<(), String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = engine.ws_url(doc, "").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", origin.parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn register(engine: &EngineProcess, headers: &[(&str, &str)]) -> synchrony_tests::HttpResponse {
+    let body = serde_json::json!({ "appid": "owned", "secret": "0123456789abcdef0123", "auth-token": null });
+    synchrony_tests::http(
+        engine.port,
+        "POST",
+        "/synchrony/v1/apps/secret",
+        headers,
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+/// An engine without authentication serves loopback pages and non-browser clients only: a page
+/// from elsewhere can neither edit nor register the first app (and so own the engine).
+#[tokio::test]
+async fn pages_from_other_origins_cannot_use_an_open_engine() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let evil = "https://evil.example";
+    let refused = ws_with_origin(&engine, "app/page", evil).await.unwrap_err();
+    assert!(refused.contains("403"), "{refused}");
+    ws_with_origin(&engine, "app/page", "http://localhost:5173")
+        .await
+        .unwrap();
+    let same = format!("http://127.0.0.1:{}", engine.port);
+    ws_with_origin(&engine, "app/page", &same).await.unwrap();
+    let read = synchrony_tests::http(
+        engine.port,
+        "GET",
+        "/synchrony/v1/data/app/page",
+        &[("Origin", evil)],
+        b"",
+    )
+    .await;
+    assert_eq!(read.status, 403, "{}", read.text());
+    assert_eq!(read.json()["type"], "origin-not-allowed");
+
+    // Cross-site registration: a form post (no JSON) and a page's JSON post are both refused.
+    let form = register(&engine, &[("Content-Type", "text/plain"), ("Origin", evil)]).await;
+    assert_eq!(form.status, 403, "{}", form.text());
+    let plain = register(&engine, &[("Content-Type", "text/plain")]).await;
+    assert_eq!(plain.status, 400, "{}", plain.text());
+    let page = register(&engine, &[("Content-Type", "application/json"), ("Origin", evil)]).await;
+    assert_eq!(page.status, 403, "{}", page.text());
+    assert_eq!(engine.health().await["auth"], "open");
+    // Confluence's own flow: JSON, no Origin, a null auth-token while none is configured.
+    let host = register(&engine, &[("Content-Type", "application/json")]).await;
+    assert_eq!(host.status, 200, "{}", host.text());
+    assert_eq!(engine.health().await["auth"], "tokens");
+}
+
+#[tokio::test]
+async fn a_configured_origin_list_applies_with_tokens_too() {
+    let engine = EngineProcess::start(
+        &EngineOptions::default()
+            .arg("--jwt-secret", SECRET)
+            .arg("--allowed-origins", "https://wiki.example.com"),
+    )
+    .await;
+    let doc = "app/listed";
+    let url_doc = format!("{doc}?token={}", token(doc, "full"));
+    let refused = ws_with_origin(&engine, &url_doc, "https://evil.example")
+        .await
+        .unwrap_err();
+    assert!(refused.contains("403"), "{refused}");
+    ws_with_origin(&engine, &url_doc, "https://wiki.example.com")
+        .await
+        .unwrap();
+}
