@@ -54,6 +54,9 @@ elif [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
   fi
 fi
 
+# The storage-outage tests stop and start a PostgreSQL cluster of their own.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ensure_apt postgresql
+
 log "installing the JavaScript test clients and the load harness's peer servers (npm ci)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 (cd loadtest/peers && npm ci --no-audit --no-fund --loglevel=error)

@@ -154,6 +154,15 @@ pub struct LimitsConfig {
     #[arg(long = "max-doc-bytes", env = "SYNCHRONY_MAX_DOC_BYTES", default_value_t = 64 << 20)]
     pub max_doc_bytes: usize,
 
+    /// WebSocket sessions open at once, at most; past it new editors are refused (503, or 1013
+    /// in band) while the heartbeat, health and REST keep answering.
+    #[arg(
+        long = "max-connections",
+        env = "SYNCHRONY_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+
     /// Deepest nesting of shared types in a document, and of values inside an update or an
     /// awareness state (at most 256). Deeper input is refused (1007 / 400) before yrs, which
     /// recurses on it, sees it.

@@ -31,11 +31,18 @@ use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
 use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
 use crate::nesting::{NestingError, NestingIndex};
-use crate::persist::{DurableWatch, Persister};
+use crate::persist::{DurableWatch, Persister, Reservation};
 use crate::store::{LogEntry, Store, StoreError};
 
 /// Commands a document's mailbox holds, at most.
 const MAILBOX_LEN: usize = 256;
+
+/// How long a REST request waits for its document, and for its change to be durable.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a document waits for storage where it must (a delete, a rebuild, an unload with
+/// REST callers waiting) before it gives up with "storage unavailable".
+pub const STORAGE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Awareness client ids one connection may hold states for (a y-websocket client uses one).
 pub const MAX_AWARENESS_IDS: usize = 8;
@@ -246,6 +253,10 @@ pub enum JoinError {
     LoadFailed,
     #[error("server is shutting down")]
     ShuttingDown,
+    #[error("storage unavailable and the commit queue full; try again")]
+    StorageUnavailable,
+    #[error("the document did not answer in time; try again")]
+    Timeout,
 }
 
 #[derive(Clone)]
@@ -276,6 +287,20 @@ impl DocLink {
     pub async fn send(&self, command: DocCommand) -> bool {
         self.tx.send(command).await.is_ok()
     }
+
+    /// Forwards a command without waiting: Err(Some(command)) when the mailbox is full,
+    /// Err(None) when the actor is gone.
+    pub fn try_send(&self, command: DocCommand) -> Result<(), Option<DocCommand>> {
+        self.tx.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(command) => Some(command),
+            mpsc::error::TrySendError::Closed(_) => None,
+        })
+    }
+
+    /// Waits for room in the mailbox; None when the actor is gone.
+    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, DocCommand>> {
+        self.tx.reserve().await.ok()
+    }
 }
 
 impl Docs {
@@ -297,6 +322,11 @@ impl Docs {
         self.loads.load(Ordering::Relaxed)
     }
 
+    /// The persister documents hand their updates to.
+    pub fn persister(&self) -> &Persister {
+        &self.deps.persister
+    }
+
     /// Encoded bytes of all loaded documents.
     pub fn resident_bytes(&self) -> u64 {
         self.resident.load(Ordering::Relaxed)
@@ -308,6 +338,10 @@ impl Docs {
         doc: &DocId,
         request: JoinRequest,
     ) -> Result<DocLink, JoinError> {
+        // Nothing a joiner wrote could be accepted: say so now rather than let it edit in vain.
+        if self.deps.persister.reserve(1).is_none() {
+            return Err(JoinError::StorageUnavailable);
+        }
         loop {
             if self.deps.cancel.is_cancelled() {
                 return Err(JoinError::ShuttingDown);
@@ -333,8 +367,20 @@ impl Docs {
         }
     }
 
-    /// Sends a REST command to the document's actor (loading it if needed) and awaits the answer.
+    /// Sends a REST command to the document's actor (loading it if needed) and awaits the
+    /// answer, for at most [`REQUEST_DEADLINE`] (a change not yet durable then is still
+    /// committed once storage takes it; the caller hears 503 and may send it again).
     pub async fn request<T>(
+        self: &Arc<Self>,
+        doc: &DocId,
+        make: impl Fn(oneshot::Sender<T>) -> DocCommand,
+    ) -> Result<T, JoinError> {
+        tokio::time::timeout(REQUEST_DEADLINE, self.request_unbounded(doc, make))
+            .await
+            .unwrap_or(Err(JoinError::Timeout))
+    }
+
+    async fn request_unbounded<T>(
         self: &Arc<Self>,
         doc: &DocId,
         make: impl Fn(oneshot::Sender<T>) -> DocCommand,
@@ -438,6 +484,9 @@ enum Rejection {
     TooDeep(String),
     /// Holds a type under content the document lacks: the client should resync (1013).
     Unanchored(String),
+    /// The persister's queue is full (storage has been failing): nothing more is accepted
+    /// until it drains.
+    StorageFull,
     TooLarge,
     /// yrs panicked or failed half-way: the in-memory document cannot be trusted.
     Poisoned(String),
@@ -660,10 +709,13 @@ impl DocActor {
         // REST callers are answered once their change is durable. Ending with their replies
         // unsent would make them retry against the next actor: a text reset applied twice.
         if !self.waiting.is_empty() {
-            if self.deps().persister.flush().await.is_err() {
-                tracing::error!("persister stopped while an unloading document waited for it");
-            }
+            self.flush_within_deadline().await;
             self.on_durable();
+            // Still not durable (storage down): the changes stay queued and will be committed;
+            // the callers hear "unavailable" now instead of nothing.
+            for (_, reply) in self.waiting.drain(..) {
+                let _ = reply.send(Err(DocError::Storage));
+            }
         }
         for conn in self.conns.values() {
             let code = if cancel.is_cancelled() {
@@ -771,10 +823,11 @@ impl DocActor {
                 let _ = reply.send(self.read(text_root.as_deref()));
             }
             DocCommand::Apply { update, reply } => match self.apply(&update) {
-                Ok(outcome) => self.publish_and_answer(outcome, reply).await,
+                Ok(outcome) => self.publish_and_answer(outcome, reply),
                 Err(rejection) => {
                     let error = match rejection {
                         Rejection::TooLarge => DocError::TooLarge,
+                        Rejection::StorageFull => DocError::Storage,
                         Rejection::Invalid(e) | Rejection::TooDeep(e) | Rejection::Unanchored(e) => {
                             DocError::InvalidUpdate(e)
                         }
@@ -796,6 +849,13 @@ impl DocActor {
                     let _ = reply.send(Err(DocError::TooLarge));
                     return;
                 }
+                // The reset's update holds the new text and the ranges it deletes, which take
+                // fewer bytes than the state they delete.
+                let bound = content.len() + self.approx_bytes + 1024;
+                let Some(reservation) = self.deps().persister.reserve(bound) else {
+                    let _ = reply.send(Err(DocError::Storage));
+                    return;
+                };
                 let (update, before) = {
                     let text = self.awareness.doc().get_or_insert_text(root.as_str());
                     let mut txn = self.awareness.doc().transact_mut();
@@ -814,9 +874,9 @@ impl DocActor {
                 let outcome = Applied {
                     broadcast: Some(update.clone()),
                     echo: false,
-                    persist: Some(update),
+                    persist: Some((update, reservation)),
                 };
-                self.publish_and_answer(outcome, reply).await;
+                self.publish_and_answer(outcome, reply);
             }
             DocCommand::Delete { reply } => {
                 let result = self.delete().await;
@@ -826,25 +886,25 @@ impl DocActor {
     }
 
     /// Publishes a REST change and answers its caller once everything up to it is durable.
-    async fn publish_and_answer(
+    fn publish_and_answer(
         &mut self,
         outcome: Applied,
         reply: oneshot::Sender<Result<(), DocError>>,
     ) {
-        self.publish(outcome, None).await;
+        self.publish(outcome, None);
         self.waiting.push((self.submitted, reply));
         self.on_durable();
     }
 
     /// Fans an applied update out to every connection but its origin and hands it to the
     /// persister.
-    async fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
+    fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
         if let Some(update) = outcome.broadcast {
             let f = frame(&Message::Sync(SyncMessage::Update(update)));
             self.broadcast(&f, if outcome.echo { None } else { origin });
         }
-        if let Some(persist) = outcome.persist {
-            self.persist(persist).await;
+        if let Some((update, reservation)) = outcome.persist {
+            self.persist(update, reservation);
         }
     }
 
@@ -874,12 +934,20 @@ impl DocActor {
     /// Until storage has deleted it, nobody is told it is gone: a failed delete leaves the
     /// document and its editors as they were.
     async fn delete(&mut self) -> Result<(), DocError> {
-        if self.deps().persister.flush().await.is_err() {
+        if !self.flush_within_deadline().await {
             return Err(DocError::Storage);
         }
-        if let Err(error) = self.deps().store.delete_doc(&self.id).await {
-            tracing::error!(%error, "deleting the document failed; it stays");
-            return Err(DocError::Storage);
+        let deleted = tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id));
+        match deleted.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "deleting the document failed; it stays");
+                return Err(DocError::Storage);
+            }
+            Err(_) => {
+                tracing::error!("deleting the document took longer than {STORAGE_DEADLINE:?}; it stays");
+                return Err(DocError::Storage);
+            }
         }
         tracing::info!("document deleted");
         self.stopped = true;
@@ -933,7 +1001,7 @@ impl DocActor {
         }
         match self.apply(&raw) {
             Ok(outcome) => {
-                self.publish(outcome, Some(conn_id)).await;
+                self.publish(outcome, Some(conn_id));
                 let submitted = self.submitted;
                 if let Some(conn) = self.conns.get_mut(&conn_id) {
                     conn.received += 1;
@@ -950,6 +1018,14 @@ impl DocActor {
             Err(Rejection::TooDeep(reason)) => {
                 tracing::warn!(conn_id, %reason, "update nests too deeply; closing the connection");
                 self.close(conn_id, CloseCode::INVALID_PAYLOAD, "update nests too deeply");
+            }
+            Err(Rejection::StorageFull) => {
+                tracing::warn!(conn_id, "storage unavailable and the commit queue full; closing with 1013 (the client keeps its edit)");
+                self.close(
+                    conn_id,
+                    CloseCode::TRY_AGAIN_LATER,
+                    "storage unavailable; retry later",
+                );
             }
             Err(Rejection::Unanchored(reason)) => {
                 tracing::warn!(conn_id, %reason, "update depends on content the server lacks; closing with 1013 so the client resyncs");
@@ -1020,6 +1096,13 @@ impl DocActor {
         // Before yrs decodes anything: it recurses on nested values and types.
         let held = self.awareness.doc().transact().state_vector();
         let admitted = self.nesting.check(raw, &held).map_err(Rejection::from)?;
+        // Room in the persister's queue, before anything is accepted: nothing accepted may wait
+        // for storage, and nothing may be accepted that cannot be committed.
+        let mut reservation = self
+            .deps()
+            .persister
+            .reserve(raw.len())
+            .ok_or(Rejection::StorageFull)?;
         let update = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => update,
             Ok(Err(e)) => return Err(Rejection::Invalid(e.to_string())),
@@ -1043,14 +1126,17 @@ impl DocActor {
         if encoded.is_some() {
             self.cache = StateCache::default();
         }
-        let persist = if missing {
-            Some(raw.to_vec())
-        } else {
-            encoded.clone()
+        // The raw update always fits the room reserved for it, and applying it again gives the
+        // same state as the transaction's own encoding.
+        let persist = match (&encoded, missing) {
+            (Some(e), false) if reservation.grow_to(e.len()) => Some(e.clone()),
+            (Some(_), _) | (None, true) => Some(raw.to_vec()),
+            (None, false) => None,
         };
         if let Some(p) = &persist {
             self.approx_bytes += p.len();
         }
+        let persist = persist.map(|p| (p, reservation));
         Ok(Applied {
             // Structs that waited for this update may have come from other connections: then
             // the transaction holds more than its origin sent, and the origin gets it too.
@@ -1060,7 +1146,8 @@ impl DocActor {
         })
     }
 
-    async fn persist(&mut self, update: Vec<u8>) {
+    /// Hands an update to the persister, in the room reserved for it: never waits.
+    fn persist(&mut self, update: Vec<u8>, reservation: Reservation) {
         self.submitted += 1;
         self.log_rows += 1;
         self.log_bytes += update.len() as u64;
@@ -1068,14 +1155,22 @@ impl DocActor {
             doc: self.id.clone(),
             data: Bytes::from(update),
         };
-        if self
-            .deps()
-            .persister
-            .append(entry, self.submitted, self.durable.clone())
-            .await
-            .is_err()
-        {
-            tracing::error!("persister stopped; an update could not be queued");
+        reservation.send(entry, self.submitted, self.durable.clone());
+    }
+
+    /// Waits (at most [`STORAGE_DEADLINE`]) until everything queued so far is committed; false
+    /// if it was not.
+    async fn flush_within_deadline(&self) -> bool {
+        match tokio::time::timeout(STORAGE_DEADLINE, self.deps().persister.flush()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                tracing::error!("the persister has stopped");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("storage did not commit within {STORAGE_DEADLINE:?}");
+                false
+            }
         }
     }
 
@@ -1296,9 +1391,7 @@ impl DocActor {
     /// update is durable, then reload from storage. Connected clients keep their state; they
     /// have seen only accepted updates, all of which are in storage.
     async fn rebuild(&mut self) {
-        if self.deps().persister.flush().await.is_err() {
-            tracing::error!("persister stopped during a rebuild");
-        }
+        self.flush_within_deadline().await;
         if let Err(error) = self.load().await {
             // What is in memory cannot be trusted: serve nobody from it.
             tracing::error!(%error, "rebuild failed; closing all connections and stopping");
@@ -1386,7 +1479,8 @@ struct Applied {
     broadcast: Option<Vec<u8>>,
     /// Send the broadcast to the origin as well.
     echo: bool,
-    persist: Option<Vec<u8>>,
+    /// What goes to the log, with the queue room reserved for it.
+    persist: Option<(Vec<u8>, Reservation)>,
 }
 
 #[cfg(test)]

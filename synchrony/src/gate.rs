@@ -1,12 +1,13 @@
 //! The engine's door: turns a request's token into a [`Principal`], and registers apps.
 //!
 //! App secrets live in the database, so every node on it accepts an app registered through any
-//! of them; each node caches a secret for a few seconds, which bounds how long a rotated secret
-//! stays valid elsewhere.
+//! of them. Each node keeps the whole (small) table of apps and re-reads it at most every few
+//! seconds, which bounds how long a rotated secret stays valid elsewhere. A token naming an
+//! unknown app is answered from that table: a flood of tokens with random issuers costs no
+//! database query, and while storage is unreachable the last table read keeps serving.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use subtle::ConstantTimeEq;
@@ -15,10 +16,20 @@ use crate::auth::{AuthError, Principal, PublicKey, Verifier};
 use crate::config::{AuthConfig, ConfigError};
 use crate::store::{Store, StoreError};
 
-/// How long a looked-up secret (or its absence) is trusted.
+/// How long the table of app secrets is trusted before it is read again.
 const SECRET_TTL: Duration = Duration::from_secs(5);
-/// Bound on cached issuers, so garbage tokens cannot grow memory.
-const MAX_CACHED: usize = 10_000;
+/// After a failed read, how long the last table keeps serving before the next attempt.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// The registered apps and their secrets, as last read.
+#[derive(Default)]
+struct AppTable {
+    secrets: HashMap<String, String>,
+    /// When the table was read (or last failed to be); None: never read.
+    read_at: Option<Instant>,
+    /// Whether the last read succeeded.
+    fresh: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -45,7 +56,8 @@ pub struct Gate {
     authtoken: Option<String>,
     /// Tokens are required: something is configured or an app is registered.
     enforced: AtomicBool,
-    secrets: Mutex<HashMap<String, (Option<String>, Instant)>>,
+    /// Held across a read, so that concurrent token checks wait for one query.
+    apps: tokio::sync::Mutex<AppTable>,
 }
 
 pub fn unix_now() -> u64 {
@@ -81,7 +93,7 @@ impl Gate {
             store,
             authtoken: config.service_authtoken.clone(),
             enforced: AtomicBool::new(config.configured()),
-            secrets: Mutex::new(HashMap::new()),
+            apps: tokio::sync::Mutex::new(AppTable::default()),
         })
     }
 
@@ -117,22 +129,27 @@ impl Gate {
     }
 
     async fn secret(&self, app: &str) -> Result<Option<String>, StoreError> {
-        if let Some((secret, at)) = self.cache().get(app) {
-            if at.elapsed() < SECRET_TTL {
-                return Ok(secret.clone());
+        let mut apps = self.apps.lock().await;
+        let due = match (apps.read_at, apps.fresh) {
+            (None, _) => true,
+            (Some(at), true) => at.elapsed() >= SECRET_TTL,
+            (Some(at), false) => at.elapsed() >= RETRY_AFTER_FAILURE,
+        };
+        if due {
+            match self.store.app_secrets().await {
+                Ok(rows) => {
+                    apps.secrets = rows.into_iter().collect();
+                    apps.fresh = true;
+                }
+                Err(error) if apps.read_at.is_some() => {
+                    tracing::warn!(%error, "cannot re-read app secrets; using the last ones read");
+                    apps.fresh = false;
+                }
+                Err(error) => return Err(error),
             }
+            apps.read_at = Some(Instant::now());
         }
-        let secret = self.store.app_secret(app).await?;
-        let mut cache = self.cache();
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(app.to_owned(), (secret.clone(), Instant::now()));
-        Ok(secret)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Option<String>, Instant)>> {
-        self.secrets.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(apps.secrets.get(app).cloned())
     }
 
     /// Registers `app_id` with `secret`, or rotates its secret. Allowed with the configured
@@ -175,7 +192,11 @@ impl Gate {
             return Err(RegisterError::Unauthorized);
         }
         self.store.put_app_secret(app_id, secret).await?;
-        self.cache().remove(app_id);
+        self.apps
+            .lock()
+            .await
+            .secrets
+            .insert(app_id.to_owned(), secret.to_owned());
         self.enforced.store(true, Ordering::Release);
         tracing::info!(app_id, "app registered");
         Ok(())

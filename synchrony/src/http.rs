@@ -36,6 +36,8 @@ pub enum ApiError {
     NotFound { kind: &'static str, message: String },
     TooLarge(String),
     Unavailable(&'static str),
+    /// The connection limit is reached.
+    Overloaded,
 }
 
 impl IntoResponse for ApiError {
@@ -48,6 +50,11 @@ impl IntoResponse for ApiError {
             ApiError::Auth(e) => (StatusCode::UNAUTHORIZED, e.kind(), e.to_string()),
             ApiError::NotFound { kind, message } => (StatusCode::NOT_FOUND, kind, message),
             ApiError::TooLarge(message) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", message),
+            ApiError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "connection limit reached (synchrony.max.connections); retry".to_owned(),
+            ),
             ApiError::Unavailable(message) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -76,6 +83,10 @@ impl From<JoinError> for ApiError {
             JoinError::LoadFailed => ApiError::Unavailable("document could not be loaded"),
             JoinError::ShuttingDown => ApiError::Unavailable("shutting down"),
             JoinError::Busy => ApiError::Unavailable("document busy; try again"),
+            JoinError::StorageUnavailable => {
+                ApiError::Unavailable("storage unavailable and the commit queue full; try again")
+            }
+            JoinError::Timeout => ApiError::Unavailable("the document did not answer in time"),
         }
     }
 }
@@ -93,6 +104,10 @@ impl From<DocError> for ApiError {
     }
 }
 
+/// Largest app registration body (`{appid, secret, auth-token}`), read before the caller is
+/// authenticated.
+const REGISTRATION_BODY_BYTES: usize = 16 * 1024;
+
 /// Initial read buffer of a WebSocket.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
@@ -103,7 +118,11 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         .route("/heartbeat", get(heartbeat))
         .route("/jwt-key", get(jwt_key))
         .route("/v1/health", get(health))
-        .route("/v1/apps/secret", post(register_app))
+        // Read before the caller is known: kept small.
+        .route(
+            "/v1/apps/secret",
+            post(register_app).layer(DefaultBodyLimit::max(REGISTRATION_BODY_BYTES)),
+        )
         .route("/v1/ws/{*doc}", get(websocket))
         .route("/v1/data", get(list_docs))
         .route(
@@ -228,23 +247,26 @@ async fn jwt_key(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError
         .into_response())
 }
 
+/// Health as JSON. It never touches the database itself: it reports what the storage probe
+/// (every 2 s) and the last group commit found, so a flood of health requests costs nothing.
 async fn health(State(engine): State<Arc<Engine>>) -> Response {
-    let storage =
-        tokio::time::timeout(std::time::Duration::from_secs(2), engine.store.ping()).await;
-    let storage_ok = matches!(storage, Ok(Ok(())));
-    if let Ok(Err(error)) = &storage {
-        tracing::warn!(%error, "health check: storage unreachable");
-    }
-    let healthy = storage_ok && engine.is_ready();
+    let problem = engine.storage_problem();
+    let healthy = problem.is_none() && engine.is_ready();
+    let (queued_updates, queued_bytes) = engine.docs.persister().queued();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
+        "reason": if !engine.is_ready() { Some("not ready".to_owned()) } else { problem.clone() },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": engine.started.elapsed().as_secs(),
         "ready": engine.is_ready(),
         "auth": if engine.gate.enforced() { "tokens" } else { "open" },
         "storage": {
             "backend": engine.store.backend().name(),
-            "status": if storage_ok { "ok" } else { "unreachable" },
+            "status": if problem.is_none() { "ok" } else { "unavailable" },
+            "problem": problem,
+            "uncommitted_updates": queued_updates,
+            "uncommitted_bytes": queued_bytes,
+            "queue_bytes_max": crate::persist::QUEUE_BYTES,
         },
         "documents_loaded": engine.docs.loaded_count(),
         "document_loads_total": engine.docs.load_count(),
@@ -371,6 +393,18 @@ async fn websocket(
             return Err(ApiError::Unavailable("document is owned by another node"))
         }
     }
+    let max = engine.config.limits.max_connections;
+    let Some(guard) = session::SessionGuard::try_new(engine.connections.clone(), max) else {
+        tracing::warn!(limit = max, "connection limit (synchrony.max.connections) reached; refusing an editor");
+        if params.wants_persisted_ack() {
+            return Ok(
+                ws.accept(WebSocketConfig::default(), move |socket| async move {
+                    session::refuse(engine, socket, CloseCode::TRY_AGAIN_LATER, "overloaded").await
+                }),
+            );
+        }
+        return Err(ApiError::Overloaded);
+    };
     let limit = engine.config.limits.max_frame_bytes;
     let tracker = engine.tracker.clone();
     let config = WebSocketConfig::default()
@@ -382,7 +416,9 @@ async fn websocket(
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(session::WRITE_BATCH_BYTES);
     Ok(ws.accept(config, move |socket| {
-        tracker.track_future(session::run(engine, socket, doc, params, principal, access))
+        tracker.track_future(session::run(
+            engine, socket, doc, params, principal, access, guard,
+        ))
     }))
 }
 
@@ -447,10 +483,15 @@ async fn read_doc(
 }
 
 async fn head(engine: &Engine, doc: &DocId) -> Result<u64, ApiError> {
-    engine.store.head(doc).await.map_err(|error| {
-        tracing::error!(%error, "reading the head failed");
-        ApiError::Unavailable("storage unavailable")
-    })
+    let read = tokio::time::timeout(crate::doc::STORAGE_DEADLINE, engine.store.head(doc));
+    match read.await {
+        Ok(Ok(head)) => Ok(head),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "reading the head failed");
+            Err(ApiError::Unavailable("storage unavailable"))
+        }
+        Err(_) => Err(ApiError::Unavailable("storage unavailable")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -469,6 +510,12 @@ async fn write_doc(
 ) -> Result<Response, ApiError> {
     let doc = parse_doc(&doc)?;
     require(&principal, &doc, Access::Full)?;
+    // A change that cannot be made durable now is refused at once, not applied and left
+    // waiting (editors' own edits are still held in memory up to the commit queue's bound).
+    if let Some(problem) = engine.storage_problem() {
+        tracing::warn!(%problem, "REST write refused: storage unavailable");
+        return Err(ApiError::Unavailable("storage unavailable"));
+    }
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(e.body_text()),
         _ => ApiError::BadRequest {

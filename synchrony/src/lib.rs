@@ -16,6 +16,7 @@
 //! - [`session`]: one WebSocket connection, bytes ↔ messages ↔ the document actor.
 //! - [`placement`]: which node owns a document (always this one until the cluster lands).
 //! - [`supervisor`]: keeps an engine process running for a host (backoff, crash loops, stop).
+//! - [`listen`]: the accept loop and its bounds (header timeout, socket cap).
 //! - [`http`]: the router: heartbeat, health, apps, WebSocket endpoint, document REST API.
 //!
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
@@ -27,6 +28,7 @@ pub mod doc;
 pub mod gate;
 pub mod http;
 pub mod keyspace;
+pub mod listen;
 pub mod nesting;
 pub mod origin;
 pub mod persist;
@@ -47,7 +49,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ConfigError, ServeConfig};
 use crate::doc::{DocDeps, Docs};
 use crate::gate::Gate;
-use crate::persist::Persister;
+use crate::persist::{Persister, StorageStatus};
 use crate::placement::{Placement, SingleNode};
 use crate::store::{Store, StoreError};
 
@@ -74,17 +76,24 @@ pub struct Engine {
     pub tracker: TaskTracker,
     /// Open WebSocket sessions.
     pub connections: Arc<AtomicU64>,
+    /// HTTP connections being served (each ends once its request is answered after shutdown).
+    pub http_connections: TaskTracker,
     pub started: Instant,
     ready: AtomicBool,
-    /// Result of the last storage probe.
-    storage_ok: Arc<AtomicBool>,
+    /// Result of the last storage probe (`SELECT 1`).
+    pub probe: Arc<StorageStatus>,
+    /// Result of the last group commit (a disk that is full still answers probes).
+    pub commits: Arc<StorageStatus>,
     /// The persister outlives the documents so that their last updates are committed.
     persist_stop: CancellationToken,
     persist_tracker: TaskTracker,
 }
 
-/// How often storage is probed for the heartbeat.
-const STORAGE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often storage is probed for the heartbeat, and how long a pooled probe may take before
+/// a connection of its own decides between "busy" and "down".
+const STORAGE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long that connection of its own may take.
+const STORAGE_CONNECT_PROBE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Engine {
     /// Builds the engine without touching storage: the router can answer (heartbeat 503)
@@ -107,6 +116,7 @@ impl Engine {
             persist_stop.clone(),
             &persist_tracker,
         );
+        let commits = persister.status().clone();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let docs = Docs::new(DocDeps {
@@ -130,9 +140,11 @@ impl Engine {
             cancel,
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
+            http_connections: TaskTracker::new(),
             started: Instant::now(),
             ready: AtomicBool::new(false),
-            storage_ok: Arc::new(AtomicBool::new(false)),
+            probe: Arc::new(StorageStatus::default()),
+            commits,
             persist_stop,
             persist_tracker,
         }))
@@ -152,12 +164,12 @@ impl Engine {
                 self.config.bind
             );
         }
-        self.storage_ok.store(true, Ordering::Release);
+        self.probe.set(Ok(()));
         self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");
         let (store, flag, cancel) = (
             self.store.clone(),
-            self.storage_ok.clone(),
+            self.probe.clone(),
             self.cancel.clone(),
         );
         self.tracker.spawn(async move {
@@ -167,11 +179,19 @@ impl Engine {
                     _ = every.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let ok = matches!(
-                    tokio::time::timeout(STORAGE_PROBE_INTERVAL, store.ping()).await,
-                    Ok(Ok(()))
-                );
-                if flag.swap(ok, Ordering::AcqRel) != ok {
+                let outcome = match tokio::time::timeout(STORAGE_PROBE_INTERVAL, store.ping()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    // The pool may be busy (a loaded SQLite) or waiting to reconnect (a stopped
+                    // server): a fresh connection tells which, fast when the server is down.
+                    Err(_) => match tokio::time::timeout(STORAGE_CONNECT_PROBE, store.probe()).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err(format!("no answer within {STORAGE_CONNECT_PROBE:?}")),
+                    },
+                };
+                let ok = outcome.is_ok();
+                if flag.set(outcome) {
                     if ok {
                         tracing::info!("storage reachable again");
                     } else {
@@ -188,26 +208,48 @@ impl Engine {
         self.ready.load(Ordering::Acquire) && !self.cancel.is_cancelled()
     }
 
-    /// What the heartbeat answers: ready, and storage answered its last probe.
+    /// What the heartbeat answers: ready, storage answered its last probe and took the last
+    /// group commit.
     pub fn can_serve(&self) -> bool {
-        self.is_ready() && self.storage_ok.load(Ordering::Acquire)
+        self.is_ready() && self.storage_problem().is_none()
     }
 
-    /// Serves HTTP and WebSockets on `listener` until shutdown begins.
+    /// Why storage cannot be relied on now, if it cannot.
+    pub fn storage_problem(&self) -> Option<String> {
+        if !self.commits.is_ok() {
+            return Some(format!(
+                "group commits failing: {}",
+                self.commits.problem().unwrap_or_default()
+            ));
+        }
+        if !self.probe.is_ok() {
+            return Some(format!(
+                "storage probe failing: {}",
+                self.probe.problem().unwrap_or_default()
+            ));
+        }
+        None
+    }
+
+    /// Serves HTTP and WebSockets on `listener` until shutdown begins; HTTP connections still
+    /// finishing a request are tracked by [`Engine::http_connections`].
     pub async fn serve(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let ctx = self.config.normalized_context_path().unwrap_or_default();
         let app = http::router(self.clone(), &ctx);
-        // Without TCP_NODELAY a small update written while the previous one is unacknowledged
-        // waits for the peer's delayed ACK: milliseconds per hop for editors taking turns.
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set");
-            }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(self.cancel.clone().cancelled_owned())
-            .await
+        let max_sockets = self
+            .config
+            .limits
+            .max_connections
+            .saturating_add(listen::HTTP_HEADROOM);
+        listen::serve(
+            listener,
+            app,
+            max_sockets,
+            self.cancel.clone(),
+            self.http_connections.clone(),
+        )
+        .await;
+        Ok(())
     }
 
     /// Begins shutdown: the heartbeat fails, sessions close with 1012.
@@ -220,7 +262,10 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.begin_shutdown();
         self.tracker.close();
-        self.tracker.wait().await;
+        self.http_connections.close();
+        // Requests in flight (a REST write waiting for durability) finish within their own
+        // deadline; sessions close with 1012 and documents commit what they accepted.
+        tokio::join!(self.tracker.wait(), self.http_connections.wait());
         self.persist_stop.cancel();
         self.persist_tracker.close();
         self.persist_tracker.wait().await;

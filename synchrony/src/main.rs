@@ -553,9 +553,14 @@ async fn serve(config: ServeConfig) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(_) => {
+            let (updates, bytes) = engine.docs.persister().queued();
             tracing::error!(
                 timeout_secs = drain_timeout.as_secs(),
-                "drain did not finish in time"
+                uncommitted_updates = updates,
+                uncommitted_bytes = bytes,
+                storage = engine.storage_problem().unwrap_or_default(),
+                "drain did not finish in time; uncommitted updates were never acknowledged, and \
+                 their editors still hold them and send them again when they reconnect"
             );
             ExitCode::from(exit::DRAIN_TIMEOUT)
         }

@@ -4,13 +4,18 @@
 //! collects updates for at most the flush window (counted from the first update of a batch),
 //! writes the batch in one transaction, then tells each document, through a `watch` channel,
 //! the highest sequence number now durable. A failed write is retried with backoff and the
-//! batch is kept: nothing accepted is dropped, and while storage is down the bounded queue
-//! pushes back on the documents instead of growing. The queue is bounded in bytes as well as in
+//! batch is kept: nothing accepted is dropped. The queue is bounded in bytes as well as in
 //! updates, so a commit that stalls for a second (an fsync on a busy disk) does not yet stop the
-//! documents, while large updates still cannot pile up without limit.
+//! documents, while large updates cannot pile up without limit.
+//!
+//! Documents never wait for the queue: they [`Persister::reserve`] room before they accept an
+//! update, and when there is none (storage has been down long enough to fill the queue) they
+//! refuse the update instead (the client keeps it and sends it again later). Every commit's
+//! outcome is published in [`StorageStatus`], which the heartbeat and health follow.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -21,9 +26,76 @@ use crate::store::{LogEntry, Store};
 
 /// Updates waiting to be committed, at most (a few seconds' worth at the rates `loadtest`
 /// sustains)...
-const QUEUE_LEN: usize = 65_536;
+pub const QUEUE_LEN: usize = 65_536;
 /// ...and their bytes, at most. One update larger than this takes the whole budget.
-const QUEUE_BYTES: usize = 64 << 20;
+pub const QUEUE_BYTES: usize = 64 << 20;
+
+/// Whether storage took the last thing asked of it, as commits and probes find out.
+#[derive(Debug, Default)]
+pub struct StorageStatus {
+    ok: AtomicBool,
+    /// Why the last failure happened, for health.
+    problem: Mutex<Option<String>>,
+}
+
+impl StorageStatus {
+    pub fn is_ok(&self) -> bool {
+        self.ok.load(Ordering::Acquire)
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Records an outcome; returns whether the status changed.
+    pub fn set(&self, outcome: Result<(), String>) -> bool {
+        let ok = outcome.is_ok();
+        if let Ok(mut problem) = self.problem.lock() {
+            *problem = outcome.err();
+        }
+        self.ok.swap(ok, Ordering::AcqRel) != ok
+    }
+}
+
+/// Room in the queue for one update, taken before the update is accepted.
+pub struct Reservation {
+    slot: mpsc::OwnedPermit<Request>,
+    budget: OwnedSemaphorePermit,
+    pool: Arc<Semaphore>,
+}
+
+impl Reservation {
+    /// Tries to hold room for `bytes` in all; false when the queue has no more.
+    pub fn grow_to(&mut self, bytes: usize) -> bool {
+        let want = budget_of(bytes) as usize;
+        let have = self.budget.num_permits();
+        if want <= have {
+            return true;
+        }
+        match self.pool.clone().try_acquire_many_owned((want - have) as u32) {
+            Ok(more) => {
+                self.budget.merge(more);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Queues the update; never waits.
+    pub fn send(self, entry: LogEntry, seq: u64, durable: DurableWatch) {
+        self.slot.send(Request::Append {
+            entry,
+            seq,
+            durable,
+            budget: self.budget,
+        });
+    }
+}
+
+/// An update's share of [`QUEUE_BYTES`].
+fn budget_of(bytes: usize) -> u32 {
+    bytes.clamp(1, QUEUE_BYTES) as u32
+}
 /// A batch is cut at this many bytes even inside the window.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
@@ -47,6 +119,7 @@ enum Request {
 pub struct Persister {
     tx: mpsc::Sender<Request>,
     budget: Arc<Semaphore>,
+    status: Arc<StorageStatus>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +136,43 @@ impl Persister {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
-        tracker.spawn(run(store, window, rx, stop));
+        let status = Arc::new(StorageStatus::default());
+        status.set(Ok(()));
+        tracker.spawn(run(store, window, rx, stop, status.clone()));
         Self {
             tx,
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
+            status,
         }
+    }
+
+    /// What commits found out about storage.
+    pub fn status(&self) -> &Arc<StorageStatus> {
+        &self.status
+    }
+
+    /// Room for an update of about `bytes`, or None when the queue is full (storage has been
+    /// failing for a while) or the persister has stopped.
+    pub fn reserve(&self, bytes: usize) -> Option<Reservation> {
+        let budget = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(budget_of(bytes))
+            .ok()?;
+        let slot = self.tx.clone().try_reserve_owned().ok()?;
+        Some(Reservation {
+            slot,
+            budget,
+            pool: self.budget.clone(),
+        })
+    }
+
+    /// Updates and bytes waiting to be committed.
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            QUEUE_LEN.saturating_sub(self.tx.capacity()),
+            QUEUE_BYTES.saturating_sub(self.budget.available_permits()),
+        )
     }
 
     /// Queues one update; waits while the queue is full (back-pressure).
@@ -77,7 +182,7 @@ impl Persister {
         seq: u64,
         durable: DurableWatch,
     ) -> Result<(), PersisterStopped> {
-        let bytes = entry.data.len().clamp(1, QUEUE_BYTES) as u32;
+        let bytes = budget_of(entry.data.len());
         let budget = self
             .budget
             .clone()
@@ -141,12 +246,19 @@ impl Batch {
         self.entries.is_empty() && self.flushes.is_empty()
     }
 
-    async fn commit(self, store: &Store) {
+    async fn commit(self, store: &Store, status: &StorageStatus) {
         let mut backoff = Duration::from_millis(50);
         while let Err(error) = store.append(&self.entries).await {
-            tracing::error!(%error, updates = self.entries.len(), "group commit failed; retrying");
+            if status.set(Err(error.to_string())) {
+                tracing::error!(%error, updates = self.entries.len(), "group commit failed: storage unavailable; retrying (the updates stay queued and unacknowledged)");
+            } else {
+                tracing::debug!(%error, "group commit failed again; retrying");
+            }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        if status.set(Ok(())) {
+            tracing::info!(updates = self.entries.len(), "group commit succeeded: storage available again");
         }
         for (durable, seq) in self.durable.into_values() {
             durable.send_modify(|through| *through = (*through).max(seq));
@@ -162,6 +274,7 @@ async fn run(
     window: Duration,
     mut rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
+    status: Arc<StorageStatus>,
 ) {
     loop {
         let first = tokio::select! {
@@ -182,7 +295,7 @@ async fn run(
                 _ = stop.cancelled() => break,
             }
         }
-        batch.commit(&store).await;
+        batch.commit(&store, &status).await;
     }
     // Stopping: everything that reached the queue is committed before the task ends.
     rx.close();
@@ -192,7 +305,7 @@ async fn run(
     }
     if !batch.is_empty() {
         let updates = batch.entries.len();
-        batch.commit(&store).await;
+        batch.commit(&store, &status).await;
         tracing::info!(updates, "final group commit done");
     }
 }

@@ -1,6 +1,7 @@
 //! One WebSocket connection: frames in → decoded messages to the document actor; queued frames
 //! out → the socket. Protocol errors close only this connection, with a close code and reason.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
 use crate::auth::{Access, Principal};
-use crate::doc::{DocCommand, JoinError, JoinRequest, Outbound};
+use crate::doc::{DocCommand, DocLink, JoinError, JoinRequest, Outbound};
 use crate::upgrade::Socket as WebSocket;
 use crate::Engine;
 
@@ -24,6 +25,10 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// How long a closing session waits for the client's close reply.
 /// Short, so that a host's death still ends the engine within 2 s.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a joiner waits for its document (loading it from storage included) before it is
+/// closed with 1013 and retries.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Frames already queued for a client are written together, up to about this many bytes.
 pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -50,9 +55,14 @@ impl SessionParams {
 pub struct SessionGuard(Arc<AtomicU64>);
 
 impl SessionGuard {
-    pub fn new(counter: Arc<AtomicU64>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+    /// Counts a session, unless `max` are open already.
+    pub fn try_new(counter: Arc<AtomicU64>, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max as u64).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(counter))
     }
 }
 
@@ -105,8 +115,8 @@ pub async fn run(
     params: SessionParams,
     principal: Principal,
     access: Access,
+    _guard: SessionGuard,
 ) {
-    let _guard = SessionGuard::new(engine.connections.clone());
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     tracing::Span::current().record("conn_id", conn_id);
     let (mut sink, mut stream) = socket.split();
@@ -121,12 +131,17 @@ pub async fn run(
         read_only: access == Access::Read,
         session: principal.session.clone(),
     };
-    let link = match engine.docs.join(&doc, request).await {
+    let joined = timeout(JOIN_DEADLINE, engine.docs.join(&doc, request))
+        .await
+        .unwrap_or(Err(JoinError::Timeout));
+    let link = match joined {
         Ok(link) => link,
         Err(e) => {
             let code = match e {
                 JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
-                JoinError::Busy => CloseCode::TRY_AGAIN_LATER,
+                JoinError::Busy | JoinError::StorageUnavailable | JoinError::Timeout => {
+                    CloseCode::TRY_AGAIN_LATER
+                }
                 JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
             };
             let _ = timeout(write_timeout, sink.send(close_frame(code, e.to_string()))).await;
@@ -153,6 +168,9 @@ pub async fn run(
     // Never fires when the token has no expiry (the branch is disabled).
     let expiry = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now));
     tokio::pin!(expiry);
+    // Commands the document's full mailbox could not take yet. While any wait, the socket is
+    // not read (the client is slowed down) but pings, token expiry and shutdown go on.
+    let mut pending: VecDeque<DocCommand> = VecDeque::new();
     let close: Option<(CloseCode, String)> = loop {
         tokio::select! {
             biased;
@@ -168,10 +186,16 @@ pub async fn run(
                     while let Ok(f) = out_rx.try_recv() {
                         state.taken(f.len());
                     }
-                    if !link.send(DocCommand::Resync { conn_id }).await {
+                    if !forward(&link, &mut pending, DocCommand::Resync { conn_id }) {
                         break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
                     }
                 }
+            }
+            permit = link.reserve(), if !pending.is_empty() => {
+                let (Some(permit), Some(command)) = (permit, pending.pop_front()) else {
+                    break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
+                };
+                permit.send(command);
             }
             frame = out_rx.recv() => {
                 let Some(frame) = frame else {
@@ -200,12 +224,12 @@ pub async fn run(
                     }
                 }
             }
-            incoming = stream.next() => {
+            incoming = stream.next(), if pending.is_empty() => {
                 last_seen = Instant::now();
                 match incoming {
                     Some(Ok(WsMessage::Binary(data))) => match handle_frame(&data) {
                         Ok(message) => {
-                            if !link.send(DocCommand::Message { conn_id, message }).await {
+                            if !forward(&link, &mut pending, DocCommand::Message { conn_id, message }) {
                                 break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
                             }
                         }
@@ -244,7 +268,10 @@ pub async fn run(
             }
         }
     };
-    let _ = link.send(DocCommand::Leave { conn_id }).await;
+    // The leave may wait for room in the mailbox; the closing handshake does not wait for it.
+    tokio::spawn(async move {
+        let _ = link.send(DocCommand::Leave { conn_id }).await;
+    });
     if let Some((code, reason)) = close {
         tracing::debug!(code = code.0, %reason, "closing the connection");
         close_with_handshake(&mut sink, &mut stream, code, reason, write_timeout).await;
@@ -287,6 +314,23 @@ async fn close_with_handshake(
             }
         })
         .await;
+    }
+}
+
+/// Hands a command to the document, or keeps it in `pending` when the mailbox is full; false
+/// when the document is gone.
+fn forward(link: &DocLink, pending: &mut VecDeque<DocCommand>, command: DocCommand) -> bool {
+    if !pending.is_empty() {
+        pending.push_back(command);
+        return true;
+    }
+    match link.try_send(command) {
+        Ok(()) => true,
+        Err(Some(command)) => {
+            pending.push_back(command);
+            true
+        }
+        Err(None) => false,
     }
 }
 

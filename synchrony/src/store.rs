@@ -434,6 +434,16 @@ impl Store {
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
+    /// Every registered app and its secret.
+    pub async fn app_secrets(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT app_id, secret FROM app_secrets")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
     pub async fn app_count(&self) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM app_secrets")
             .fetch_one(&self.pool)

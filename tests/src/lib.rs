@@ -733,3 +733,130 @@ impl EncodeVec for yrs::StateVector {
 pub fn sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}/synchrony.db", data_dir.display())
 }
+
+/// A PostgreSQL cluster of a test's own (initdb in a temporary directory, a free port), which
+/// the test may stop and start: for storage outages. Needs the server binaries
+/// (`/usr/lib/postgresql/*/bin`, Debian's `postgresql`, which `tests/run.sh` installs).
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    /// None when the server binaries are missing.
+    pub async fn start() -> Option<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()?;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("pgdata");
+        std::fs::create_dir(&data).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self {
+            bin,
+            data,
+            port,
+            _dir: dir,
+        };
+        let owner = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(pg._dir.path())
+            .status()
+            .await
+            .unwrap();
+        assert!(owner.success(), "chown of the private cluster failed");
+        let initdb = pg.bin.join("initdb");
+        pg.as_postgres(&[
+            initdb.to_str().unwrap(),
+            "-D",
+            pg.data.to_str().unwrap(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ])
+        .await;
+        pg.start_server().await;
+        Some(pg)
+    }
+
+    async fn as_postgres(&self, args: &[&str]) {
+        let output = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub async fn start_server(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let log = self._dir.path().join("pg.log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            self.port,
+            self._dir.path().display()
+        );
+        self.as_postgres(&[
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            self.data.to_str().unwrap(),
+            "-w",
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            &options,
+            "start",
+        ])
+        .await;
+    }
+
+    /// Stops the server (fast: open connections are cut) and waits until it is down.
+    pub async fn stop_server(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        self.as_postgres(&[
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            self.data.to_str().unwrap(),
+            "-w",
+            "-m",
+            "fast",
+            "stop",
+        ])
+        .await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

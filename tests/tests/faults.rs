@@ -52,3 +52,110 @@ async fn a_delete_storage_refuses_leaves_editors_connected() {
         }
     }
 }
+
+/// How long the outage lasts (`SYNCHRONY_TEST_OUTAGE_SECS`, default 60).
+fn outage() -> std::time::Duration {
+    let secs = std::env::var("SYNCHRONY_TEST_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    std::time::Duration::from_secs(secs)
+}
+
+/// Polls `check` until it holds, with a deadline and a message.
+async fn eventually(what: &str, within: std::time::Duration, check: impl AsyncFn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// PostgreSQL stopped under two typing editors: they keep seeing each other, nothing is
+/// acknowledged while it is down, the heartbeat and health say so at once, REST writes answer
+/// 503 within their deadline; once it is back every edit commits and the acknowledgements
+/// flow, and storage holds exactly what the editors hold.
+#[tokio::test]
+async fn postgres_stopped_under_typing_editors() {
+    let Some(pg) = synchrony_tests::PrivatePostgres::start().await else {
+        eprintln!("SKIPPED: PostgreSQL server binaries missing (Debian's postgresql)");
+        return;
+    };
+    let engine = EngineProcess::start(&EngineOptions::postgres(&pg.url())).await;
+    let doc = "app/outage";
+    let mut a = YClient::synced(&engine, doc, true).await;
+    let mut b = YClient::synced(&engine, doc, true).await;
+    for i in 0..5 {
+        a.append(&format!("a{i};")).await;
+        b.append(&format!("b{i};")).await;
+    }
+    a.wait_until("acks before the outage", |c| c.acked_edits() == 5)
+        .await;
+    b.wait_until("acks before the outage", |c| c.acked_edits() == 5)
+        .await;
+
+    pg.stop_server().await;
+    let stopped = tokio::time::Instant::now();
+    // The first edit after the stop makes a commit fail: the heartbeat follows at once.
+    a.append("first-in-outage;").await;
+    eventually("heartbeat failing", WAIT, async || {
+        engine.get("/heartbeat").await.0 == 503
+    })
+    .await;
+    let noticed = stopped.elapsed();
+    let health = engine.health().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["storage"]["status"], "unavailable", "{health}");
+    assert!(health["reason"].is_string(), "{health}");
+
+    let started = tokio::time::Instant::now();
+    let put = engine
+        .request("PUT", &format!("/v1/data/{doc}?reset=true&name=other"), None, b"x")
+        .await;
+    assert_eq!(put.status, 503, "{}", put.text());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the REST write took {:?}",
+        started.elapsed()
+    );
+
+    // Both keep typing through the outage and see each other; nothing new is acknowledged.
+    let mut i = 0;
+    while stopped.elapsed() < outage() {
+        a.append(&format!("A{i};")).await;
+        b.append(&format!("B{i};")).await;
+        let (want_a, want_b) = (format!("A{i};"), format!("B{i};"));
+        a.wait_until("b's edit during the outage", |c| c.text().contains(&want_b))
+            .await;
+        b.wait_until("a's edit during the outage", |c| c.text().contains(&want_a))
+            .await;
+        i += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(a.acked_edits(), 5, "an edit was acknowledged while storage was down");
+    assert_eq!(b.acked_edits(), 5, "an edit was acknowledged while storage was down");
+
+    pg.start_server().await;
+    let (ea, eb) = (a.edits, b.edits);
+    a.wait_until("acks after the outage", |c| c.acked_edits() == ea)
+        .await;
+    b.wait_until("acks after the outage", |c| c.acked_edits() == eb)
+        .await;
+    eventually("heartbeat back", WAIT, async || {
+        engine.get("/heartbeat").await.0 == 200
+    })
+    .await;
+    a.drain(std::time::Duration::from_millis(300)).await;
+    b.drain(std::time::Duration::from_millis(300)).await;
+    assert_eq!(a.text(), b.text());
+    let (stored, _) = synchrony_tests::stored_text(&pg.url(), doc).await;
+    assert_eq!(stored, a.text(), "storage differs from the editors");
+    eprintln!(
+        "outage of {:?}: heartbeat failed {noticed:?} after the stop, {i} rounds of edits",
+        outage()
+    );
+    assert!(engine.log().contains("storage unavailable"));
+}
