@@ -295,12 +295,17 @@ async fn register_app(
     headers: HeaderMap,
     body: Result<Json<Registration>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(registration) = body.map_err(|e| ApiError::BadRequest {
-        kind: "invalid-request",
-        message: format!(
-            "expected JSON {{appid, secret, auth-token}}: {}",
-            e.body_text()
-        ),
+    let Json(registration) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!(
+            "a registration body holds at most {REGISTRATION_BODY_BYTES} bytes"
+        )),
+        _ => ApiError::BadRequest {
+            kind: "invalid-request",
+            message: format!(
+                "expected JSON {{appid, secret, auth-token}}: {}",
+                e.body_text()
+            ),
+        },
     })?;
     let caller = token(None, &headers);
     match engine

@@ -358,3 +358,131 @@ async fn a_configured_origin_list_applies_with_tokens_too() {
         .await
         .unwrap();
 }
+
+/// A client that never finishes its request headers is disconnected after the header-read
+/// timeout (10 s) instead of holding its socket forever.
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", engine.port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /synchrony/heartbeat HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(WAIT, slow.read(&mut buf)).await;
+    let n = read.expect("the slow client was never cut off").unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+        "unexpected answer {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+    assert_eq!(engine.get("/heartbeat").await.0, 200);
+}
+
+/// Past `synchrony.max.connections` editors are refused (503, or 1013 in band) while the
+/// heartbeat and health keep answering; a slot freed is usable again.
+#[tokio::test]
+async fn the_connection_cap_refuses_editors_but_not_the_heartbeat() {
+    let engine = EngineProcess::start(&EngineOptions::default().arg("--max-connections", 3)).await;
+    let doc = "app/capped";
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(YClient::synced(&engine, doc, false).await);
+    }
+    let refused = RawClient::connect(&engine.ws_url(doc, "")).await.err().unwrap();
+    assert!(refused.to_string().contains("503"), "{refused}");
+    let mut in_band = RawClient::connect(&engine.ws_url(doc, "ack=persisted"))
+        .await
+        .unwrap();
+    match in_band.ended(WAIT).await {
+        Ended::Closed { code, .. } => assert_eq!(code, 1013),
+        Ended::Dropped => panic!("dropped without 1013"),
+    }
+    assert_eq!(engine.get("/heartbeat").await.0, 200);
+    assert_eq!(engine.health().await["connections"], 3);
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if RawClient::connect(&engine.ws_url(doc, "")).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the freed slot never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Registration bodies are read before the caller is known, so they are small: a large one is
+/// refused without buffering it.
+#[tokio::test]
+async fn a_large_registration_body_is_refused_before_auth() {
+    let engine = EngineProcess::start(
+        &EngineOptions::default().arg("--service-authtoken", "registration-token-0123"),
+    )
+    .await;
+    let big = format!(r#"{{"appid":"a","secret":"{}"}}"#, "s".repeat(100_000));
+    let response = synchrony_tests::http(
+        engine.port,
+        "POST",
+        "/synchrony/v1/apps/secret",
+        &[("Content-Type", "application/json")],
+        big.as_bytes(),
+    )
+    .await;
+    assert_eq!(response.status, 413, "{}", response.text());
+}
+
+/// Transactions the database has committed (every statement outside a transaction counts).
+async fn commits(url: &str) -> i64 {
+    use sqlx::Row;
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
+    let row = sqlx::query(
+        "SELECT CAST(xact_commit AS BIGINT) FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    row.try_get(0).unwrap()
+}
+
+/// Floods of health requests and of tokens naming random apps cost the database (nearly)
+/// nothing: health reports the last probe, and unknown apps are looked up in the table of apps
+/// read at most every 5 s.
+#[tokio::test]
+async fn floods_before_authentication_do_not_reach_the_database() {
+    let db = synchrony_tests::PgDatabase::create().await;
+    let engine = EngineProcess::start(
+        &EngineOptions::postgres(&db.url).arg("--service-authtoken", "registration-token-0123"),
+    )
+    .await;
+    let before = commits(&db.url).await;
+    for i in 0..300 {
+        let now = unix_now();
+        let claims = MintClaims {
+            iss: Some(format!("random-app-{i}")),
+            aud: None,
+            sub: None,
+            iat: now,
+            exp: now + 60,
+            access: [("admin".to_owned(), "admin".to_owned())].into(),
+            session: None,
+        };
+        let forged = mint_hs256(&claims, "guessed-secret-guessed-secret-00").unwrap();
+        let r = engine
+            .request("GET", "/v1/data/app/x", Some(&forged), b"")
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        assert_eq!(engine.get("/v1/health").await.0, 200);
+    }
+    // Statistics reach pg_stat_database within a second or so.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let spent = commits(&db.url).await - before;
+    // The engine's own probe (once a second), a few table reads and the statistics queries.
+    assert!(spent < 100, "600 requests cost {spent} database transactions");
+}
