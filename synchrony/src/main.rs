@@ -179,10 +179,13 @@ fn init_tracing(
         }
     };
     // Colours only for people at a terminal, never in files or a host's captured output.
+    // A host that died closed our stdout: the last log lines are lost quietly instead of each
+    // printing a broken-pipe error on stderr.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -600,6 +603,8 @@ async fn supervise(args: SuperviseArgs) -> ExitCode {
         }
     };
     report(&supervisor.status());
+    let mut stopping = false;
+    // Every change is reported, through `stopping` to `stopped`; the stream ends with the task.
     loop {
         tokio::select! {
             changed = changes.changed() => {
@@ -609,12 +614,17 @@ async fn supervise(args: SuperviseArgs) -> ExitCode {
                 let status = changes.borrow_and_update().clone();
                 report(&status);
             }
-            _ = signals.recv() => break,
+            _ = signals.recv(), if !stopping => {
+                tracing::info!("stopping the engine");
+                stopping = true;
+                supervisor.request_stop();
+            }
         }
     }
-    tracing::info!("stopping the engine");
     let last = supervisor.stop().await;
-    report(&last);
+    if last.state != synchrony::supervisor::State::Stopped {
+        report(&last);
+    }
     ExitCode::SUCCESS
 }
 

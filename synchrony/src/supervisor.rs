@@ -104,6 +104,39 @@ pub struct Supervisor {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl ExitInfo {
+    fn of(exit: Option<std::process::ExitStatus>) -> Self {
+        Self {
+            code: exit.and_then(|e| e.code()),
+            signal: exit.and_then(|e| std::os::unix::process::ExitStatusExt::signal(&e)),
+            at_ms: now_ms(),
+        }
+    }
+
+    /// How the child ended, in words: "exited with code 3", "killed by signal 9 (SIGKILL)".
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => {
+                match nix::sys::signal::Signal::try_from(signal) {
+                    Ok(name) => format!("killed by signal {signal} ({name})"),
+                    Err(_) => format!("killed by signal {signal}"),
+                }
+            }
+            (None, None) => "ended, status unknown".to_owned(),
+        }
+    }
+}
+
+/// Changes the status, telling subscribers only when something changed.
+fn update(status: &watch::Sender<Status>, change: impl FnOnce(&mut Status)) {
+    status.send_if_modified(|s| {
+        let before = s.clone();
+        change(s);
+        *s != before
+    });
+}
+
 impl Supervisor {
     /// Starts the child and keeps it running until [`Supervisor::stop`].
     pub fn start(config: SupervisorConfig) -> Self {
@@ -135,7 +168,13 @@ impl Supervisor {
         self.status.clone()
     }
 
-    /// Stops the child (SIGTERM, then SIGKILL after the stop timeout) and returns the last status.
+    /// Asks the supervisor to stop the child (SIGTERM, then SIGKILL after the stop timeout);
+    /// the status goes through `stopping` to `stopped`, and the subscription then ends.
+    pub fn request_stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Stops the child and returns the last status.
     pub async fn stop(self) -> Status {
         self.stop.cancel();
         let _ = self.task.await;
@@ -153,7 +192,7 @@ async fn run(config: SupervisorConfig, status: watch::Sender<Status>, stop: Canc
     let mut failures: Vec<Instant> = Vec::new();
     let mut streak: u32 = 0;
     loop {
-        status.send_modify(|s| {
+        update(&status, |s| {
             s.state = State::Starting;
             s.pid = None;
             s.url = None;
@@ -166,23 +205,16 @@ async fn run(config: SupervisorConfig, status: watch::Sender<Status>, stop: Canc
                 config.program.display()
             )),
         };
-        let problem = match outcome {
+        let (problem, exit) = match outcome {
             Outcome::Stopped => {
-                status.send_modify(|s| {
+                update(&status, |s| {
                     s.state = State::Stopped;
                     s.pid = None;
                 });
                 return;
             }
-            Outcome::Exited(exit) => {
-                let text = format!(
-                    "exited unexpectedly (code {:?}, signal {:?})",
-                    exit.code, exit.signal
-                );
-                status.send_modify(|s| s.last_exit = Some(exit));
-                text
-            }
-            Outcome::Unhealthy(reason) => reason,
+            Outcome::Exited(exit) => (format!("engine {}", exit.describe()), Some(exit)),
+            Outcome::Unhealthy(reason) => (reason, None),
         };
         tracing::warn!(problem = %problem, "engine needs a restart");
         let now = Instant::now();
@@ -208,9 +240,13 @@ async fn run(config: SupervisorConfig, status: watch::Sender<Status>, stop: Canc
         let base = if crash_loop { config.backoff_max } else { base };
         // Jitter in [0.5, 1.5) so that many hosts do not restart in lock step.
         let delay = base.mul_f64(0.5 + rand_unit());
-        status.send_modify(|s| {
+        // One change: a subscriber never sees the dead child's pid as running.
+        update(&status, |s| {
             s.state = State::Backoff;
             s.pid = None;
+            if exit.is_some() {
+                s.last_exit = exit;
+            }
             s.restarts += 1;
             s.crash_loop = crash_loop;
             s.last_problem = Some(problem);
@@ -218,7 +254,7 @@ async fn run(config: SupervisorConfig, status: watch::Sender<Status>, stop: Canc
         tokio::select! {
             _ = sleep(delay) => {}
             _ = stop.cancelled() => {
-                status.send_modify(|s| s.state = State::Stopped);
+                update(&status, |s| s.state = State::Stopped);
                 return;
             }
         }
@@ -261,7 +297,7 @@ async fn supervise_one(
     stop: &CancellationToken,
 ) -> Outcome {
     let pid = child.id();
-    status.send_modify(|s| s.pid = pid);
+    update(status, |s| s.pid = pid);
     let (url_tx, mut url_rx) = watch::channel(None::<String>);
     if let Some(stdout) = child.stdout.take() {
         tokio::spawn(forward_stdout(stdout, url_tx));
@@ -269,25 +305,24 @@ async fn supervise_one(
     let mut last_ok = Instant::now();
     let mut every = tokio::time::interval(config.heartbeat_interval);
     let mut running = false;
+    // Ends when the child's stdout closes; the exit is reaped by `wait` below.
+    let mut url_open = true;
     loop {
         tokio::select! {
-            exit = child.wait() => {
-                let exit = exit.ok();
-                return Outcome::Exited(ExitInfo {
-                    code: exit.and_then(|e| e.code()),
-                    signal: exit.and_then(|e| std::os::unix::process::ExitStatusExt::signal(&e)),
-                    at_ms: now_ms(),
-                });
-            }
+            exit = child.wait() => return Outcome::Exited(ExitInfo::of(exit.ok())),
             _ = stop.cancelled() => {
-                status.send_modify(|s| s.state = State::Stopping);
+                update(status, |s| s.state = State::Stopping);
                 let exit = terminate(&mut child, config.stop_timeout).await;
-                status.send_modify(|s| s.last_exit = Some(exit));
+                update(status, |s| s.last_exit = Some(exit));
                 return Outcome::Stopped;
             }
-            _ = url_rx.changed() => {
+            changed = url_rx.changed(), if url_open => {
+                if changed.is_err() {
+                    url_open = false;
+                    continue;
+                }
                 let url = url_rx.borrow().clone();
-                status.send_modify(|s| s.url = url);
+                update(status, |s| s.url = url);
             }
             _ = every.tick() => {
                 let url = url_rx.borrow().clone();
@@ -299,7 +334,7 @@ async fn supervise_one(
                     last_ok = Instant::now();
                     if !running {
                         running = true;
-                        status.send_modify(|s| s.state = State::Running);
+                        update(status, |s| s.state = State::Running);
                     }
                 } else if last_ok.elapsed() > config.heartbeat_budget {
                     let _ = child.kill().await;
@@ -333,11 +368,7 @@ async fn terminate(child: &mut Child, grace: Duration) -> ExitInfo {
             child.wait().await.ok()
         }
     };
-    ExitInfo {
-        code: exit.and_then(|e| e.code()),
-        signal: exit.and_then(|e| std::os::unix::process::ExitStatusExt::signal(&e)),
-        at_ms: now_ms(),
-    }
+    ExitInfo::of(exit)
 }
 
 /// Copies the child's stdout to ours and picks the URL out of its ready line.

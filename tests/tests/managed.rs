@@ -29,6 +29,8 @@ struct Host {
     child: Child,
     statuses: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     last: Option<serde_json::Value>,
+    /// What the host and the engine wrote on stderr, complete once both have exited.
+    stderr: tokio::task::JoinHandle<String>,
 }
 
 impl Host {
@@ -40,9 +42,19 @@ impl Host {
             .env_remove("SYNCHRONY_DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text).await;
+            // Shown when a test fails, as the inherited stream would have been.
+            eprint!("{text}");
+            text
+        });
         let (tx, statuses) = tokio::sync::mpsc::unbounded_channel();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         tokio::spawn(async move {
@@ -58,6 +70,7 @@ impl Host {
             child,
             statuses,
             last: None,
+            stderr,
         }
     }
 
@@ -260,4 +273,13 @@ async fn the_engine_dies_with_its_host() {
         killed.elapsed()
     );
     let _ = host.child.wait().await;
+    // The engine's stdout went to its dead host: its last log lines are lost quietly.
+    let stderr = tokio::time::timeout(synchrony_tests::WAIT, host.stderr)
+        .await
+        .expect("stderr closed once both processes exited")
+        .unwrap();
+    assert!(
+        !stderr.contains("Broken pipe") && !stderr.contains("Unable to write"),
+        "the engine complained about its closed stdout:\n{stderr}"
+    );
 }

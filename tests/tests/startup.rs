@@ -513,10 +513,25 @@ async fn synchrony_supervise_restarts_a_killed_engine_and_stops_on_sigterm() {
         ])
         .args(["--data-dir", data.to_str().unwrap()])
         .env_remove("SYNCHRONY_DATABASE_URL")
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Every status line the supervisor prints (the engine's own lines are forwarded too).
+    let stdout = supervisor.stdout.take().unwrap();
+    let lines = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut statuses = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["event"] == "status" {
+                    statuses.push(v);
+                }
+            }
+        }
+        statuses
+    });
     let first = wait_status(&status_file, |s| s["state"] == "running").await;
     let pid = first["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
@@ -545,6 +560,30 @@ async fn synchrony_supervise_restarts_a_killed_engine_and_stops_on_sigterm() {
         last["last_exit"]["code"], 0,
         "the engine drained and exited 0: {last}"
     );
+    assert_eq!(
+        second["last_problem"], "engine killed by signal 9 (SIGKILL)",
+        "{second}"
+    );
+    let statuses = lines.await.unwrap();
+    let shown: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+    let states: Vec<&str> = statuses
+        .iter()
+        .map(|s| s["state"].as_str().unwrap_or("?"))
+        .collect();
+    assert!(
+        states.ends_with(&["stopping", "stopped"]),
+        "every change is reported, stopping included: {states:?}"
+    );
+    for pair in shown.windows(2) {
+        assert_ne!(pair[0], pair[1], "a status line repeated");
+    }
+    for status in &statuses {
+        assert!(
+            !(status["state"] == "running" && status["pid"] == first["pid"] && status["last_exit"]["signal"] == 9),
+            "the dead engine's pid shown as running: {status}"
+        );
+    }
+    assert!(statuses.len() < 30, "{} status lines: {shown:#?}", statuses.len());
 }
 
 /// The README's configuration table names every key the engine knows, with its default.
