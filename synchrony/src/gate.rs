@@ -99,9 +99,14 @@ impl Gate {
 
     /// Looks at storage: registered apps make tokens required.
     pub async fn load(&self) -> Result<(), StoreError> {
-        if self.store.app_count().await? > 0 {
+        let rows = self.store.app_secrets().await?;
+        if !rows.is_empty() {
             self.enforced.store(true, Ordering::Release);
         }
+        let mut apps = self.apps.lock().await;
+        apps.secrets = rows.into_iter().collect();
+        apps.read_at = Some(Instant::now());
+        apps.fresh = true;
         Ok(())
     }
 

@@ -436,33 +436,32 @@ async fn a_large_registration_body_is_refused_before_auth() {
     assert_eq!(response.status, 413, "{}", response.text());
 }
 
-/// Transactions the database has committed (every statement outside a transaction counts).
-async fn commits(url: &str) -> i64 {
-    use sqlx::Row;
-    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url)
-        .await
-        .unwrap();
-    let row = sqlx::query(
-        "SELECT CAST(xact_commit AS BIGINT) FROM pg_stat_database WHERE datname = current_database()",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
-    row.try_get(0).unwrap()
-}
-
-/// Floods of health requests and of tokens naming random apps cost the database (nearly)
-/// nothing: health reports the last probe, and unknown apps are looked up in the table of apps
-/// read at most every 5 s.
+/// Floods of health requests and of tokens naming random apps need no database: health reports
+/// the last probe, and issuers are looked up in the table of apps read at most every 5 s (the
+/// last one read keeps serving while storage is down). Shown with storage stopped: the answers
+/// are the same as with it up.
 #[tokio::test]
-async fn floods_before_authentication_do_not_reach_the_database() {
-    let db = synchrony_tests::PgDatabase::create().await;
+async fn floods_before_authentication_do_not_need_the_database() {
+    let Some(pg) = synchrony_tests::PrivatePostgres::start().await else {
+        eprintln!("SKIPPED: PostgreSQL server binaries missing (Debian's postgresql)");
+        return;
+    };
     let engine = EngineProcess::start(
-        &EngineOptions::postgres(&db.url).arg("--service-authtoken", "registration-token-0123"),
+        &EngineOptions::postgres(&pg.url()).arg("--service-authtoken", "registration-token-0123"),
     )
     .await;
-    let before = commits(&db.url).await;
-    for i in 0..300 {
+    let body = serde_json::json!({ "appid": "wiki", "secret": "wiki-secret-0123456789", "auth-token": "registration-token-0123" });
+    let registered = synchrony_tests::http(
+        engine.port,
+        "POST",
+        "/synchrony/v1/apps/secret",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(registered.status, 200, "{}", registered.text());
+    pg.stop_server().await;
+    for i in 0..200 {
         let now = unix_now();
         let claims = MintClaims {
             iss: Some(format!("random-app-{i}")),
@@ -478,11 +477,8 @@ async fn floods_before_authentication_do_not_reach_the_database() {
             .request("GET", "/v1/data/app/x", Some(&forged), b"")
             .await;
         assert_eq!(r.status, 401, "{}", r.text());
-        assert_eq!(engine.get("/v1/health").await.0, 200);
+        assert_eq!(r.json()["type"], "jwt/unknown-iss", "{}", r.text());
+        let (status, _) = engine.get("/v1/health").await;
+        assert!(status == 200 || status == 503, "{status}");
     }
-    // Statistics reach pg_stat_database within a second or so.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let spent = commits(&db.url).await - before;
-    // The engine's own probe (once a second), a few table reads and the statistics queries.
-    assert!(spent < 100, "600 requests cost {spent} database transactions");
 }
