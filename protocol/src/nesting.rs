@@ -101,7 +101,7 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     let clients: u32 = decoder.read_var()?;
     for _ in 0..clients {
         let count: u32 = decoder.read_var()?;
-        let client = decoder.read_client()?.get();
+        let client = read_client(&mut decoder)?;
         let mut clock: u32 = decoder.read_var()?;
         for _ in 0..count {
             let id = StructId { client, clock };
@@ -143,7 +143,7 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     // The delete set: ranges only.
     let clients: u32 = decoder.read_var()?;
     for _ in 0..clients {
-        let _client = decoder.read_client()?;
+        let _client = read_client(&mut decoder)?;
         let ranges: u32 = decoder.read_var()?;
         for _ in 0..ranges {
             decoder.read_ds_clock()?;
@@ -157,12 +157,18 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     Ok(structs)
 }
 
+/// Client ids are 53 bits. yrs keeps the low 53 bits of a longer one (and, built with debug
+/// assertions, panics on it): the scan reads the same bytes and keeps the same bits, without
+/// going through yrs's `ClientID` so that it never panics.
+fn read_client(decoder: &mut DecoderV1) -> Result<u64, ReadError> {
+    let client: u64 = decoder.read_var()?;
+    Ok(client & ((1 << 53) - 1))
+}
+
 fn read_id(decoder: &mut DecoderV1) -> Result<StructId, ReadError> {
-    let id = decoder.read_left_id()?;
-    Ok(StructId {
-        client: id.client.get(),
-        clock: id.clock,
-    })
+    let client = read_client(decoder)?;
+    let clock: u32 = decoder.read_var()?;
+    Ok(StructId { client, clock })
 }
 
 /// One item, read as `yrs::Update::decode_block` reads it. None for an item with no content.

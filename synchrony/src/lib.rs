@@ -25,6 +25,8 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod doc;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod gate;
 pub mod http;
 pub mod keyspace;
