@@ -52,6 +52,7 @@ pub fn decode_frame_any(frame: &[u8]) -> Result<Message, FrameError> {
     if frame.is_empty() {
         return Err(FrameError::Empty);
     }
+    check_counts(frame)?;
     let mut decoder = DecoderV1::from(frame);
     let message = Message::decode(&mut decoder)?;
     let rest = decoder.read_to_end().map(|r| r.len()).unwrap_or(0);
@@ -59,6 +60,30 @@ pub fn decode_frame_any(frame: &[u8]) -> Result<Message, FrameError> {
         return Err(FrameError::TrailingBytes(rest));
     }
     Ok(message)
+}
+
+/// Refuses a state vector or an awareness update whose entry count cannot fit in its payload:
+/// yrs reserves memory for the count before reading the entries, so a ten-byte frame claiming
+/// 2^31 of them asked for tens of gigabytes.
+fn check_counts(frame: &[u8]) -> Result<(), FrameError> {
+    use crate::nesting::check_count;
+    let malformed = |_| FrameError::Malformed(ReadError::UnexpectedValue);
+    let mut cursor = Cursor::new(frame);
+    let payload = match cursor.read_var::<u64>()? {
+        // Sync step 1: its state vector; entries are a client and a clock.
+        t if t == u64::from(MSG_SYNC) => match cursor.read_var::<u64>()? {
+            0 => (cursor.read_buf()?, 2),
+            _ => return Ok(()),
+        },
+        // Awareness: entries are a client, a clock and a JSON string.
+        t if t == u64::from(MSG_AWARENESS) => (cursor.read_buf()?, 3),
+        _ => return Ok(()),
+    };
+    let (body, min_bytes) = payload;
+    let mut inner = Cursor::new(body);
+    let count: u64 = inner.read_var()?;
+    let left = body.len() - inner.next;
+    check_count(count, left, min_bytes).map_err(malformed)
 }
 
 /// Encodes one message as one frame.
@@ -107,6 +132,25 @@ mod tests {
             decode_frame(&[0, 9]).unwrap_err().close_code(),
             CloseCode::PROTOCOL_ERROR
         );
+    }
+
+    #[test]
+    fn counts_that_cannot_fit_their_payload_are_refused_before_yrs_reserves_for_them() {
+        // Sync step 1 whose state vector claims 2^31 entries in 5 bytes.
+        let step1 = [0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x08];
+        assert!(matches!(decode_frame(&step1), Err(FrameError::Malformed(_))));
+        // Awareness claiming 1,000 clients in 3 bytes.
+        let awareness = [1, 3, 0xe8, 0x07, 0];
+        assert!(matches!(
+            decode_frame(&awareness),
+            Err(FrameError::Malformed(_))
+        ));
+        // An honest state vector of two clients passes.
+        let mut sv = StateVector::default();
+        sv.set_max(yrs::block::ClientID::new(1), 5);
+        sv.set_max(yrs::block::ClientID::new(300), 70_000);
+        let m = Message::Sync(SyncMessage::SyncStep1(sv));
+        assert_eq!(decode_frame(&encode_message(&m)).ok(), Some(m));
     }
 
     #[test]

@@ -71,6 +71,22 @@ pub enum ScanError {
     UnknownType(u8),
     #[error("malformed update: {0} trailing bytes")]
     TrailingBytes(usize),
+    #[error("malformed update: a count of {count} where {left} bytes are left")]
+    Count { count: u64, left: usize },
+}
+
+/// Refuses a count of elements that cannot fit in what is left of the input, each element
+/// taking at least `min_bytes`. yrs reserves memory for a count before it reads the elements:
+/// a few bytes claiming 2^31 of them asked for tens of gigabytes.
+pub fn check_count(count: u64, left: usize, min_bytes: usize) -> Result<(), ScanError> {
+    if count.saturating_mul(min_bytes as u64) > left as u64 {
+        return Err(ScanError::Count { count, left });
+    }
+    Ok(())
+}
+
+fn left(decoder: &mut DecoderV1) -> usize {
+    decoder.read_to_end().map_or(0, |rest| rest.len())
 }
 
 // Struct and content tags, as yrs (and Yjs) encode them.
@@ -99,10 +115,14 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     let mut decoder = DecoderV1::from(update);
     let mut structs = Vec::new();
     let clients: u32 = decoder.read_var()?;
+    // A client's run: its count, id and first clock, then at least one struct.
+    check_count(clients.into(), left(&mut decoder), 3)?;
     for _ in 0..clients {
         let count: u32 = decoder.read_var()?;
         let client = read_client(&mut decoder)?;
         let mut clock: u32 = decoder.read_var()?;
+        // A struct is its info byte and at least one more.
+        check_count(count.into(), left(&mut decoder), 2)?;
         for _ in 0..count {
             let id = StructId { client, clock };
             let info = decoder.read_info()?;
@@ -142,9 +162,11 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     }
     // The delete set: ranges only.
     let clients: u32 = decoder.read_var()?;
+    check_count(clients.into(), left(&mut decoder), 2)?;
     for _ in 0..clients {
         let _client = read_client(&mut decoder)?;
         let ranges: u32 = decoder.read_var()?;
+        check_count(ranges.into(), left(&mut decoder), 2)?;
         for _ in 0..ranges {
             decoder.read_ds_clock()?;
             decoder.read_ds_len()?;
@@ -208,6 +230,7 @@ fn scan_item(
         CONTENT_JSON => {
             // yrs reads one string more than the count says.
             let count = decoder.read_len()?;
+            check_count(u64::from(count) + 1, left(decoder), 1)?;
             for _ in 0..=count {
                 decoder.read_string()?;
             }
@@ -242,6 +265,7 @@ fn scan_item(
         }
         CONTENT_ANY => {
             let count = decoder.read_len()?;
+            check_count(count.into(), left(decoder), 1)?;
             for _ in 0..count {
                 skip_any(decoder, max_depth)?;
             }
@@ -264,7 +288,7 @@ fn scan_item(
 
 /// Skips one lib0 `Any` value, refusing nesting deeper than `max_depth` (a top-level array or
 /// map is depth 1). The stack holds how many values each open array or map still contains.
-fn skip_any<R: Read>(reader: &mut R, max_depth: usize) -> Result<(), ScanError> {
+fn skip_any(reader: &mut DecoderV1, max_depth: usize) -> Result<(), ScanError> {
     // (values left, whether each value is preceded by a key)
     let mut open: Vec<(u64, bool)> = Vec::new();
     let mut left_at_top = 1u64;
@@ -309,6 +333,8 @@ fn skip_any<R: Read>(reader: &mut R, max_depth: usize) -> Result<(), ScanError> 
             tag @ (117 | 118) => {
                 // yrs reads the count as a usize.
                 let count = reader.read_var::<usize>()? as u64;
+                // An array value is at least its tag; a map entry a key length and a tag.
+                check_count(count, left(reader), if tag == 118 { 2 } else { 1 })?;
                 if open.len() + 1 > max_depth {
                     return Err(ScanError::TooDeep { limit: max_depth });
                 }
