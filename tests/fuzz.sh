@@ -4,6 +4,7 @@
 #
 #   tests/fuzz.sh                 # every target: decoders to 10 million runs, session 20 minutes
 #   tests/fuzz.sh update 60       # one target for 60 seconds
+#   tests/fuzz.sh frame 600 -runs=10000000   # ...with more libFuzzer options
 #
 # Each target starts from its regressions directory plus a working corpus kept in
 # target/fuzz-corpus/<target>. A crash is written to tests/fuzz/artifacts/<target>/: copy it into
@@ -30,8 +31,8 @@ run() {
     -artifact_prefix="artifacts/$target/" -print_final_stats=1 "$@"
 }
 if [ $# -ge 1 ]; then
-  target="$1"; secs="${2:-60}"
-  run "$target" -max_total_time="$secs"
+  target="$1"; secs="${2:-60}"; shift; [ $# -ge 1 ] && shift
+  run "$target" -max_total_time="$secs" "$@"
   exit 0
 fi
 for target in frame update awareness; do

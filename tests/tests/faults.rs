@@ -159,3 +159,116 @@ async fn postgres_stopped_under_typing_editors() {
     );
     assert!(engine.log().contains("storage unavailable"));
 }
+
+/// A small tmpfs the test mounts (and unmounts when dropped); None without the right to mount.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills what is left with a file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// SQLite on a disk that fills up under two typing editors: commits fail with a clear error,
+/// the heartbeat and health say so, editors keep seeing each other, nothing is acknowledged
+/// until it is durable; when space returns everything held commits and the acknowledgements
+/// flow.
+#[tokio::test]
+async fn sqlite_on_a_full_disk() {
+    let Some(disk) = SmallDisk::mount(16 << 20) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let data = disk.path().join("data");
+    let engine = EngineProcess::start(&EngineOptions::sqlite(&data)).await;
+    let doc = "app/full-disk";
+    let mut a = YClient::synced(&engine, doc, true).await;
+    let mut b = YClient::synced(&engine, doc, true).await;
+    a.append("before;").await;
+    a.wait_until("ack before the disk fills", |c| c.acked_edits() == 1)
+        .await;
+
+    let filler = disk.fill();
+    // Edits go on; commits fail once SQLite needs a page it cannot get (its WAL may still have
+    // room for a few), and the heartbeat follows.
+    let mut i = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut filling = 0;
+    while engine.get("/heartbeat").await.0 == 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeat still OK after {filling} edits on a full disk"
+        );
+        a.append(&format!("fill{filling};{}", "x".repeat(2000))).await;
+        filling += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        a.append(&format!("A{i};")).await;
+        b.append(&format!("B{i};")).await;
+        let (want_a, want_b) = (format!("A{i};"), format!("B{i};"));
+        a.wait_until("b's edit on a full disk", |c| c.text().contains(&want_b))
+            .await;
+        b.wait_until("a's edit on a full disk", |c| c.text().contains(&want_a))
+            .await;
+        i += 1;
+    }
+    let health = engine.health().await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    let problem = health["storage"]["problem"].as_str().unwrap_or_default();
+    assert!(problem.contains("full"), "{health}");
+    assert!(
+        a.acked_edits() < a.edits && b.acked_edits() < b.edits,
+        "edits were acknowledged on a full disk"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let (ea, eb) = (a.edits, b.edits);
+    a.wait_until("acks once space returns", |c| c.acked_edits() == ea)
+        .await;
+    b.wait_until("acks once space returns", |c| c.acked_edits() == eb)
+        .await;
+    eventually("heartbeat back", WAIT, async || {
+        engine.get("/heartbeat").await.0 == 200
+    })
+    .await;
+    a.drain(std::time::Duration::from_millis(300)).await;
+    let (stored, _) = synchrony_tests::stored_text(&synchrony_tests::sqlite_url(&data), doc).await;
+    assert_eq!(stored, a.text());
+    assert!(engine.log().contains("full"), "the log names the cause");
+}
