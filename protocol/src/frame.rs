@@ -68,20 +68,25 @@ pub fn decode_frame_any(frame: &[u8]) -> Result<Message, FrameError> {
 fn check_counts(frame: &[u8]) -> Result<(), FrameError> {
     use crate::nesting::check_count;
     let malformed = |_| FrameError::Malformed(ReadError::UnexpectedValue);
+    // Every number is read with the width yrs reads it with: an overlong varint must mean
+    // the same thing here as there.
     let mut cursor = Cursor::new(frame);
-    let payload = match cursor.read_var::<u64>()? {
+    let (body, min_bytes, count_is_u32) = match cursor.read_var::<u8>()? {
         // Sync step 1: its state vector; entries are a client and a clock.
-        t if t == u64::from(MSG_SYNC) => match cursor.read_var::<u64>()? {
-            0 => (cursor.read_buf()?, 2),
+        MSG_SYNC => match cursor.read_var::<u8>()? {
+            0 => (cursor.read_buf()?, 2, true),
             _ => return Ok(()),
         },
         // Awareness: entries are a client, a clock and a JSON string.
-        t if t == u64::from(MSG_AWARENESS) => (cursor.read_buf()?, 3),
+        MSG_AWARENESS => (cursor.read_buf()?, 3, false),
         _ => return Ok(()),
     };
-    let (body, min_bytes) = payload;
     let mut inner = Cursor::new(body);
-    let count: u64 = inner.read_var()?;
+    let count: u64 = if count_is_u32 {
+        inner.read_var::<u32>()?.into()
+    } else {
+        inner.read_var::<usize>()? as u64
+    };
     let left = body.len() - inner.next;
     check_count(count, left, min_bytes).map_err(malformed)
 }

@@ -69,8 +69,6 @@ pub enum ScanError {
     UnknownContent(u8),
     #[error("unknown shared type {0}")]
     UnknownType(u8),
-    #[error("malformed update: {0} trailing bytes")]
-    TrailingBytes(usize),
     #[error("malformed update: a count of {count} where {left} bytes are left")]
     Count { count: u64, left: usize },
 }
@@ -172,10 +170,7 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
             decoder.read_ds_len()?;
         }
     }
-    let rest = decoder.read_to_end()?.len();
-    if rest != 0 {
-        return Err(ScanError::TrailingBytes(rest));
-    }
+    // Bytes after the delete set are ignored, as yrs ignores them.
     Ok(structs)
 }
 
@@ -444,9 +439,11 @@ mod tests {
         for cut in 1..update.len() {
             assert!(scan_update(&update[..cut], 128).is_err(), "cut at {cut}");
         }
+        // Bytes after the delete set are ignored, as yrs ignores them.
         let mut longer = update.clone();
         longer.push(0);
-        assert!(scan_update(&longer, 128).is_err());
+        assert!(scan_update(&longer, 128).is_ok());
+        assert!(Update::decode_v1(&longer).is_ok());
     }
 
     #[test]
