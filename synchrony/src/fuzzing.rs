@@ -46,8 +46,9 @@ pub fn update(data: &[u8]) {
                 }
             }
         }
-        // Refused for depth: yrs must not even be asked.
-        Err(ScanError::TooDeep { .. }) => {}
+        // Refused for depth, or for a count yrs would reserve memory for: yrs must not even
+        // be asked (it would recurse, or try to allocate gigabytes).
+        Err(ScanError::TooDeep { .. } | ScanError::Count { .. }) => {}
         // Refused as malformed: every value before the flaw was within the depth bound, so
         // yrs may read as far, and it must refuse too.
         Err(error) => assert!(
