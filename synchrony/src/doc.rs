@@ -116,6 +116,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Whether the session has gone.
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Creates the queue; the receiver belongs to the session.
     pub fn new(limits: &LimitsConfig) -> (Self, mpsc::Receiver<Bytes>, Arc<OutboundState>) {
         let (tx, rx) = mpsc::channel(limits.outbound_queue_messages.max(4));
@@ -397,6 +402,9 @@ impl Docs {
             }
             match answer.await {
                 Ok(value) => return Ok(value),
+                // Dropped by a live actor: handling it failed (and the document was rebuilt).
+                // Sending it again could fail the same way.
+                Err(_) if !handle.tx.is_closed() => return Err(JoinError::Busy),
                 // The actor went away with our command (unloaded, deleted or failed to load).
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -679,6 +687,7 @@ impl DocActor {
                 },
                 Ok(()) = self.durable_rx.changed() => self.on_durable(),
                 _ = tokio::time::sleep_until(unload_at.unwrap_or_else(Instant::now)), if unload_at.is_some() => {
+                    self.prune_closed();
                     if self.conns.is_empty() && *self.durable_rx.borrow() >= self.submitted {
                         break;
                     }
@@ -698,14 +707,21 @@ impl DocActor {
         // mailbox (updates are applied and persisted; new joiners are turned away to retry).
         self.docs.forget(&self.id, self.generation);
         rx.close();
+        // Joiners retry against a new actor, which loads from storage: they are let go only
+        // after what this one accepted is durable, or they would find a document without it.
+        let mut joiners = Vec::new();
         while let Some(command) = rx.recv().await {
             match command {
-                // Joiners and, after a delete, everyone retry against a new actor.
-                DocCommand::Join { .. } => {}
+                DocCommand::Join { reply, .. } => joiners.push(reply),
+                // After a delete or a failed rebuild, everyone retries against a new actor.
                 _ if self.stopped => {}
                 other => self.handle_contained(other).await,
             }
         }
+        if !joiners.is_empty() && !self.stopped && *self.durable_rx.borrow() < self.submitted {
+            self.flush_within_deadline().await;
+        }
+        drop(joiners);
         // REST callers are answered once their change is durable. Ending with their replies
         // unsent would make them retry against the next actor: a text reset applied twice.
         if !self.waiting.is_empty() {
@@ -805,16 +821,21 @@ impl DocActor {
                     last_acked: 0,
                     resyncs: VecDeque::new(),
                 };
+                // Registered before it is told, so that whatever happens next (a panic included)
+                // can close it; taken back if the joiner is gone.
+                self.conns.insert(request.conn_id, conn);
                 if reply.send(Ok(())).is_err() {
+                    self.conns.remove(&request.conn_id);
                     return;
                 }
                 // Present everyone already here, as y-websocket servers do.
                 if self.awareness.iter().any(|(_, s)| s.data.is_some()) {
                     if let Ok(update) = self.awareness.update() {
-                        conn.out.push(&frame(&Message::Awareness(update)));
+                        if let Some(conn) = self.conns.get(&request.conn_id) {
+                            conn.out.push(&frame(&Message::Awareness(update)));
+                        }
                     }
                 }
-                self.conns.insert(request.conn_id, conn);
             }
             DocCommand::Message { conn_id, message } => self.on_message(conn_id, message).await,
             DocCommand::Resync { conn_id } => self.resync(conn_id),
@@ -850,9 +871,9 @@ impl DocActor {
                     return;
                 }
                 // The reset's update holds the new text and the ranges it deletes, which take
-                // fewer bytes than the state they delete.
+                // fewer bytes than the state they delete; the room is cut to size at once.
                 let bound = content.len() + self.approx_bytes + 1024;
-                let Some(reservation) = self.deps().persister.reserve(bound) else {
+                let Some(mut reservation) = self.deps().persister.reserve(bound) else {
                     let _ = reply.send(Err(DocError::Storage));
                     return;
                 };
@@ -869,6 +890,7 @@ impl DocActor {
                 if let Err(error) = self.nesting.admit(&update, &before) {
                     tracing::error!(%error, "a text reset failed the nesting check");
                 }
+                reservation.shrink_to(update.len());
                 self.cache = StateCache::default();
                 self.approx_bytes += update.len();
                 let outcome = Applied {
@@ -1336,10 +1358,29 @@ impl DocActor {
     }
 
     fn broadcast(&mut self, f: &Bytes, except: Option<u64>) {
+        let mut gone = false;
         for (id, conn) in &self.conns {
             if Some(*id) != except {
                 conn.out.push(f);
             }
+            gone |= conn.out.is_closed();
+        }
+        if gone {
+            self.prune_closed();
+        }
+    }
+
+    /// Forgets connections whose session is gone without saying so (a joiner that gave up
+    /// waiting just as it was admitted).
+    fn prune_closed(&mut self) {
+        let closed: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.out.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for conn_id in closed {
+            self.leave(conn_id);
         }
     }
 
@@ -1391,17 +1432,29 @@ impl DocActor {
     /// update is durable, then reload from storage. Connected clients keep their state; they
     /// have seen only accepted updates, all of which are in storage.
     async fn rebuild(&mut self) {
-        self.flush_within_deadline().await;
-        if let Err(error) = self.load().await {
-            // What is in memory cannot be trusted: serve nobody from it.
-            tracing::error!(%error, "rebuild failed; closing all connections and stopping");
+        // Reloading before everything accepted is durable would drop those updates from the
+        // live document (they were broadcast, so nobody would send them again).
+        let reason = if !self.flush_within_deadline().await {
+            Some("storage did not commit what the document accepted".to_owned())
+        } else {
+            match tokio::time::timeout(STORAGE_DEADLINE, self.load()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some(format!("loading took longer than {STORAGE_DEADLINE:?}")),
+            }
+        };
+        if let Some(reason) = reason {
+            // What is in memory cannot be trusted: serve nobody from it. Clients reconnect and
+            // resync, sending what they hold; what was accepted is committed once storage can.
+            tracing::error!(%reason, "rebuild failed; closing all connections (1013) and stopping");
             self.stopped = true;
             for conn in self.conns.values() {
                 conn.out
                     .state
-                    .request_close(CloseCode::INTERNAL_ERROR, "document unavailable");
+                    .request_close(CloseCode::TRY_AGAIN_LATER, "document unavailable; retry");
             }
             self.conns.clear();
+            self.awareness_owners.clear();
         }
     }
 

@@ -18,6 +18,8 @@ use crate::store::{Store, StoreError};
 
 /// How long the table of app secrets is trusted before it is read again.
 const SECRET_TTL: Duration = Duration::from_secs(5);
+/// How long a read of the table may take before the last one read is used instead.
+const READ_DEADLINE: Duration = Duration::from_secs(1);
 /// After a failed read, how long the last table keeps serving before the next attempt.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
@@ -141,7 +143,13 @@ impl Gate {
             (Some(at), false) => at.elapsed() >= RETRY_AFTER_FAILURE,
         };
         if due {
-            match self.store.app_secrets().await {
+            // Bounded: token checks wait behind this read, and a database that swallows
+            // packets would otherwise hold them for the pool's whole acquire timeout.
+            let read = tokio::time::timeout(READ_DEADLINE, self.store.app_secrets()).await;
+            let read = read.unwrap_or_else(|_| {
+                Err(StoreError::Database(sqlx::Error::PoolTimedOut))
+            });
+            match read {
                 Ok(rows) => {
                     apps.secrets = rows.into_iter().collect();
                     apps.fresh = true;

@@ -136,6 +136,9 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         inner
     };
     let inner = inner
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            crate::listen::BODY_READ_TIMEOUT,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             engine.clone(),
             check_origin,

@@ -274,6 +274,12 @@ impl Engine {
     }
 }
 
+/// The open-file limit in force.
+pub fn open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
 /// Raises this process's open-file limit to its hard limit, since every connection is a socket;
 /// returns the limit now in force.
 pub fn raise_open_file_limit() -> u64 {

@@ -32,6 +32,12 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HTTP_HEADROOM: usize = 256;
 /// Sockets being refused at once; more are closed without an answer.
 pub const MAX_REFUSALS: usize = 64;
+/// Time a client has to send a request's body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// On shutdown, how long an HTTP connection may take to finish its request before it is cut.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Descriptors kept for everything that is not a client socket (database, log files).
+const RESERVED_FDS: usize = 128;
 
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 5\r\nConnection: close\r\nContent-Length: 92\r\n\r\n{\"type\":\"overloaded\",\"message\":\"connection limit reached (synchrony.max.connections); retry\"}";
 
@@ -86,6 +92,16 @@ pub async fn serve(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    // Past the open-file limit accept fails before the cap could answer anyone.
+    let fd_limit = crate::open_file_limit().saturating_sub(RESERVED_FDS as u64) as usize;
+    if fd_limit < max_sockets {
+        tracing::warn!(
+            max_sockets,
+            fd_limit,
+            "the open-file limit is below synchrony.max.connections plus headroom; sockets are capped at it"
+        );
+    }
+    let max_sockets = max_sockets.min(fd_limit.max(1));
     let sockets = Arc::new(Semaphore::new(max_sockets));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let mut last_warning: Option<Instant> = None;
@@ -122,8 +138,13 @@ pub async fn serve(
             }
             if let Ok(slot) = refusals.clone().try_acquire_owned() {
                 tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
                     let mut tcp = tcp;
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        // Read (some of) the request first: closing with it unread resets the
+                        // connection, and the client may never see the 503.
+                        let mut head = [0u8; 4096];
+                        let _ = tcp.read(&mut head).await;
                         tcp.write_all(OVERLOADED).await?;
                         tcp.shutdown().await
                     })
@@ -150,7 +171,8 @@ pub async fn serve(
                 }
                 _ = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    // A client that never reads its answer must not hold the shutdown.
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
                 }
             }
         });

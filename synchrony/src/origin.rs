@@ -44,8 +44,11 @@ impl OriginPolicy {
             .get("host")
             .and_then(|h| h.to_str().ok())
             .map(str::to_ascii_lowercase);
+        // Same origin: a page the engine served itself. Without authentication only on a
+        // loopback host name: a page of evil.example whose name was rebound to 127.0.0.1
+        // sends Origin and Host both naming evil.example.
         if let (Some(host), Some(authority)) = (host, authority(&origin)) {
-            if authority == host {
+            if authority == host && (!open || is_loopback_origin(&origin)) {
                 return true;
             }
         }
@@ -130,8 +133,14 @@ mod tests {
         assert!(p.admits(&headers(Some("https://wiki.example.com"), host), false));
         assert!(!p.admits(&headers(Some("https://wiki.example.com:8443"), host), false));
         assert!(!p.admits(&headers(Some("http://localhost:3000"), host), true));
-        // Same origin always passes (a page the engine served itself).
+        // Same origin passes (a page the engine served itself)...
         assert!(p.admits(&headers(Some("https://sync.example.com"), host), false));
+        // ...but without authentication only on a loopback name: DNS rebinding makes any name
+        // point at 127.0.0.1, and the page's Origin and Host then agree.
+        let open = OriginPolicy::default();
+        let rebound = headers(Some("http://evil.example:8091"), "evil.example:8091");
+        assert!(!open.admits(&rebound, true));
+        assert!(open.admits(&rebound, false));
         assert!(OriginPolicy::new(&["*".into()]).admits(&headers(Some("https://x.y"), host), true));
     }
 }

@@ -81,6 +81,15 @@ impl Reservation {
         }
     }
 
+    /// Gives back room beyond `bytes` (a reservation made with a generous bound).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let keep = budget_of(bytes) as usize;
+        let have = self.budget.num_permits();
+        if have > keep {
+            drop(self.budget.split(have - keep));
+        }
+    }
+
     /// Queues the update; never waits.
     pub fn send(self, entry: LogEntry, seq: u64, durable: DurableWatch) {
         self.slot.send(Request::Append {

@@ -186,7 +186,9 @@ pub async fn run(
                     while let Ok(f) = out_rx.try_recv() {
                         state.taken(f.len());
                     }
-                    if !forward(&link, &mut pending, DocCommand::Resync { conn_id }) {
+                    // One resync waiting is enough: it brings the whole state.
+                    let waiting = pending.iter().any(|c| matches!(c, DocCommand::Resync { .. }));
+                    if !waiting && !forward(&link, &mut pending, DocCommand::Resync { conn_id }) {
                         break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
                     }
                 }
