@@ -63,6 +63,30 @@ pub struct DocDeps {
     pub tracker: TaskTracker,
 }
 
+impl DocDeps {
+    /// Dependencies for documents on `store` with `config`'s limits and timers, a persister of
+    /// their own and no engine around them: for tests and fuzzing.
+    pub fn standalone(store: Store, config: &crate::config::ServeConfig) -> Self {
+        let tracker = TaskTracker::new();
+        let persister = Persister::spawn(
+            store.clone(),
+            config.timing.flush_window(),
+            CancellationToken::new(),
+            &tracker,
+        );
+        Self {
+            store,
+            persister,
+            limits: config.limits.clone(),
+            timing: config.timing.clone(),
+            compaction: config.compaction.clone(),
+            memory_max: config.managed.memory_max,
+            cancel: CancellationToken::new(),
+            tracker,
+        }
+    }
+}
+
 /// Shared between a connection's session task and the actor that feeds it.
 pub struct OutboundState {
     /// Bytes queued and not yet taken by the session.
@@ -1544,24 +1568,7 @@ mod tests {
     async fn docs() -> (tempfile::TempDir, Arc<Docs>) {
         let (dir, store) = crate::store::temp_sqlite().await;
         let config = crate::config::ServeConfig::default();
-        let tracker = TaskTracker::new();
-        let persister = Persister::spawn(
-            store.clone(),
-            config.timing.flush_window(),
-            CancellationToken::new(),
-            &tracker,
-        );
-        let docs = Docs::new(DocDeps {
-            store,
-            persister,
-            limits: config.limits,
-            timing: config.timing,
-            compaction: config.compaction,
-            memory_max: config.managed.memory_max,
-            cancel: CancellationToken::new(),
-            tracker,
-        });
-        (dir, docs)
+        (dir, Docs::new(DocDeps::standalone(store, &config)))
     }
 
     #[tokio::test]

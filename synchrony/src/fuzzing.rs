@@ -91,23 +91,7 @@ fn bench() -> &'static Bench {
             store.migrate().await.expect("migrate");
             let mut config = crate::config::ServeConfig::default();
             config.timing.flush_window_ms = 1;
-            let tracker = tokio_util::task::TaskTracker::new();
-            let persister = crate::persist::Persister::spawn(
-                store.clone(),
-                config.timing.flush_window(),
-                tokio_util::sync::CancellationToken::new(),
-                &tracker,
-            );
-            Docs::new(crate::doc::DocDeps {
-                store,
-                persister,
-                limits: config.limits,
-                timing: config.timing,
-                compaction: config.compaction,
-                memory_max: config.managed.memory_max,
-                cancel: tokio_util::sync::CancellationToken::new(),
-                tracker,
-            })
+            Docs::new(crate::doc::DocDeps::standalone(store, &config))
         });
         Bench {
             runtime,
