@@ -71,6 +71,10 @@ pub enum ScanError {
     UnknownType(u8),
     #[error("malformed update: a count of {count} where {left} bytes are left")]
     Count { count: u64, left: usize },
+    /// A clock range past 2^32: no client makes four billion changes, and yrs's arithmetic on
+    /// such a range wraps (fuzzing found it indexing out of bounds and panicking).
+    #[error("malformed update: a clock range of client {client} passes 2^32")]
+    ClockOverflow { client: u64 },
 }
 
 /// Refuses a count of elements that cannot fit in what is left of the input, each element
@@ -152,7 +156,9 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
                 }
                 continue;
             };
-            clock = clock.wrapping_add(scanned.len);
+            clock = clock
+                .checked_add(scanned.len)
+                .ok_or(ScanError::ClockOverflow { client })?;
             if info != SKIP {
                 structs.push(scanned);
             }
@@ -162,12 +168,15 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     let clients: u32 = decoder.read_var()?;
     check_count(clients.into(), left(&mut decoder), 2)?;
     for _ in 0..clients {
-        let _client = read_client(&mut decoder)?;
+        let client = read_client(&mut decoder)?;
         let ranges: u32 = decoder.read_var()?;
         check_count(ranges.into(), left(&mut decoder), 2)?;
         for _ in 0..ranges {
-            decoder.read_ds_clock()?;
-            decoder.read_ds_len()?;
+            let clock = decoder.read_ds_clock()?;
+            let len = decoder.read_ds_len()?;
+            clock
+                .checked_add(len)
+                .ok_or(ScanError::ClockOverflow { client })?;
         }
     }
     // Bytes after the delete set are ignored, as yrs ignores them.
