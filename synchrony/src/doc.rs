@@ -812,6 +812,16 @@ impl DocActor {
                     }
                 }
             }
+            // Rows stored before pending structs were checked: refuse such a document with a
+            // clear error rather than panic on every join.
+            if txn.has_missing_updates()
+                && catch_unwind(AssertUnwindSafe(|| check_pending(&txn))).is_err()
+            {
+                return Err(StoreError::Corrupt {
+                    doc: self.id.to_string(),
+                    reason: "its pending structs cannot be encoded".into(),
+                });
+            }
         }
         self.nesting = nesting;
         let old = std::mem::replace(&mut self.awareness, Awareness::new(doc));
@@ -1161,7 +1171,11 @@ impl DocActor {
             txn.apply_update(update).map_err(|e| e.to_string())?;
             let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
             let encoded = changed.then(|| txn.encode_update_v1());
-            Ok::<_, String>((encoded, txn.has_missing_updates(), had_pending))
+            let missing = txn.has_missing_updates();
+            if missing {
+                check_pending(&txn);
+            }
+            Ok::<_, String>((encoded, missing, had_pending))
         }));
         let (encoded, missing, had_pending) = match result {
             Ok(Ok(r)) => r,
@@ -1550,6 +1564,16 @@ fn root_json<T: ReadTxn>(value: &yrs::Out, txn: &T) -> serde_json::Value {
         other => other.to_json(txn),
     };
     serde_json::to_value(&any).unwrap_or(serde_json::Value::Null)
+}
+
+/// Encodes what a document holds pending (structs waiting for predecessors). yrs merges its
+/// pending update into every state it encodes, and for some malformed pending structs (fuzzing
+/// found them) that merge panics: the document could then never be encoded again, for any
+/// joiner, even after a reload from storage. Called under `catch_unwind` right after an update
+/// leaves something pending, so that such an update is refused before it is kept; the encoding
+/// against the full state vector holds little beyond the pending part.
+fn check_pending<T: ReadTxn>(txn: &T) {
+    let _ = txn.encode_state_as_update_v1(&txn.state_vector());
 }
 
 struct Applied {
