@@ -143,7 +143,10 @@ mod tests {
     fn counts_that_cannot_fit_their_payload_are_refused_before_yrs_reserves_for_them() {
         // Sync step 1 whose state vector claims 2^31 entries in 5 bytes.
         let step1 = [0, 0, 5, 0x80, 0x80, 0x80, 0x80, 0x08];
-        assert!(matches!(decode_frame(&step1), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&step1),
+            Err(FrameError::Malformed(_))
+        ));
         // Awareness claiming 1,000 clients in 3 bytes.
         let awareness = [1, 3, 0xe8, 0x07, 0];
         assert!(matches!(

@@ -403,7 +403,10 @@ mod tests {
     fn any_nesting_is_bounded_without_recursion() {
         let ok = nested_any(10);
         assert_eq!(scan_update(&ok, 10).unwrap().len(), 1);
-        assert!(Update::decode_v1(&ok).is_ok(), "the handmade update is valid");
+        assert!(
+            Update::decode_v1(&ok).is_ok(),
+            "the handmade update is valid"
+        );
         assert!(matches!(
             scan_update(&ok, 9),
             Err(ScanError::TooDeep { limit: 9 })
@@ -439,7 +442,10 @@ mod tests {
         let structs = scan_update(&update, 128).unwrap();
         let decoded = Update::decode_v1(&update).unwrap();
         let clock: u32 = structs.iter().map(|s| s.len).sum();
-        assert_eq!(decoded.state_vector().get(&yrs::block::ClientID::new(7)), clock);
+        assert_eq!(
+            decoded.state_vector().get(&yrs::block::ClientID::new(7)),
+            clock
+        );
         assert_eq!(structs.iter().filter(|s| s.holds_type).count(), 4);
         assert!(structs
             .iter()

@@ -380,7 +380,11 @@ impl AuthConfig {
             "synchrony.service.authtoken",
             MIN_SHARED_TOKEN_BYTES,
         )?;
-        self.jwt_secret = secret(self.jwt_secret, "synchrony.jwt.secret", MIN_JWT_SECRET_BYTES)?;
+        self.jwt_secret = secret(
+            self.jwt_secret,
+            "synchrony.jwt.secret",
+            MIN_JWT_SECRET_BYTES,
+        )?;
         self.jwt_public_key = self.jwt_public_key.filter(|k| !k.trim().is_empty());
         self.service_urls.retain(|u| !u.trim().is_empty());
         Ok(self)

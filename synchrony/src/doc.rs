@@ -883,9 +883,9 @@ impl DocActor {
                     let error = match rejection {
                         Rejection::TooLarge => DocError::TooLarge,
                         Rejection::StorageFull => DocError::Storage,
-                        Rejection::Invalid(e) | Rejection::TooDeep(e) | Rejection::Unanchored(e) => {
-                            DocError::InvalidUpdate(e)
-                        }
+                        Rejection::Invalid(e)
+                        | Rejection::TooDeep(e)
+                        | Rejection::Unanchored(e) => DocError::InvalidUpdate(e),
                         Rejection::Poisoned(e) => {
                             tracing::error!(reason = %e, "yrs failed applying a REST update; rebuilding");
                             self.rebuild().await;
@@ -993,7 +993,8 @@ impl DocActor {
         if !self.flush_within_deadline().await {
             return Err(DocError::Storage);
         }
-        let deleted = tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id));
+        let deleted =
+            tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id));
         match deleted.await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
@@ -1001,7 +1002,9 @@ impl DocActor {
                 return Err(DocError::Storage);
             }
             Err(_) => {
-                tracing::error!("deleting the document took longer than {STORAGE_DEADLINE:?}; it stays");
+                tracing::error!(
+                    "deleting the document took longer than {STORAGE_DEADLINE:?}; it stays"
+                );
                 return Err(DocError::Storage);
             }
         }
@@ -1073,7 +1076,11 @@ impl DocActor {
             }
             Err(Rejection::TooDeep(reason)) => {
                 tracing::warn!(conn_id, %reason, "update nests too deeply; closing the connection");
-                self.close(conn_id, CloseCode::INVALID_PAYLOAD, "update nests too deeply");
+                self.close(
+                    conn_id,
+                    CloseCode::INVALID_PAYLOAD,
+                    "update nests too deeply",
+                );
             }
             Err(Rejection::StorageFull) => {
                 tracing::warn!(conn_id, "storage unavailable and the commit queue full; closing with 1013 (the client keeps its edit)");
@@ -1282,7 +1289,11 @@ impl DocActor {
 
     fn on_awareness(&mut self, conn_id: u64, mut update: AwarenessUpdate) {
         if let Some((code, reason)) = self.awareness_refusal(conn_id, &update) {
-            tracing::warn!(conn_id, reason, "awareness update refused; closing the connection");
+            tracing::warn!(
+                conn_id,
+                reason,
+                "awareness update refused; closing the connection"
+            );
             self.close(conn_id, code, reason);
             return;
         }
@@ -1294,7 +1305,11 @@ impl DocActor {
                 .get(id)
                 .is_some_and(|owner| *owner != conn_id);
             if foreign {
-                tracing::debug!(conn_id, client_id = id.get(), "awareness entry for another connection's client id ignored");
+                tracing::debug!(
+                    conn_id,
+                    client_id = id.get(),
+                    "awareness entry for another connection's client id ignored"
+                );
             }
             !foreign
         });
@@ -1607,6 +1622,10 @@ mod tests {
             panic!("yrs misbehaved");
         });
         assert!(task.await.is_err());
-        assert_eq!(docs.resident_bytes(), 0, "the panicked actor's size still counts");
+        assert_eq!(
+            docs.resident_bytes(),
+            0,
+            "the panicked actor's size still counts"
+        );
     }
 }

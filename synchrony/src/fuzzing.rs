@@ -66,9 +66,7 @@ pub fn update(data: &[u8]) {
         // Refused for depth, or for a count yrs would reserve memory for: yrs must not even
         // be asked (it would recurse, or try to allocate gigabytes).
         Err(
-            ScanError::TooDeep { .. }
-            | ScanError::Count { .. }
-            | ScanError::ClockOverflow { .. },
+            ScanError::TooDeep { .. } | ScanError::Count { .. } | ScanError::ClockOverflow { .. },
         ) => {}
         // Refused as malformed: every value before the flaw was within the depth bound, so
         // yrs may read as far, and it must refuse too.
@@ -197,12 +195,13 @@ pub fn session(data: &[u8]) {
             "the document went away under the honest client"
         );
         let (reply, answer) = oneshot::channel();
-        assert!(good
-            .send(DocCommand::Read {
+        assert!(
+            good.send(DocCommand::Read {
                 text_root: Some("honest".into()),
                 reply,
             })
-            .await);
+            .await
+        );
         let read = tokio::time::timeout(Duration::from_secs(10), answer)
             .await
             .expect("the document answers")

@@ -146,9 +146,8 @@ impl Gate {
             // Bounded: token checks wait behind this read, and a database that swallows
             // packets would otherwise hold them for the pool's whole acquire timeout.
             let read = tokio::time::timeout(READ_DEADLINE, self.store.app_secrets()).await;
-            let read = read.unwrap_or_else(|_| {
-                Err(StoreError::Database(sqlx::Error::PoolTimedOut))
-            });
+            let read =
+                read.unwrap_or_else(|_| Err(StoreError::Database(sqlx::Error::PoolTimedOut)));
             match read {
                 Ok(rows) => {
                     apps.secrets = rows.into_iter().collect();

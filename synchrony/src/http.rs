@@ -31,9 +31,15 @@ use crate::Engine;
 /// What a client sees when a request fails.
 #[derive(Debug)]
 pub enum ApiError {
-    BadRequest { kind: &'static str, message: String },
+    BadRequest {
+        kind: &'static str,
+        message: String,
+    },
     Auth(AuthError),
-    NotFound { kind: &'static str, message: String },
+    NotFound {
+        kind: &'static str,
+        message: String,
+    },
     TooLarge(String),
     Unavailable(&'static str),
     /// The connection limit is reached.
@@ -403,7 +409,10 @@ async fn websocket(
     }
     let max = engine.config.limits.max_connections;
     let Some(guard) = session::SessionGuard::try_new(engine.connections.clone(), max) else {
-        tracing::warn!(limit = max, "connection limit (synchrony.max.connections) reached; refusing an editor");
+        tracing::warn!(
+            limit = max,
+            "connection limit (synchrony.max.connections) reached; refusing an editor"
+        );
         if params.wants_persisted_ack() {
             return Ok(
                 ws.accept(WebSocketConfig::default(), move |socket| async move {

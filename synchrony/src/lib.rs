@@ -169,11 +169,7 @@ impl Engine {
         self.probe.set(Ok(()));
         self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");
-        let (store, flag, cancel) = (
-            self.store.clone(),
-            self.probe.clone(),
-            self.cancel.clone(),
-        );
+        let (store, flag, cancel) = (self.store.clone(), self.probe.clone(), self.cancel.clone());
         self.tracker.spawn(async move {
             let mut every = tokio::time::interval(STORAGE_PROBE_INTERVAL);
             loop {
@@ -181,16 +177,19 @@ impl Engine {
                     _ = every.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let outcome = match tokio::time::timeout(STORAGE_PROBE_INTERVAL, store.ping()).await {
+                let outcome = match tokio::time::timeout(STORAGE_PROBE_INTERVAL, store.ping()).await
+                {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(error)) => Err(error.to_string()),
                     // The pool may be busy (a loaded SQLite) or waiting to reconnect (a stopped
                     // server): a fresh connection tells which, fast when the server is down.
-                    Err(_) => match tokio::time::timeout(STORAGE_CONNECT_PROBE, store.probe()).await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(error)) => Err(error.to_string()),
-                        Err(_) => Err(format!("no answer within {STORAGE_CONNECT_PROBE:?}")),
-                    },
+                    Err(_) => {
+                        match tokio::time::timeout(STORAGE_CONNECT_PROBE, store.probe()).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(error)) => Err(error.to_string()),
+                            Err(_) => Err(format!("no answer within {STORAGE_CONNECT_PROBE:?}")),
+                        }
+                    }
                 };
                 let ok = outcome.is_ok();
                 if flag.set(outcome) {

@@ -90,10 +90,7 @@ impl Levels {
             ranges.insert(s, (e, l));
         }
         // Merge runs of one level around what changed.
-        let mut at = ranges
-            .range(..start)
-            .next_back()
-            .map_or(start, |(s, _)| *s);
+        let mut at = ranges.range(..start).next_back().map_or(start, |(s, _)| *s);
         loop {
             let Some((&s, &(e, l))) = ranges.range(at..).next() else {
                 break;
@@ -359,7 +356,11 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(refused_at, Some(20), "the 20th nested map would hold level 21");
+        assert_eq!(
+            refused_at,
+            Some(20),
+            "the 20th nested map would hold level 21"
+        );
     }
 
     #[test]
@@ -390,7 +391,13 @@ mod tests {
         ));
         index.admit(&outer, &sv0()).unwrap();
         assert!(index.pending.is_empty());
-        assert_eq!(index.known.get(StructId { client: 9, clock: 1 }), Some(2));
+        assert_eq!(
+            index.known.get(StructId {
+                client: 9,
+                clock: 1
+            }),
+            Some(2)
+        );
     }
 
     #[test]

@@ -72,7 +72,11 @@ impl Reservation {
         if want <= have {
             return true;
         }
-        match self.pool.clone().try_acquire_many_owned((want - have) as u32) {
+        match self
+            .pool
+            .clone()
+            .try_acquire_many_owned((want - have) as u32)
+        {
             Ok(more) => {
                 self.budget.merge(more);
                 true
@@ -267,7 +271,10 @@ impl Batch {
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         if status.set(Ok(())) {
-            tracing::info!(updates = self.entries.len(), "group commit succeeded: storage available again");
+            tracing::info!(
+                updates = self.entries.len(),
+                "group commit succeeded: storage available again"
+            );
         }
         for (durable, seq) in self.durable.into_values() {
             durable.send_modify(|through| *through = (*through).max(seq));

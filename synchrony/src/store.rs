@@ -545,7 +545,8 @@ pub fn merge(
     let mut txn = ydoc.transact_mut();
     // Rows passed the nesting check when they were accepted; rows stored before it existed (or
     // under a higher limit) must not make yrs recurse past its stack here either.
-    let mut nesting = crate::nesting::NestingIndex::new(synchrony_protocol::nesting::MAX_NESTING_CEILING);
+    let mut nesting =
+        crate::nesting::NestingIndex::new(synchrony_protocol::nesting::MAX_NESTING_CEILING);
     for bytes in snapshot
         .into_iter()
         .chain(updates.iter().map(Vec::as_slice))

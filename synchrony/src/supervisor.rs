@@ -117,12 +117,10 @@ impl ExitInfo {
     pub fn describe(&self) -> String {
         match (self.code, self.signal) {
             (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(signal)) => {
-                match nix::sys::signal::Signal::try_from(signal) {
-                    Ok(name) => format!("killed by signal {signal} ({name})"),
-                    Err(_) => format!("killed by signal {signal}"),
-                }
-            }
+            (None, Some(signal)) => match nix::sys::signal::Signal::try_from(signal) {
+                Ok(name) => format!("killed by signal {signal} ({name})"),
+                Err(_) => format!("killed by signal {signal}"),
+            },
             (None, None) => "ended, status unknown".to_owned(),
         }
     }

@@ -247,7 +247,10 @@ pub async fn run_cli(args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 /// Runs `synchrony <args>` with extra environment variables: exit code, stdout, stderr.
-pub async fn run_cli_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+pub async fn run_cli_with_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
     let output = tokio::time::timeout(
         WAIT,
         Command::new(engine_binary())

@@ -655,7 +655,10 @@ async fn synchrony_token_mints_for_registered_apps_and_configured_keys() {
     const LONG: &str = "a-static-secret-of-32-bytes-or-more";
     for (args, needle) in [
         (vec!["token", "--doc", "x"], "no signing key"),
-        (vec!["token", "--doc", "x", "--jwt-secret", "  "], "no signing key"),
+        (
+            vec!["token", "--doc", "x", "--jwt-secret", "  "],
+            "no signing key",
+        ),
         (
             vec!["token", "--doc", "x", "--admin", "--jwt-secret", LONG],
             "either --admin or",

@@ -237,6 +237,8 @@ async fn paste_and_delete_cycles_stay_under_the_size_limit() {
     }
     writer.append("still editing").await;
     reader
-        .wait_until("the edit after eight cycles", |c| c.text() == "still editing")
+        .wait_until("the edit after eight cycles", |c| {
+            c.text() == "still editing"
+        })
         .await;
 }

@@ -113,7 +113,12 @@ async fn postgres_stopped_under_typing_editors() {
 
     let started = tokio::time::Instant::now();
     let put = engine
-        .request("PUT", &format!("/v1/data/{doc}?reset=true&name=other"), None, b"x")
+        .request(
+            "PUT",
+            &format!("/v1/data/{doc}?reset=true&name=other"),
+            None,
+            b"x",
+        )
         .await;
     assert_eq!(put.status, 503, "{}", put.text());
     assert!(
@@ -135,8 +140,16 @@ async fn postgres_stopped_under_typing_editors() {
         i += 1;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    assert_eq!(a.acked_edits(), 5, "an edit was acknowledged while storage was down");
-    assert_eq!(b.acked_edits(), 5, "an edit was acknowledged while storage was down");
+    assert_eq!(
+        a.acked_edits(),
+        5,
+        "an edit was acknowledged while storage was down"
+    );
+    assert_eq!(
+        b.acked_edits(),
+        5,
+        "an edit was acknowledged while storage was down"
+    );
 
     pg.start_server().await;
     let (ea, eb) = (a.edits, b.edits);
@@ -234,7 +247,8 @@ async fn sqlite_on_a_full_disk() {
             tokio::time::Instant::now() < deadline,
             "heartbeat still OK after {filling} edits on a full disk"
         );
-        a.append(&format!("fill{filling};{}", "x".repeat(2000))).await;
+        a.append(&format!("fill{filling};{}", "x".repeat(2000)))
+            .await;
         filling += 1;
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -215,12 +215,17 @@ async fn states(engine: &EngineProcess, doc: &str) -> std::collections::HashMap<
     probe.send_message(&Message::AwarenessQuery).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "no awareness answer");
-        let Some(frame) = probe.next_binary(std::time::Duration::from_millis(500)).await else {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no awareness answer"
+        );
+        let Some(frame) = probe
+            .next_binary(std::time::Duration::from_millis(500))
+            .await
+        else {
             continue;
         };
-        if let Ok(Message::Awareness(update)) =
-            synchrony_protocol::frame::decode_frame_any(&frame)
+        if let Ok(Message::Awareness(update)) = synchrony_protocol::frame::decode_frame_any(&frame)
         {
             return update
                 .clients
@@ -236,26 +241,41 @@ async fn awareness_is_bounded_per_connection_and_nobody_can_touch_anothers() {
     let engine = EngineProcess::start(&EngineOptions::default()).await;
     let doc = "app/presence";
     let mut alice = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
-    alice.send(awareness(&[(1, 1, r#"{"name":"alice"}"#)])).await;
+    alice
+        .send(awareness(&[(1, 1, r#"{"name":"alice"}"#)]))
+        .await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while states(&engine, doc).await.get(&1).map(String::as_str) != Some(r#"{"name":"alice"}"#) {
-        assert!(tokio::time::Instant::now() < deadline, "alice's state never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's state never arrived"
+        );
     }
 
     // Mallory renames alice, then removes her, with higher clocks: both ignored.
     let mut mallory = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
     mallory
-        .send(awareness(&[(1, 5, r#"{"name":"mallory"}"#), (2, 1, r#"{"name":"m"}"#)]))
+        .send(awareness(&[
+            (1, 5, r#"{"name":"mallory"}"#),
+            (2, 1, r#"{"name":"m"}"#),
+        ]))
         .await;
     mallory.send(awareness(&[(1, 6, "null")])).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let now = states(&engine, doc).await;
         if now.get(&2).map(String::as_str) == Some(r#"{"name":"m"}"#) {
-            assert_eq!(now.get(&1).map(String::as_str), Some(r#"{"name":"alice"}"#), "{now:?}");
+            assert_eq!(
+                now.get(&1).map(String::as_str),
+                Some(r#"{"name":"alice"}"#),
+                "{now:?}"
+            );
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "mallory's own state never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "mallory's own state never arrived"
+        );
     }
 
     // Too many client ids on one connection, and an oversized state: closed.
@@ -273,7 +293,10 @@ async fn awareness_is_bounded_per_connection_and_nobody_can_touch_anothers() {
         }
     }
     let now = states(&engine, doc).await;
-    assert!(!now.contains_key(&100) && !now.contains_key(&200), "{now:?}");
+    assert!(
+        !now.contains_key(&100) && !now.contains_key(&200),
+        "{now:?}"
+    );
     assert_eq!(now.get(&1).map(String::as_str), Some(r#"{"name":"alice"}"#));
     drop(alice);
 }
@@ -290,7 +313,10 @@ async fn ws_with_origin(engine: &EngineProcess, doc: &str, origin: &str) -> Resu
         .map_err(|e| e.to_string())
 }
 
-async fn register(engine: &EngineProcess, headers: &[(&str, &str)]) -> synchrony_tests::HttpResponse {
+async fn register(
+    engine: &EngineProcess,
+    headers: &[(&str, &str)],
+) -> synchrony_tests::HttpResponse {
     let body = serde_json::json!({ "appid": "owned", "secret": "0123456789abcdef0123", "auth-token": null });
     synchrony_tests::http(
         engine.port,
@@ -331,7 +357,11 @@ async fn pages_from_other_origins_cannot_use_an_open_engine() {
     assert_eq!(form.status, 403, "{}", form.text());
     let plain = register(&engine, &[("Content-Type", "text/plain")]).await;
     assert_eq!(plain.status, 400, "{}", plain.text());
-    let page = register(&engine, &[("Content-Type", "application/json"), ("Origin", evil)]).await;
+    let page = register(
+        &engine,
+        &[("Content-Type", "application/json"), ("Origin", evil)],
+    )
+    .await;
     assert_eq!(page.status, 403, "{}", page.text());
     assert_eq!(engine.health().await["auth"], "open");
     // Confluence's own flow: JSON, no Origin, a null auth-token while none is configured.
@@ -374,7 +404,9 @@ async fn slow_headers_are_cut_off() {
     let started = std::time::Instant::now();
     let mut buf = [0u8; 256];
     let read = tokio::time::timeout(WAIT, slow.read(&mut buf)).await;
-    let n = read.expect("the slow client was never cut off").unwrap_or(0);
+    let n = read
+        .expect("the slow client was never cut off")
+        .unwrap_or(0);
     assert!(
         n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
         "unexpected answer {:?}",
@@ -394,7 +426,10 @@ async fn the_connection_cap_refuses_editors_but_not_the_heartbeat() {
     for _ in 0..3 {
         held.push(YClient::synced(&engine, doc, false).await);
     }
-    let refused = RawClient::connect(&engine.ws_url(doc, "")).await.err().unwrap();
+    let refused = RawClient::connect(&engine.ws_url(doc, ""))
+        .await
+        .err()
+        .unwrap();
     assert!(refused.to_string().contains("503"), "{refused}");
     let mut in_band = RawClient::connect(&engine.ws_url(doc, "ack=persisted"))
         .await
@@ -411,7 +446,10 @@ async fn the_connection_cap_refuses_editors_but_not_the_heartbeat() {
         if RawClient::connect(&engine.ws_url(doc, "")).await.is_ok() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the freed slot never came back");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed slot never came back"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }

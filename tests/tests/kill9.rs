@@ -94,7 +94,10 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
     eprintln!(
         "seed {seed}: killed after {kill_after} ms, {round} rounds, {checked} acknowledged edits all stored"
     );
-    assert!(checked > 0, "seed {seed}: nothing was acknowledged before the kill");
+    assert!(
+        checked > 0,
+        "seed {seed}: nothing was acknowledged before the kill"
+    );
 }
 
 #[tokio::test]

@@ -579,11 +579,17 @@ async fn synchrony_supervise_restarts_a_killed_engine_and_stops_on_sigterm() {
     }
     for status in &statuses {
         assert!(
-            !(status["state"] == "running" && status["pid"] == first["pid"] && status["last_exit"]["signal"] == 9),
+            !(status["state"] == "running"
+                && status["pid"] == first["pid"]
+                && status["last_exit"]["signal"] == 9),
             "the dead engine's pid shown as running: {status}"
         );
     }
-    assert!(statuses.len() < 30, "{} status lines: {shown:#?}", statuses.len());
+    assert!(
+        statuses.len() < 30,
+        "{} status lines: {shown:#?}",
+        statuses.len()
+    );
 }
 
 /// The README's configuration table names every key the engine knows, with its default.
@@ -624,16 +630,32 @@ async fn empty_and_short_secrets_never_count_as_configured() {
     .unwrap();
     let props = props.to_str().unwrap().to_owned();
     let with = |extra: &[&str]| -> Vec<String> {
-        ["serve", "--port", "0", "--data-dir", &data, "--bind", "0.0.0.0"]
-            .iter()
-            .chain(extra)
-            .map(|a| a.to_string())
-            .collect()
+        [
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            &data,
+            "--bind",
+            "0.0.0.0",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
     };
     let insecure = "not a loopback address, and no authentication is configured";
     let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
-        (with(&[]), vec![("SYNCHRONY_SERVICE_AUTHTOKEN", "")], insecure),
-        (with(&[]), vec![("synchrony.service.authtoken", "")], insecure),
+        (
+            with(&[]),
+            vec![("SYNCHRONY_SERVICE_AUTHTOKEN", "")],
+            insecure,
+        ),
+        (
+            with(&[]),
+            vec![("synchrony.service.authtoken", "")],
+            insecure,
+        ),
         (with(&[]), vec![("SYNCHRONY_JWT_SECRET", " ")], insecure),
         (with(&["--jwt-secret", ""]), vec![], insecure),
         (with(&["--service-authtoken", "  "]), vec![], insecure),
