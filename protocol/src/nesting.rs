@@ -75,6 +75,12 @@ pub enum ScanError {
     /// such a range wraps (fuzzing found it indexing out of bounds and panicking).
     #[error("malformed update: a clock range of client {client} passes 2^32")]
     ClockOverflow { client: u64 },
+    /// A client's structs listed again at a clock it has already covered in the same update.
+    /// Encoders list each client once (merged updates may list one again, further on); yrs
+    /// queues such repeats as they come, and integrating a struct over itself freed memory it
+    /// then used (fuzzing found a heap use-after-free in its conflict resolution).
+    #[error("malformed update: the structs of client {client} are listed again from clock {clock}, which they already cover")]
+    Overlap { client: u64, clock: u32 },
 }
 
 /// Refuses a count of elements that cannot fit in what is left of the input, each element
@@ -119,10 +125,16 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
     let clients: u32 = decoder.read_var()?;
     // A client's run: its count, id and first clock, then at least one struct.
     check_count(clients.into(), left(&mut decoder), 3)?;
+    // Where each client's listed structs end so far: a later run of the same client must start
+    // at or after it.
+    let mut ends: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     for _ in 0..clients {
         let count: u32 = decoder.read_var()?;
         let client = read_client(&mut decoder)?;
         let mut clock: u32 = decoder.read_var()?;
+        if ends.get(&client).is_some_and(|&end| clock < end) {
+            return Err(ScanError::Overlap { client, clock });
+        }
         // A struct is its info byte and at least one more.
         check_count(count.into(), left(&mut decoder), 2)?;
         for _ in 0..count {
@@ -163,6 +175,7 @@ pub fn scan_update(update: &[u8], max_depth: usize) -> Result<Vec<Struct>, ScanE
                 structs.push(scanned);
             }
         }
+        ends.insert(client, clock);
     }
     // The delete set: ranges only.
     let clients: u32 = decoder.read_var()?;
@@ -385,8 +398,8 @@ mod tests {
     use super::*;
     use yrs::updates::decoder::Decode;
     use yrs::{
-        Any, Array, ArrayPrelim, Doc, Map, MapPrelim, Text, Transact, Update, XmlElementPrelim,
-        XmlFragment, XmlTextPrelim,
+        Any, Array, ArrayPrelim, Doc, GetString, Map, MapPrelim, Text, Transact, Update,
+        XmlElementPrelim, XmlFragment, XmlTextPrelim,
     };
 
     /// An update inserting into root array `a` one `Any` array nested `depth` levels.
@@ -459,6 +472,48 @@ mod tests {
         longer.push(0);
         assert!(scan_update(&longer, 128).is_ok());
         assert!(Update::decode_v1(&longer).is_ok());
+    }
+
+    /// Two runs of client 1's structs, each one character inserted into root text `t`, the
+    /// second starting at `second_clock`.
+    fn two_runs(second_clock: u8) -> Vec<u8> {
+        let run = |clock: u8, ch: u8| [1, 1, clock, CONTENT_STRING, 1, 1, b't', 1, ch];
+        let mut b = vec![2u8];
+        b.extend(run(0, b'a'));
+        b.extend(run(second_clock, b'b'));
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn a_client_listed_again_must_move_forward() {
+        // A later run that continues the first (as merged updates may list a client again) is
+        // read as yrs reads it.
+        let forward = two_runs(1);
+        assert_eq!(scan_update(&forward, 128).unwrap().len(), 2);
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&forward).unwrap())
+            .unwrap();
+        // Both characters, each inserted with no neighbours.
+        assert_eq!(text.get_string(&doc.transact()).len(), 2);
+        // One that goes over clocks already listed is refused before yrs sees it.
+        assert!(matches!(
+            scan_update(&two_runs(0), 128),
+            Err(ScanError::Overlap {
+                client: 1,
+                clock: 0
+            })
+        ));
+        // The fuzzing input that made yrs use freed memory: the same struct three times.
+        let found = include_bytes!(
+            "../../tests/fuzz/regressions/update/yrs-use-after-free-in-resolve-conflict"
+        );
+        assert!(matches!(
+            scan_update(found, 128),
+            Err(ScanError::Overlap { client: 1, .. })
+        ));
     }
 
     #[test]

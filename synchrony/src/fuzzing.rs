@@ -63,10 +63,14 @@ pub fn update(data: &[u8]) {
                 }));
             }
         }
-        // Refused for depth, or for a count yrs would reserve memory for: yrs must not even
-        // be asked (it would recurse, or try to allocate gigabytes).
+        // Refused for depth, for a count yrs would reserve memory for, or for a shape yrs
+        // mishandles: yrs must not even be asked (it would recurse, try to allocate gigabytes,
+        // or use freed memory).
         Err(
-            ScanError::TooDeep { .. } | ScanError::Count { .. } | ScanError::ClockOverflow { .. },
+            ScanError::TooDeep { .. }
+            | ScanError::Count { .. }
+            | ScanError::ClockOverflow { .. }
+            | ScanError::Overlap { .. },
         ) => {}
         // Refused as malformed: every value before the flaw was within the depth bound, so
         // yrs may read as far, and it must refuse too.
