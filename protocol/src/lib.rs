@@ -10,12 +10,14 @@
 //! - [`doc_id`]: document id validation, applied before an id reaches storage or logs.
 //! - [`nesting`]: how deeply updates and JSON nest, measured without recursion, so that input
 //!   that would overflow a stack in yrs is refused first.
+//! - [`peer`]: the messages cluster nodes exchange on the peer port.
 
 pub mod close;
 pub mod doc_id;
 pub mod ext;
 pub mod frame;
 pub mod nesting;
+pub mod peer;
 
 pub use close::CloseCode;
 pub use doc_id::{DocId, DocIdError};

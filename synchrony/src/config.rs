@@ -539,7 +539,11 @@ pub struct ClusterConfig {
     /// Accepted for Synchrony compatibility (`hazelcast-btf`).
     #[arg(long = "cluster-impl", env = "SYNCHRONY_CLUSTER_IMPL", hide = true)]
     pub implementation: Option<String>,
-    /// Name of the cluster; members of other clusters are refused.
+    /// Name of the cluster; members of other clusters are refused (default: the group name,
+    /// else `synchrony`).
+    #[arg(long = "cluster-name", env = "CLUSTER_NAME")]
+    pub name: Option<String>,
+    /// Synchrony's older name for the same thing (managed DC sets `<name>-Synchrony`).
     #[arg(long = "cluster-group-name", env = "CLUSTER_GROUP_NAME")]
     pub group_name: Option<String>,
     /// Membership port (Synchrony's Hazelcast port).
@@ -598,6 +602,22 @@ impl ClusterConfig {
                     .into(),
             ));
         }
+        match self.join_type {
+            None | Some(JoinType::Tcpip) => {}
+            Some(other) => {
+                return Err(ConfigError::Cluster(format!(
+                    "cluster.join.type {} is not supported yet; use tcpip",
+                    format!("{other:?}").to_lowercase()
+                )))
+            }
+        }
+        if self.join_type.is_some() && self.authentication_secret.is_none() {
+            return Err(ConfigError::Cluster(
+                "cluster.join.type is set but cluster.authentication.secret is not: peers must \
+                 prove they belong to the cluster"
+                    .into(),
+            ));
+        }
         if self.join_type == Some(JoinType::Tcpip) && self.tcpip_members.is_empty() {
             return Err(ConfigError::Cluster(
                 "cluster.join.type is tcpip but cluster.join.tcpip.members is empty".into(),
@@ -611,6 +631,88 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl ClusterConfig {
+    /// The cluster's name as peers compare it.
+    pub fn cluster_name(&self) -> String {
+        [&self.name, &self.group_name]
+            .into_iter()
+            .flatten()
+            .map(|n| n.trim())
+            .find(|n| !n.is_empty())
+            .unwrap_or("synchrony")
+            .to_owned()
+    }
+
+    /// Where the peer port listens.
+    pub fn peer_bind(&self, serve: &ServeConfig) -> std::net::SocketAddr {
+        (self.cluster_bind.unwrap_or(serve.bind), self.base_port).into()
+    }
+
+    /// What the cluster layer needs, once the peer port is bound.
+    pub fn settings(
+        &self,
+        listener: &tokio::net::TcpListener,
+        http: std::net::SocketAddr,
+        serve: &ServeConfig,
+    ) -> Result<crate::cluster::ClusterSettings, ConfigError> {
+        let bound = listener
+            .local_addr()
+            .map_err(|e| ConfigError::Cluster(format!("peer port has no address: {e}")))?;
+        let advertised_ip = if bound.ip().is_unspecified() {
+            self.interfaces.ok_or_else(|| {
+                ConfigError::Cluster(
+                    "synchrony.cluster.bind is a wildcard address: set cluster.interfaces to the \
+                     address other nodes reach this one at"
+                        .into(),
+                )
+            })?
+        } else {
+            bound.ip()
+        };
+        let peer_addr = std::net::SocketAddr::new(advertised_ip, bound.port()).to_string();
+        let host = match &serve.managed.host {
+            Some(host) => format!("{host}:{}", http.port()),
+            None => http.to_string(),
+        };
+        let ctx = serve.normalized_context_path()?;
+        let seeds = self
+            .tcpip_members
+            .iter()
+            .map(|m| with_default_port(m, self.base_port))
+            .collect();
+        Ok(crate::cluster::ClusterSettings {
+            node_id: uuid::Uuid::new_v4().to_string(),
+            name: self.cluster_name(),
+            secret: self
+                .authentication_secret
+                .clone()
+                .unwrap_or_default()
+                .into_bytes(),
+            seeds,
+            peer_addr,
+            http_url: format!("http://{host}{ctx}"),
+            timeouts: crate::cluster::membership::Timeouts::default(),
+        })
+    }
+}
+
+/// `host` or `host:port` → `host:port`.
+fn with_default_port(member: &str, port: u16) -> String {
+    let m = member.trim();
+    let has_port = match m.rsplit_once(':') {
+        Some((h, _)) if h.starts_with('[') => h.ends_with(']'),
+        Some((h, _)) => !h.contains(':'),
+        None => false,
+    };
+    if has_port {
+        m.to_owned()
+    } else if m.contains(':') && !m.starts_with('[') {
+        format!("[{m}]:{port}")
+    } else {
+        format!("{m}:{port}")
     }
 }
 

@@ -164,6 +164,16 @@ impl Outbound {
         (out, rx, state)
     }
 
+    /// [`Outbound::push`], for a cluster route relaying the owner's frames.
+    pub(crate) fn push_frame(&self, frame: &Bytes) -> bool {
+        self.push(frame)
+    }
+
+    /// Asks the session to close its client.
+    pub(crate) fn request_close(&self, code: CloseCode, reason: &str) {
+        self.state.request_close(code, reason);
+    }
+
     /// Queues a frame without waiting. Returns false (and marks the connection lagging) when
     /// the queue is over its bounds.
     fn push(&self, frame: &Bytes) -> bool {
@@ -312,6 +322,11 @@ pub struct DocLink {
 }
 
 impl DocLink {
+    /// A link whose commands go to `tx` (a cluster route stands in for the actor).
+    pub(crate) fn from_sender(tx: mpsc::Sender<DocCommand>) -> Self {
+        Self { tx }
+    }
+
     /// Forwards a command; false when the document actor is gone.
     pub async fn send(&self, command: DocCommand) -> bool {
         self.tx.send(command).await.is_ok()

@@ -129,6 +129,8 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
             "/v1/apps/secret",
             post(register_app).layer(DefaultBodyLimit::max(REGISTRATION_BODY_BYTES)),
         )
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/owner/{*doc}", get(cluster_owner))
         .route("/v1/ws/{*doc}", get(websocket))
         .route("/v1/data", get(list_docs))
         .route(
@@ -282,6 +284,18 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
         "resident_bytes": engine.docs.resident_bytes(),
         "memory_max_bytes": engine.config.managed.memory_max,
         "connections": engine.connections.load(Ordering::Relaxed),
+        "cluster": match engine.cluster.get() {
+            None => json!({ "state": "standalone" }),
+            Some(cluster) => {
+                let view = cluster.view();
+                json!({
+                    "state": "member",
+                    "node": cluster.me(),
+                    "epoch": view.epoch,
+                    "live_members": view.live.len(),
+                })
+            }
+        },
     });
     let status = if healthy {
         StatusCode::OK
@@ -289,6 +303,74 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// `GET {ctx}/v1/cluster`: this node's view of the cluster. Open like the health endpoint: it
+/// names nodes and their addresses, nothing about documents' content.
+async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
+    let Some(cluster) = engine.cluster.get() else {
+        return Json(json!({ "clustered": false, "self": null, "epoch": 0, "members": [] }))
+            .into_response();
+    };
+    let view = cluster.view();
+    let members: Vec<_> = cluster
+        .members()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "peer_address": m.info.peer_addr,
+                "http_url": m.info.http_url,
+                "state": m.state,
+                "uptime_seconds": m.stats.uptime_ms / 1000,
+                "documents": m.stats.documents,
+                "connections": m.stats.connections,
+            })
+        })
+        .collect();
+    Json(json!({
+        "clustered": true,
+        "self": cluster.me(),
+        "name": cluster.settings.name,
+        "epoch": view.epoch,
+        "live": *view.live,
+        "members": members,
+    }))
+    .into_response()
+}
+
+/// `GET {ctx}/v1/cluster/owner/{docId}`: which node owns a document in this node's view.
+async fn cluster_owner(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+) -> Result<Response, ApiError> {
+    let doc = DocId::parse(&doc).map_err(|e| ApiError::BadRequest {
+        kind: "invalid-document-id",
+        message: e.to_string(),
+    })?;
+    let Some(cluster) = engine.cluster.get() else {
+        return Ok(
+            Json(json!({ "doc": doc.as_str(), "owner": null, "local": true })).into_response(),
+        );
+    };
+    let view = cluster.view();
+    let owner = match cluster.owner_in(&view, doc.as_str()) {
+        Owner::Local => cluster.me().to_owned(),
+        Owner::Remote { node } => node,
+    };
+    let http_url = cluster
+        .members()
+        .into_iter()
+        .find(|m| m.id == owner)
+        .map(|m| m.info.http_url);
+    Ok(Json(json!({
+        "doc": doc.as_str(),
+        "owner": owner,
+        "local": owner == cluster.me(),
+        "http_url": http_url,
+        "epoch": view.epoch,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -401,12 +483,6 @@ async fn websocket(
         }
         Err(refusal) => return Err(ApiError::Auth(refusal)),
     };
-    match engine.placement.owner(&doc) {
-        Owner::Local => {}
-        Owner::Remote { .. } => {
-            return Err(ApiError::Unavailable("document is owned by another node"))
-        }
-    }
     let max = engine.config.limits.max_connections;
     let Some(guard) = session::SessionGuard::try_new(engine.connections.clone(), max) else {
         tracing::warn!(

@@ -82,6 +82,7 @@ pub enum KeyspaceError {
 const RENAMED: &[(&str, &str)] = &[
     ("jwt-public-key", "jwt.public.key"),
     ("jwt-private-key", "jwt.private.key"),
+    ("cluster-name", "cluster.name"),
     ("cluster-group-name", "cluster.group.name"),
     ("cluster-listen-port", "cluster.listen.port"),
     ("cluster-interfaces", "cluster.interfaces"),

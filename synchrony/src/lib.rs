@@ -14,7 +14,8 @@
 //! - [`nesting`]: how deeply a document's shared types nest; deeper updates are refused.
 //! - [`doc`]: the registry of loaded documents and the actor that owns each one.
 //! - [`session`]: one WebSocket connection, bytes ↔ messages ↔ the document actor.
-//! - [`placement`]: which node owns a document (always this one until the cluster lands).
+//! - [`placement`]: which node owns a document (this one, or by rendezvous hashing in a cluster).
+//! - [`cluster`]: peer links, membership and the routes that relay sessions to owners.
 //! - [`supervisor`]: keeps an engine process running for a host (backoff, crash loops, stop).
 //! - [`listen`]: the accept loop and its bounds (header timeout, socket cap).
 //! - [`http`]: the router: heartbeat, health, apps, WebSocket endpoint, document REST API.
@@ -22,6 +23,7 @@
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod doc;
@@ -71,7 +73,9 @@ pub struct Engine {
     /// Which web pages may connect.
     pub origins: crate::origin::OriginPolicy,
     pub docs: Arc<Docs>,
-    pub placement: Arc<dyn Placement>,
+    pub placement: std::sync::OnceLock<Arc<dyn Placement>>,
+    /// Set once the node has joined its cluster (`cluster.join.type`).
+    pub cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
     /// Cancelled when shutdown begins: sessions close with 1012, documents stop.
     pub cancel: CancellationToken,
     /// Sessions, document actors and compactions.
@@ -138,7 +142,8 @@ impl Engine {
             gate,
             origins,
             docs,
-            placement: Arc::new(SingleNode),
+            placement: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
             cancel,
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
@@ -201,6 +206,59 @@ impl Engine {
                 }
             }
         });
+        Ok(())
+    }
+
+    /// Which node owns documents, as seen from here.
+    pub fn placement(&self) -> &dyn Placement {
+        match self.placement.get() {
+            Some(placement) => placement.as_ref(),
+            None => &SingleNode,
+        }
+    }
+
+    /// Joins a client to `doc`: the local actor, or in a cluster a route to the owner.
+    pub async fn join(
+        &self,
+        doc: &synchrony_protocol::DocId,
+        request: crate::doc::JoinRequest,
+    ) -> Result<crate::doc::DocLink, crate::doc::JoinError> {
+        match self.cluster.get() {
+            Some(cluster) => cluster::relay::join(cluster, doc, request).await,
+            None => self.docs.join(doc, request).await,
+        }
+    }
+
+    /// Whether the configuration asks for a cluster.
+    pub fn clustered(&self) -> bool {
+        self.config.cluster.join_type.is_some()
+    }
+
+    /// Joins the cluster: accepts peer links on `listener` and dials the configured members.
+    /// `http` is the address clients reach this node at (for `GET {ctx}/v1/cluster`).
+    pub fn start_cluster(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        http: std::net::SocketAddr,
+    ) -> Result<(), EngineError> {
+        let settings = self
+            .config
+            .cluster
+            .settings(&listener, http, &self.config)?;
+        tracing::info!(node = %settings.node_id, peer = %settings.peer_addr, cluster = %settings.name, "joining the cluster");
+        let cluster = cluster::Cluster::new(
+            settings,
+            self.docs.clone(),
+            self.config.limits.clone(),
+            self.connections.clone(),
+            self.cancel.clone(),
+            self.tracker.clone(),
+        );
+        cluster.start(listener);
+        let _ = self
+            .placement
+            .set(Arc::new(cluster::ClusterPlacement(cluster.clone())));
+        let _ = self.cluster.set(cluster);
         Ok(())
     }
 

@@ -514,6 +514,24 @@ async fn serve(config: ServeConfig) -> ExitCode {
             EngineError::Store(_) => exit::STORAGE,
         });
     }
+    // Join the cluster once storage is ready: peers route clients here from then on.
+    if engine.clustered() {
+        let peer = engine.config.cluster.peer_bind(&engine.config);
+        let started = match TcpListener::bind(peer).await {
+            Ok(listener) => engine.start_cluster(listener, local).map_err(|error| {
+                tracing::error!(%error, "configuration error");
+                exit::CONFIG
+            }),
+            Err(error) => {
+                tracing::error!(%error, %peer, "cannot listen on the peer port (synchrony.cluster.base.port / synchrony.cluster.bind)");
+                Err(exit::BIND)
+            }
+        };
+        if let Err(code) = started {
+            engine.shutdown().await;
+            return ExitCode::from(code);
+        }
+    }
     let ctx = engine.config.normalized_context_path().unwrap_or_default();
     let url = match &engine.config.managed.host {
         Some(host) => format!("http://{host}:{}{ctx}", local.port()),
@@ -540,6 +558,10 @@ async fn serve(config: ServeConfig) -> ExitCode {
             tokio::select! {
                 _ = signals.recv() => tracing::info!("shutdown requested; draining"),
                 pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
+            }
+            // Peers move this node's documents at once instead of waiting for its links to die.
+            if let Some(cluster) = engine.cluster.get() {
+                cluster.leave().await;
             }
             engine.begin_shutdown();
         })

@@ -72,6 +72,22 @@ impl Drop for SessionGuard {
     }
 }
 
+/// A connection id, unique in this process.
+pub fn next_conn_id() -> u64 {
+    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The close code a refused join answers with.
+pub fn join_error_code(error: &JoinError) -> CloseCode {
+    match error {
+        JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
+        JoinError::Busy | JoinError::StorageUnavailable | JoinError::Timeout => {
+            CloseCode::TRY_AGAIN_LATER
+        }
+        JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
+    }
+}
+
 fn close_frame(code: CloseCode, reason: impl Into<String>) -> WsMessage {
     let reason: String = reason.into();
     WsMessage::Close(Some(CloseFrame {
@@ -117,7 +133,7 @@ pub async fn run(
     access: Access,
     _guard: SessionGuard,
 ) {
-    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let conn_id = next_conn_id();
     tracing::Span::current().record("conn_id", conn_id);
     let (mut sink, mut stream) = socket.split();
     let timing = &engine.config.timing;
@@ -131,19 +147,13 @@ pub async fn run(
         read_only: access == Access::Read,
         session: principal.session.clone(),
     };
-    let joined = timeout(JOIN_DEADLINE, engine.docs.join(&doc, request))
+    let joined = timeout(JOIN_DEADLINE, engine.join(&doc, request))
         .await
         .unwrap_or(Err(JoinError::Timeout));
     let link = match joined {
         Ok(link) => link,
         Err(e) => {
-            let code = match e {
-                JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
-                JoinError::Busy | JoinError::StorageUnavailable | JoinError::Timeout => {
-                    CloseCode::TRY_AGAIN_LATER
-                }
-                JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
-            };
+            let code = join_error_code(&e);
             let _ = timeout(write_timeout, sink.send(close_frame(code, e.to_string()))).await;
             return;
         }

@@ -1,0 +1,268 @@
+//! The standalone cluster: nodes that share one database, find each other, and split the
+//! documents between them.
+//!
+//! # Design
+//!
+//! - **Agreement rests on real systems.** PostgreSQL holds every document (an append-only log
+//!   plus snapshots); nothing about a document lives only in a node's memory once it is
+//!   acknowledged. Membership needs no agreement at all: each node computes the owner of a
+//!   document by rendezvous hashing ([`crate::placement`]) over the members *it* sees live, and
+//!   two nodes that briefly disagree both run the document. Both persist to the same log and a
+//!   load merges everything, so a double owner loses nothing (the CRDT commutes); it only costs
+//!   clients a short period in which edits reach them through one owner and not the other.
+//! - **Peer links** ([`link`]): one TCP connection per pair of nodes on
+//!   `synchrony.cluster.base.port`, length-framed [`synchrony_protocol::peer`] messages, a
+//!   versioned handshake with a challenge-response MAC over the cluster secret
+//!   ([`handshake`]). Each link carries heartbeats and any number of *streams*, one per relayed
+//!   client session. Writes go through a bounded queue; a full queue slows the sender down.
+//! - **Membership** ([`membership`]) is a no-I/O core fed link events and time: a member is
+//!   live while its link is up and it was heard within the failure timeout; a broken link gets
+//!   a short grace. Addresses come from `cluster.join.tcpip.members` and from heartbeats (each
+//!   lists the members its sender sees), so one reachable seed is enough.
+//! - **Routes** ([`relay`]): in a cluster every client session talks to a *route* instead of a
+//!   document actor directly. The route attaches to the document's owner: the local actor, or
+//!   a stream to the owner's node. When the view changes and the owner moves, the route
+//!   attaches to the new owner and resyncs in both directions (the new owner sends the full
+//!   state and a sync step 1, which the client answers with whatever the owner lacks). The
+//!   client's socket never closes. Persisted acknowledgements are renumbered so that they keep
+//!   their meaning across owners: after a move, no ack is passed on until the client's answer
+//!   to the new owner's step 1 (which carries everything the client holds) is durable.
+//!
+//! # Failures
+//!
+//! | what | what happens |
+//! | --- | --- |
+//! | a node is killed | its links break; after the link grace (1 s) it is dead; routes on other nodes move to the new owners and resync; its own clients reconnect through the load balancer |
+//! | a link resets | the member is suspect for the grace; if the link is back within it, nothing moves |
+//! | a node hangs | no heartbeat for the failure timeout (3 s): dead, as above |
+//! | a node stops (SIGTERM) | it says `Leaving`, so peers move its documents at once, then it drains |
+//! | views differ | two owners for a while; both persist; routes converge as views do |
+//! | wrong secret, cluster or version | the link is refused, both sides log why |
+
+pub mod handshake;
+pub mod link;
+pub mod membership;
+pub mod relay;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use synchrony_protocol::peer::{Hello, NodeStats, NONCE_BYTES, PEER_PROTOCOL_VERSION};
+use synchrony_protocol::DocId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::LimitsConfig;
+use crate::doc::Docs;
+use crate::placement::{rendezvous, Owner, Placement};
+use membership::{MemberInfo, MemberView, Membership, Timeouts};
+
+/// What a node needs to know to take part.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_id: String,
+    /// `cluster.name`: links between different names are refused.
+    pub name: String,
+    pub secret: Vec<u8>,
+    /// Peer addresses to dial (`cluster.join.tcpip.members`).
+    pub seeds: Vec<String>,
+    /// Where others reach this node's peer port.
+    pub peer_addr: String,
+    /// Where clients reach this node.
+    pub http_url: String,
+    pub timeouts: Timeouts,
+}
+
+/// A node's view of the cluster: the live members, and a counter bumped at each change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub epoch: u64,
+    pub live: Arc<Vec<String>>,
+}
+
+pub struct Cluster {
+    pub settings: ClusterSettings,
+    membership: Mutex<Membership>,
+    view: watch::Sender<View>,
+    links: link::Links,
+    /// Peer addresses being dialed (seeds and those heard of).
+    dialing: Mutex<BTreeSet<String>>,
+    pub(crate) docs: Arc<Docs>,
+    pub(crate) limits: LimitsConfig,
+    connections: Arc<AtomicU64>,
+    started: Instant,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Cluster {
+    pub fn new(
+        settings: ClusterSettings,
+        docs: Arc<Docs>,
+        limits: LimitsConfig,
+        connections: Arc<AtomicU64>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        let membership = Membership::new(
+            settings.node_id.clone(),
+            MemberInfo {
+                peer_addr: settings.peer_addr.clone(),
+                http_url: settings.http_url.clone(),
+            },
+            settings.timeouts,
+        );
+        let view = View {
+            epoch: membership.epoch(),
+            live: Arc::new(membership.live().to_vec()),
+        };
+        Arc::new(Self {
+            settings,
+            membership: Mutex::new(membership),
+            view: watch::Sender::new(view),
+            links: link::Links::default(),
+            dialing: Mutex::new(BTreeSet::new()),
+            docs,
+            limits,
+            connections,
+            started: Instant::now(),
+            cancel,
+            tracker,
+        })
+    }
+
+    pub fn me(&self) -> &str {
+        &self.settings.node_id
+    }
+
+    /// The current view, and a receiver that wakes at each change.
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    /// The owner of `doc` in `view`.
+    pub fn owner_in(&self, view: &View, doc: &str) -> Owner {
+        match rendezvous(&view.live, doc) {
+            Some(node) if node != self.me() => Owner::Remote {
+                node: node.to_owned(),
+            },
+            _ => Owner::Local,
+        }
+    }
+
+    /// Runs `change` on the membership core and publishes the view if the live set changed.
+    fn update_membership(&self, change: impl FnOnce(&mut Membership, Instant) -> bool) {
+        let Ok(mut membership) = self.membership.lock() else {
+            return;
+        };
+        if change(&mut membership, Instant::now()) {
+            let view = View {
+                epoch: membership.epoch(),
+                live: Arc::new(membership.live().to_vec()),
+            };
+            tracing::info!(epoch = view.epoch, live = ?view.live, "cluster view changed");
+            self.view.send_replace(view);
+        }
+    }
+
+    /// This node's figures, for heartbeats and `GET {ctx}/v1/cluster`.
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            documents: self.docs.loaded_count() as u64,
+            connections: self.connections.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Every member this node knows, itself first.
+    pub fn members(&self) -> Vec<MemberView> {
+        let stats = self.stats();
+        self.membership
+            .lock()
+            .map(|m| m.members(Instant::now(), stats))
+            .unwrap_or_default()
+    }
+
+    /// Peer addresses of the live members, for heartbeats.
+    fn known_addresses(&self) -> Vec<String> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.state != membership::MemberState::Dead)
+            .map(|m| m.info.peer_addr)
+            .collect()
+    }
+
+    fn hello(&self) -> Hello {
+        let mut nonce = vec![0u8; NONCE_BYTES];
+        rand::fill(&mut nonce[..]);
+        Hello {
+            version: PEER_PROTOCOL_VERSION,
+            node: self.settings.node_id.clone(),
+            cluster: self.settings.name.clone(),
+            nonce,
+            peer_addr: self.settings.peer_addr.clone(),
+            http_url: self.settings.http_url.clone(),
+        }
+    }
+
+    /// Starts accepting links on `listener`, dialing the seeds and running the failure
+    /// detector's clock.
+    pub fn start(self: &Arc<Self>, listener: TcpListener) {
+        let me = self.clone();
+        self.tracker
+            .spawn(async move { link::accept_loop(me, listener).await });
+        for seed in self.settings.seeds.clone() {
+            self.dial(seed);
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => me.update_membership(|m, now| m.tick(now)),
+                    _ = me.cancel.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Keeps a link to `addr` from now on (a seed, or an address a heartbeat named).
+    fn dial(self: &Arc<Self>, addr: String) {
+        if addr == self.settings.peer_addr {
+            return;
+        }
+        let new = self
+            .dialing
+            .lock()
+            .map(|mut d| d.insert(addr.clone()))
+            .unwrap_or(false);
+        if new {
+            let me = self.clone();
+            self.tracker
+                .spawn(async move { link::dial_loop(me, addr).await });
+        }
+    }
+
+    /// Tells every peer this node is leaving, so that they move its documents at once.
+    pub async fn leave(&self) {
+        self.links.broadcast_leaving().await;
+    }
+}
+
+/// Placement over the cluster's current view.
+pub struct ClusterPlacement(pub Arc<Cluster>);
+
+impl Placement for ClusterPlacement {
+    fn owner(&self, doc: &DocId) -> Owner {
+        let view = self.0.view();
+        self.0.owner_in(&view, doc.as_str())
+    }
+}

@@ -1,0 +1,286 @@
+//! The standalone cluster, as real processes: three nodes on one PostgreSQL database, each with
+//! its peer port on an address of its own in 127.0.0.0/8 (as operators give each node its own
+//! IP), clients spread over them.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use synchrony_tests::{stored_text, EngineOptions, EngineProcess, PgDatabase, YClient, WAIT};
+
+const SECRET: &str = "cluster-secret-for-tests-0123456789";
+
+/// Peer addresses for `n` nodes of one test: `127.<pid>.<k>.1..n`, port 25500. Addresses of
+/// their own, so that tests running at once never meet.
+fn peer_addresses(n: u8) -> Vec<String> {
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    let k = NEXT.fetch_add(1, Ordering::Relaxed);
+    let p = (std::process::id() % 250) as u8 + 1;
+    (1..=n).map(|i| format!("127.{p}.{k}.{i}:25500")).collect()
+}
+
+fn node_options(db: &str, me: &str, members: &[String], secret: &str, name: &str) -> EngineOptions {
+    let (ip, _) = me.rsplit_once(':').unwrap();
+    EngineOptions::postgres(db)
+        .arg("--cluster-join-type", "tcpip")
+        .arg("--cluster-bind", ip)
+        .arg("--cluster-join-tcpip-members", members.join(","))
+        .arg("--cluster-authentication-secret", secret)
+        .arg("--cluster-name", name)
+}
+
+async fn start_nodes(db: &str, n: u8) -> Vec<EngineProcess> {
+    let addrs = peer_addresses(n);
+    let mut nodes = Vec::new();
+    for addr in &addrs {
+        nodes.push(EngineProcess::start(&node_options(db, addr, &addrs, SECRET, "test")).await);
+    }
+    for node in &nodes {
+        wait_for_live(node, n as usize).await;
+    }
+    nodes
+}
+
+async fn cluster_json(node: &EngineProcess) -> serde_json::Value {
+    let (status, body) = node.get("/v1/cluster").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `node` sees `n` live members.
+async fn wait_for_live(node: &EngineProcess, n: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view = cluster_json(node).await;
+        if view["live"].as_array().map(Vec::len) == Some(n) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never saw {n} live members: {view}\nlog:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn owner_of(node: &EngineProcess, doc: &str) -> String {
+    let (status, body) = node.get(&format!("/v1/cluster/owner/{doc}")).await;
+    assert_eq!(status, 200, "{body}");
+    let owner: serde_json::Value = serde_json::from_str(&body).unwrap();
+    owner["owner"].as_str().unwrap().to_owned()
+}
+
+async fn node_id(node: &EngineProcess) -> String {
+    cluster_json(node).await["self"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Pumps every client until all hold `expected` (order-independent content check by length and
+/// markers).
+async fn converge(clients: &mut [YClient], markers: &[String]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for client in clients.iter_mut() {
+            client.drain(Duration::from_millis(20)).await;
+        }
+        let done = clients
+            .iter()
+            .all(|c| markers.iter().all(|m| c.text().contains(m.as_str())));
+        if done {
+            let first = clients[0].text();
+            if clients.iter().all(|c| c.text() == first) {
+                return;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            let texts: Vec<String> = clients.iter().map(YClient::text).collect();
+            panic!("clients did not converge within {WAIT:?}: {texts:#?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_any_document_and_all_converge() {
+    let db = PgDatabase::create().await;
+    let nodes = start_nodes(&db.url, 3).await;
+    // Every node agrees on every owner, and the owners are spread.
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let doc = format!("spread-{i}");
+        let first = owner_of(&nodes[0], &doc).await;
+        for node in &nodes[1..] {
+            assert_eq!(owner_of(node, &doc).await, first, "views differ on {doc}");
+        }
+        owners.insert(first);
+    }
+    assert!(
+        owners.len() >= 2,
+        "12 documents all on one node: {owners:?}"
+    );
+
+    // One document edited from all three nodes at once.
+    let doc = "shared/page";
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(YClient::synced(node, doc, true).await);
+    }
+    let mut markers = Vec::new();
+    for round in 0..20 {
+        for (c, client) in clients.iter_mut().enumerate() {
+            let marker = format!("<{c}.{round}>");
+            client.append(&marker).await;
+            markers.push(marker);
+        }
+    }
+    converge(&mut clients, &markers).await;
+    // Acknowledgements reach clients of every node, relayed ones included.
+    for client in &mut clients {
+        let edits = client.edits;
+        client
+            .wait_until("every edit acknowledged", |c| c.acked_edits() == edits)
+            .await;
+    }
+    let (stored, _) = stored_text(&db.url, doc).await;
+    assert_eq!(stored, clients[0].text(), "storage holds what clients see");
+
+    // Many documents, one client per node each.
+    for d in 0..10 {
+        let doc = format!("many/{d}");
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(YClient::synced(node, &doc, false).await);
+        }
+        let mut markers = Vec::new();
+        for (c, client) in clients.iter_mut().enumerate() {
+            let marker = format!("[{d}.{c}]");
+            client.append(&marker).await;
+            markers.push(marker);
+        }
+        converge(&mut clients, &markers).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_loses_nothing_acknowledged_and_survivors_stay_connected() {
+    let db = PgDatabase::create().await;
+    let mut nodes = start_nodes(&db.url, 3).await;
+    // A document owned by node 0, edited by clients of nodes 1 and 2 (relayed to it).
+    let owner_id = node_id(&nodes[0]).await;
+    let mut doc = String::new();
+    for i in 0..200 {
+        let candidate = format!("failover/{i}");
+        if owner_of(&nodes[1], &candidate).await == owner_id {
+            doc = candidate;
+            break;
+        }
+    }
+    assert!(!doc.is_empty(), "no document owned by node 0 among 200");
+    let mut clients = vec![
+        YClient::synced(&nodes[1], &doc, true).await,
+        YClient::synced(&nodes[2], &doc, true).await,
+    ];
+    let mut markers = Vec::new();
+    for round in 0..10 {
+        for (c, client) in clients.iter_mut().enumerate() {
+            let marker = format!("<{c}.{round}>");
+            client.append(&marker).await;
+            markers.push(marker);
+        }
+    }
+    converge(&mut clients, &markers).await;
+    nodes[0].kill9().await;
+    // Typing goes on through the failover; the survivors' sockets never close (a close makes
+    // `drain`/`wait_until` panic).
+    for round in 10..40 {
+        for (c, client) in clients.iter_mut().enumerate() {
+            let marker = format!("<{c}.{round}>");
+            client.append(&marker).await;
+            markers.push(marker);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for client in clients.iter_mut() {
+            client.drain(Duration::from_millis(5)).await;
+        }
+    }
+    for node in &nodes[1..] {
+        wait_for_live(node, 2).await;
+    }
+    converge(&mut clients, &markers).await;
+    for client in &mut clients {
+        let edits = client.edits;
+        client
+            .wait_until("every edit acknowledged after the failover", |c| {
+                c.acked_edits() == edits
+            })
+            .await;
+    }
+    let (stored, _) = stored_text(&db.url, &doc).await;
+    for marker in &markers {
+        assert!(
+            stored.contains(marker.as_str()),
+            "{marker} missing from storage: {stored}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_and_say_why() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(3);
+    let seed = std::slice::from_ref(&addrs[0]);
+    let member =
+        EngineProcess::start(&node_options(&db.url, &addrs[0], seed, SECRET, "test")).await;
+    let wrong_secret = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[1],
+        seed,
+        "another-secret-of-enough-length",
+        "test",
+    ))
+    .await;
+    let other_cluster =
+        EngineProcess::start(&node_options(&db.url, &addrs[2], seed, SECRET, "staging")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let member_log = member.log();
+        let seen = member_log.contains("different cluster.authentication.secret")
+            && member_log.contains("is not a member of cluster")
+            && wrong_secret
+                .log()
+                .contains("different cluster.authentication.secret")
+            && other_cluster.log().contains("is not a member of cluster");
+        if seen {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusals not logged on both sides:\nmember:\n{member_log}\nwrong secret:\n{}\nother cluster:\n{}",
+            wrong_secret.log(),
+            other_cluster.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in [&member, &wrong_secret, &other_cluster] {
+        let view = cluster_json(node).await;
+        assert_eq!(view["live"].as_array().unwrap().len(), 1, "{view}");
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_without_a_secret_does_not_start() {
+    let (code, stderr) = synchrony_tests::run_engine_to_exit(&[
+        "serve",
+        "--port",
+        "0",
+        "--cluster-join-type",
+        "tcpip",
+        "--cluster-join-tcpip-members",
+        "127.0.0.1:25500",
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cluster.authentication.secret"), "{stderr}");
+}
