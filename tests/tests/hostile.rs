@@ -520,3 +520,47 @@ async fn floods_before_authentication_do_not_need_the_database() {
         assert!(status == 200 || status == 503, "{status}");
     }
 }
+
+#[tokio::test]
+async fn an_update_repeating_a_clients_structs_is_refused_before_yrs_sees_it() {
+    // The fuzzed input on which yrs used freed memory: client 1's struct listed three times.
+    let found = std::fs::read(
+        synchrony_tests::workspace_root()
+            .join("tests/fuzz/regressions/update/yrs-use-after-free-in-resolve-conflict"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(&EngineOptions::sqlite(dir.path())).await;
+    let doc = "app/repeats";
+    let mut bystander = YClient::synced(&engine, doc, true).await;
+    let mut watcher = YClient::synced(&engine, doc, false).await;
+    for (i, frame) in [
+        Message::Sync(SyncMessage::Update(found.clone())),
+        Message::Sync(SyncMessage::SyncStep2(found.clone())),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut bad = RawClient::connect(&engine.ws_url(doc, "")).await.unwrap();
+        bad.send(encode_message(frame)).await;
+        match bad.ended(WAIT).await {
+            Ended::Closed { code, reason } => {
+                assert_eq!(code, 1007, "closed with {code} ({reason})");
+                assert_eq!(reason, "invalid update");
+            }
+            Ended::Dropped => panic!("dropped without a close frame (engine alive?)"),
+        }
+        let marker = format!("ok{i};");
+        bystander.append(&marker).await;
+        watcher
+            .wait_until("the edit after the refused update", |w| {
+                w.text().ends_with(&marker)
+            })
+            .await;
+    }
+    let put = engine
+        .request("PUT", &format!("/v1/data/{doc}"), None, &found)
+        .await;
+    assert_eq!(put.status, 400, "{}", put.text());
+    assert!(put.text().contains("listed again"), "{}", put.text());
+}
