@@ -99,6 +99,26 @@ pub enum PeerMessage {
         code: u16,
         reason: String,
     },
+    /// A request of the REST document API, forwarded to the document's owner as it arrived
+    /// (after the forwarding node checked nothing: the owner checks everything).
+    HttpRequest {
+        id: u64,
+        exchange: HttpExchange,
+    },
+    /// The owner's answer to [`PeerMessage::HttpRequest`] `id`.
+    HttpResponse {
+        id: u64,
+        exchange: HttpExchange,
+    },
+}
+
+/// An HTTP request or response carried over a link. `head` is the method and URI of a
+/// request, the status code of a response.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpExchange {
+    pub head: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -120,6 +140,44 @@ const OPEN: u64 = 10;
 const DATA: u64 = 11;
 const RESYNC: u64 = 12;
 const CLOSE: u64 = 13;
+const HTTP_REQUEST: u64 = 20;
+const HTTP_RESPONSE: u64 = 21;
+
+fn write_exchange(b: &mut Vec<u8>, id: u64, e: &HttpExchange) {
+    b.write_var(id);
+    b.write_string(&e.head);
+    b.write_var(e.headers.len() as u64);
+    for (name, value) in &e.headers {
+        b.write_string(name);
+        b.write_buf(value);
+    }
+    b.write_buf(&e.body);
+}
+
+fn read_exchange(c: &mut Cursor, len: usize) -> Result<(u64, HttpExchange), PeerError> {
+    let bad = |e: yrs::encoding::read::Error| PeerError::Malformed(e.to_string());
+    let id = c.read_var().map_err(bad)?;
+    let head = c.read_string().map_err(bad)?.to_owned();
+    let count: u64 = c.read_var().map_err(bad)?;
+    // Each header takes at least two length bytes.
+    if count.saturating_mul(2) > (len - c.next) as u64 {
+        return Err(PeerError::Malformed(format!("{count} headers")));
+    }
+    let mut headers = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let name = c.read_string().map_err(bad)?.to_owned();
+        headers.push((name, c.read_buf().map_err(bad)?.to_vec()));
+    }
+    let body = c.read_buf().map_err(bad)?.to_vec();
+    Ok((
+        id,
+        HttpExchange {
+            head,
+            headers,
+            body,
+        },
+    ))
+}
 
 impl PeerMessage {
     /// The message body (without the length prefix).
@@ -186,6 +244,16 @@ impl PeerMessage {
                 b.write_var(*stream);
                 b.write_var(*code);
                 b.write_string(reason);
+            }
+            PeerMessage::HttpRequest { id, exchange } => {
+                b.reserve(exchange.body.len() + 256);
+                b.write_var(HTTP_REQUEST);
+                write_exchange(&mut b, *id, exchange);
+            }
+            PeerMessage::HttpResponse { id, exchange } => {
+                b.reserve(exchange.body.len() + 256);
+                b.write_var(HTTP_RESPONSE);
+                write_exchange(&mut b, *id, exchange);
             }
         }
         b
@@ -256,6 +324,14 @@ impl PeerMessage {
                 code: c.read_var().map_err(bad)?,
                 reason: c.read_string().map_err(bad)?.to_owned(),
             },
+            HTTP_REQUEST => {
+                let (id, exchange) = read_exchange(&mut c, body.len())?;
+                PeerMessage::HttpRequest { id, exchange }
+            }
+            HTTP_RESPONSE => {
+                let (id, exchange) = read_exchange(&mut c, body.len())?;
+                PeerMessage::HttpResponse { id, exchange }
+            }
             other => return Err(PeerError::UnknownTag(other)),
         };
         match body.len() - c.next {
@@ -305,6 +381,22 @@ mod tests {
                 frame: vec![0, 2, 1, 0],
             },
             PeerMessage::Resync { stream: 1 },
+            PeerMessage::HttpRequest {
+                id: 3,
+                exchange: HttpExchange {
+                    head: "PUT /synchrony/v1/data/p?reset=true".into(),
+                    headers: vec![("authorization".into(), b"Bearer x".to_vec())],
+                    body: b"hello".to_vec(),
+                },
+            },
+            PeerMessage::HttpResponse {
+                id: 3,
+                exchange: HttpExchange {
+                    head: "200".into(),
+                    headers: vec![],
+                    body: vec![],
+                },
+            },
             PeerMessage::Close {
                 stream: 2,
                 code: 4404,

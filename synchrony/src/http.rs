@@ -135,7 +135,9 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         .route("/v1/data", get(list_docs))
         .route(
             "/v1/data/{*doc}",
-            get(read_doc).put(write_doc).delete(delete_doc),
+            get(read_doc).put(write_doc).delete(delete_doc).route_layer(
+                axum::middleware::from_fn_with_state(engine.clone(), route_to_owner),
+            ),
         )
         .layer(DefaultBodyLimit::max(body_limit));
     let inner = if engine.config.demo_enabled {
@@ -156,6 +158,46 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         inner
     } else {
         Router::new().nest(context_path, inner)
+    }
+}
+
+/// In a cluster, carries a document request to the node that owns the document (see
+/// [`crate::cluster::rest`]).
+async fn route_to_owner(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(cluster) = engine.cluster.get() else {
+        return next.run(request).await;
+    };
+    if request
+        .headers()
+        .contains_key(crate::cluster::rest::ROUTED_HEADER)
+    {
+        return next.run(request).await;
+    }
+    // A bad id is the handler's to refuse.
+    let Ok(id) = DocId::parse(&doc) else {
+        return next.run(request).await;
+    };
+    match cluster.owner_in(&cluster.view(), id.as_str()) {
+        Owner::Local => next.run(request).await,
+        Owner::Remote { node } => {
+            match crate::cluster::rest::forward(cluster, &node, request).await {
+                Ok(response) => response,
+                Err(crate::cluster::rest::ForwardError::TooLarge) => {
+                    ApiError::TooLarge("the request body is over synchrony.max.doc.bytes".into())
+                        .into_response()
+                }
+                Err(error) => {
+                    tracing::warn!(%error, owner = %node, "REST request not forwarded");
+                    ApiError::Unavailable("the document's owner is unreachable; try again")
+                        .into_response()
+                }
+            }
+        }
     }
 }
 

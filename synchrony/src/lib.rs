@@ -254,6 +254,8 @@ impl Engine {
             self.cancel.clone(),
             self.tracker.clone(),
         );
+        let ctx = self.config.normalized_context_path()?;
+        let _ = cluster.router.set(http::router(self.clone(), &ctx));
         cluster.start(listener);
         let _ = self
             .placement

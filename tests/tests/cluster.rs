@@ -146,6 +146,42 @@ async fn any_node_serves_any_document_and_all_converge() {
     let (stored, _) = stored_text(&db.url, doc).await;
     assert_eq!(stored, clients[0].text(), "storage holds what clients see");
 
+    // The REST API answers the same from every node: non-owners forward to the owner.
+    let read = format!("/v1/data/{doc}?format=text&name=content");
+    for node in &nodes {
+        let (status, body) = node.get(&read).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, clients[0].text());
+    }
+    // A reset through a node that does not own the document reaches every editor.
+    let owner = owner_of(&nodes[0], doc).await;
+    let mut other = None;
+    for node in &nodes {
+        if node_id(node).await != owner {
+            other = Some(node);
+        }
+    }
+    let other = other.unwrap();
+    let put = other
+        .request(
+            "PUT",
+            &format!("/v1/data/{doc}?reset=true&name=content"),
+            None,
+            b"replaced through a non-owner",
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    for client in &mut clients {
+        client
+            .wait_until("the reset through a non-owner", |c| {
+                c.text() == "replaced through a non-owner"
+            })
+            .await;
+    }
+    for node in &nodes {
+        assert_eq!(node.get(&read).await.1, "replaced through a non-owner");
+    }
+
     // Many documents, one client per node each.
     for d in 0..10 {
         let doc = format!("many/{d}");

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use synchrony_protocol::peer::{Heartbeat, Hello, PeerMessage};
+use synchrony_protocol::peer::{Heartbeat, Hello, HttpExchange, PeerMessage};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -69,9 +69,31 @@ pub struct Link {
     next_stream: AtomicU64,
     opened: Mutex<HashMap<u64, mpsc::Sender<StreamEvent>>>,
     served: Mutex<HashMap<u64, mpsc::Sender<ServedEvent>>>,
+    /// Forwarded REST requests waiting for the owner's response.
+    requests: Mutex<HashMap<u64, oneshot::Sender<HttpExchange>>>,
+    next_request: AtomicU64,
 }
 
 impl Link {
+    /// A request id and where its response will arrive.
+    pub(crate) fn expect_response(&self) -> (u64, oneshot::Receiver<HttpExchange>) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.insert(id, tx);
+        }
+        if self.closed.is_cancelled() {
+            self.fail_streams();
+        }
+        (id, rx)
+    }
+
+    pub(crate) fn forget_request(&self, id: u64) {
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.remove(&id);
+        }
+    }
+
     /// Queues a message; false once the link is closed.
     pub(crate) async fn send(&self, message: PeerMessage) -> bool {
         tokio::select! {
@@ -133,6 +155,10 @@ impl Link {
             .unwrap_or_default();
         for tx in served {
             let _ = tx.try_send(ServedEvent::LinkLost);
+        }
+        // Dropping the senders answers every waiting request with an error.
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.clear();
         }
     }
 }
@@ -211,18 +237,23 @@ impl Links {
     }
 }
 
+/// The largest message on a link: a document's whole state (up to `synchrony.max.doc.bytes`)
+/// on a stream, or a forwarded REST response rendering it as JSON (larger than its encoding).
+pub(crate) fn max_message(limits: &crate::config::LimitsConfig) -> usize {
+    limits
+        .max_doc_bytes
+        .max(limits.max_frame_bytes)
+        .saturating_mul(4)
+        .saturating_add(1 << 20)
+        .min(u32::MAX as usize)
+}
+
 fn wire(stream: TcpStream, cluster: &Cluster) -> Wire {
     let _ = stream.set_nodelay(true);
-    // A stream may carry a whole document state (up to synchrony.max.doc.bytes) in one message.
-    let max = cluster
-        .limits
-        .max_doc_bytes
-        .max(cluster.limits.max_frame_bytes)
-        .saturating_add(64 * 1024);
     Framed::new(
         stream,
         LengthDelimitedCodec::builder()
-            .max_frame_length(max)
+            .max_frame_length(max_message(&cluster.limits))
             .new_codec(),
     )
 }
@@ -479,6 +510,8 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
         next_stream: AtomicU64::new(1),
         opened: Mutex::new(HashMap::new()),
         served: Mutex::new(HashMap::new()),
+        requests: Mutex::new(HashMap::new()),
+        next_request: AtomicU64::new(1),
     });
     if !cluster.links.register(&me, &link) {
         tracing::debug!(peer = %hello.node, "a link to this member exists already; closing the duplicate");
@@ -664,6 +697,17 @@ async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage
                 if let Some(tx) = tx {
                     let _ = tx.send(ServedEvent::Closed).await;
                 }
+            }
+        }
+        PeerMessage::HttpRequest { id, exchange } => {
+            let (cluster, link) = (cluster.clone(), link.clone());
+            let tracker = cluster.tracker.clone();
+            tracker.spawn(async move { super::rest::answer(cluster, link, id, exchange).await });
+        }
+        PeerMessage::HttpResponse { id, exchange } => {
+            let waiting = link.requests.lock().ok().and_then(|mut r| r.remove(&id));
+            if let Some(tx) = waiting {
+                let _ = tx.send(exchange);
             }
         }
         PeerMessage::Hello(_) | PeerMessage::Proof { .. } | PeerMessage::Refuse { .. } => {

@@ -43,6 +43,7 @@ pub mod handshake;
 pub mod link;
 pub mod membership;
 pub mod relay;
+pub mod rest;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
@@ -97,6 +98,8 @@ pub struct Cluster {
     started: Instant,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// This node's HTTP router, for REST requests forwarded by other nodes.
+    pub(crate) router: std::sync::OnceLock<axum::Router>,
 }
 
 impl Cluster {
@@ -132,6 +135,7 @@ impl Cluster {
             started: Instant::now(),
             cancel,
             tracker,
+            router: std::sync::OnceLock::new(),
         })
     }
 
