@@ -53,6 +53,22 @@ enum Command {
     Config(Box<ServeConfig>),
     /// Run `synchrony <engine args>` as a child and keep it running (restarts with backoff).
     Supervise(SuperviseArgs),
+    /// Inspect a running cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum ClusterCommand {
+    /// Print the members, their state and load as one node sees them.
+    Status {
+        /// The node to ask: its base URL, context path included.
+        #[arg(long, default_value = "http://127.0.0.1:8091/synchrony")]
+        url: String,
+        /// Print the JSON of `GET {ctx}/v1/cluster` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -352,6 +368,22 @@ async fn run() -> ExitCode {
         Some(Command::Serve(config)) => serve(*config).await,
         Some(Command::Config(_)) => print_config(&resolved, &matches),
         Some(Command::Supervise(args)) => supervise(args).await,
+        Some(Command::Cluster(ClusterCommand::Status { url, json })) => {
+            match synchrony::cluster::status::fetch(&url).await {
+                Ok(status) if json => {
+                    println!("{status:#}");
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    print!("{}", synchrony::cluster::status::render(&status));
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    tracing::error!("{message}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Some(Command::Token(args)) => match mint(*args).await {
             Ok(token) => {
                 println!("{token}");

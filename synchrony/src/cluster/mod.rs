@@ -44,6 +44,7 @@ pub mod link;
 pub mod membership;
 pub mod relay;
 pub mod rest;
+pub mod status;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;

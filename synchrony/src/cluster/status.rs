@@ -1,0 +1,126 @@
+//! `synchrony cluster status`: a node's view of its cluster, fetched from
+//! `GET {ctx}/v1/cluster` and printed as a table (or the JSON itself).
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Fetches `{base}/v1/cluster` (`base` is `http://host:port{ctx}`).
+pub async fn fetch(base: &str) -> Result<Value, String> {
+    let url: url::Url = format!("{}/v1/cluster", base.trim_end_matches('/'))
+        .parse()
+        .map_err(|e| format!("{base:?} is not a URL: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!("{base:?}: only http:// URLs are supported"));
+    }
+    let host = url.host_str().ok_or("the URL has no host")?.to_owned();
+    let port = url.port_or_known_default().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(url.path())
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{url} did not answer JSON: {e}"))
+}
+
+/// The status as a table: one line per member, this node marked with `*`.
+pub fn render(status: &Value) -> String {
+    if status["clustered"] != Value::Bool(true) {
+        return "this node is not in a cluster (cluster.join.type is not set)\n".into();
+    }
+    let me = status["self"].as_str().unwrap_or_default();
+    let mut out = format!(
+        "cluster {}  view epoch {}  live {}\n",
+        status["name"].as_str().unwrap_or("?"),
+        status["epoch"],
+        status["live"].as_array().map_or(0, Vec::len),
+    );
+    let rows: Vec<[String; 7]> = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let id = m["id"].as_str().unwrap_or_default();
+            [
+                format!("{}{}", if id == me { "*" } else { " " }, id),
+                m["state"].as_str().unwrap_or_default().to_owned(),
+                m["peer_address"].as_str().unwrap_or_default().to_owned(),
+                m["http_url"].as_str().unwrap_or_default().to_owned(),
+                m["documents"].to_string(),
+                m["connections"].to_string(),
+                m["uptime_seconds"].to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        " NODE", "STATE", "PEER", "HTTP", "DOCS", "CONNS", "UPTIME_S",
+    ]
+    .map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_members_with_this_node_marked() {
+        let status = serde_json::json!({
+            "clustered": true, "self": "b", "name": "prod", "epoch": 4, "live": ["a", "b"],
+            "members": [
+                {"id": "b", "state": "alive", "peer_address": "10.0.0.2:25500",
+                 "http_url": "http://10.0.0.2:8091/synchrony", "documents": 3, "connections": 10, "uptime_seconds": 60},
+                {"id": "a", "state": "suspect", "peer_address": "10.0.0.1:25500",
+                 "http_url": "http://10.0.0.1:8091/synchrony", "documents": 1, "connections": 0, "uptime_seconds": 5},
+            ]
+        });
+        let table = render(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "cluster prod  view epoch 4  live 2");
+        assert!(lines[1].starts_with(" NODE  STATE"), "{table}");
+        assert!(
+            lines[2].starts_with("*b     alive    10.0.0.2:25500"),
+            "{table}"
+        );
+        assert!(lines[3].starts_with(" a     suspect"), "{table}");
+        assert!(render(&serde_json::json!({"clustered": false})).contains("not in a cluster"));
+    }
+}
