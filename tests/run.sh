@@ -66,6 +66,9 @@ cargo build --workspace --bins --locked
 
 # The demo page's browser test drives Debian's Chromium.
 command -v chromium >/dev/null 2>&1 || ensure_apt chromium
+# The cluster tests put Debian's nginx in front of the nodes (its service is not started:
+# the tests run their own instance on a free port).
+command -v nginx >/dev/null 2>&1 || ensure_apt nginx-light
 
 log "building and testing the TypeScript client (client-js) and the demo page against the engine"
 (cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm run check:demo && npm test)

@@ -611,16 +611,16 @@ impl ClusterConfig {
                 )))
             }
         }
+        if self.join_type == Some(JoinType::Tcpip) && self.tcpip_members.is_empty() {
+            return Err(ConfigError::Cluster(
+                "cluster.join.type is tcpip but cluster.join.tcpip.members is empty".into(),
+            ));
+        }
         if self.join_type.is_some() && self.authentication_secret.is_none() {
             return Err(ConfigError::Cluster(
                 "cluster.join.type is set but cluster.authentication.secret is not: peers must \
                  prove they belong to the cluster"
                     .into(),
-            ));
-        }
-        if self.join_type == Some(JoinType::Tcpip) && self.tcpip_members.is_empty() {
-            return Err(ConfigError::Cluster(
-                "cluster.join.type is tcpip but cluster.join.tcpip.members is empty".into(),
             ));
         }
         if let Some(group) = self.multicast_group {

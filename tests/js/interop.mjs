@@ -173,6 +173,25 @@ const scenarios = {
   },
 
   // A stock client never receives an extension message, even when other clients ask for acks.
+  // The operators' acceptance procedure: create a page and edit it (through whatever sits in
+  // front, a load balancer in the cluster test) with several stock clients; print its text.
+  async page () {
+    const n = Number(args[0] || 3)
+    const clients = Array.from({ length: n }, (_, i) => client(`editor${i}`))
+    await waitFor('all editors synced', () => clients.every(synced))
+    clients[0].text.insert(0, 'Created through the load balancer. ')
+    await waitFor('the page to reach every editor',
+      () => clients.every((c) => c.text.toString().startsWith('Created')))
+    for (let round = 0; round < 10; round++) {
+      clients.forEach((c) => c.text.insert(c.text.length, `${c.name}.${round} `))
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    await waitFor('the editors to converge', () => sameState(clients))
+    const text = clients[0].text.toString()
+    clients.forEach((c) => c.provider.destroy())
+    return { text }
+  },
+
   async stock () {
     const c = client('stock')
     const seen = []

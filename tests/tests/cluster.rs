@@ -320,3 +320,157 @@ async fn a_cluster_without_a_secret_does_not_start() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("cluster.authentication.secret"), "{stderr}");
 }
+
+/// Debian's nginx running `synchrony/deploy/nginx.conf` in front of `nodes`.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    async fn start(nodes: &[EngineProcess]) -> Option<Self> {
+        if std::process::Command::new("nginx")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            return None;
+        }
+        let template = std::fs::read_to_string(
+            synchrony_tests::workspace_root().join("synchrony/deploy/nginx.conf"),
+        )
+        .unwrap();
+        let (head, rest) = template.split_once("        # SERVERS\n").unwrap();
+        let (_, tail) = rest.split_once("        # END SERVERS\n").unwrap();
+        let servers: String = nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "        server 127.0.0.1:{} max_fails=1 fail_timeout=2s;\n",
+                    n.port
+                )
+            })
+            .collect();
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let d = dir.path().display();
+            let config = format!("{head}{servers}{tail}")
+                .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
+                .replace(
+                    "http {\n",
+                    &format!(
+                        "http {{\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    \
+                         fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n"
+                    ),
+                );
+            let config = format!(
+                "daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{config}"
+            );
+            let path = dir.path().join("nginx.conf");
+            std::fs::write(&path, config).unwrap();
+            // No stream of ours is inherited: its workers must never hold a pipe open.
+            let mut child = std::process::Command::new("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&path)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // the port was taken meanwhile: another attempt
+                }
+                let answered = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok();
+                if answered {
+                    let response =
+                        synchrony_tests::http(port, "GET", "/synchrony/heartbeat", &[], &[]).await;
+                    if response.status == 200 {
+                        return Some(Self { child, port, dir });
+                    }
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "nginx did not pass the heartbeat through: {}",
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("nginx could not start on a free port in five attempts");
+    }
+
+    fn ws_base(&self) -> String {
+        format!("ws://127.0.0.1:{}/synchrony", self.port)
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM: the master stops its workers, then exits (SIGKILL would orphan the workers).
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The operators' acceptance procedure: create a page through the load balancer with stock
+/// clients, then see it on each node, over WebSocket and REST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_made_through_nginx_is_the_same_on_every_node() {
+    let db = PgDatabase::create().await;
+    let nodes = start_nodes(&db.url, 3).await;
+    let Some(nginx) = Nginx::start(&nodes).await else {
+        eprintln!("SKIPPED: nginx is not installed (tests/run.sh installs Debian's)");
+        return;
+    };
+    let doc = "wiki/acceptance-page";
+    let logs = || {
+        let mut all = format!("nginx:\n{}\n", nginx.error_log());
+        for (i, node) in nodes.iter().enumerate() {
+            all.push_str(&format!("node {i}:\n{}\n", node.log()));
+        }
+        all
+    };
+    let made = synchrony_tests::node_at("page", &nginx.ws_base(), doc, &["3"], &logs).await;
+    let text = made["text"].as_str().unwrap().to_owned();
+    assert!(
+        text.starts_with("Created through the load balancer."),
+        "{made}"
+    );
+    for node in &nodes {
+        let (status, body) = node
+            .get(&format!("/v1/data/{doc}?format=text&name=content"))
+            .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, text.as_str()),
+            "REST on a node"
+        );
+        let client = YClient::synced(node, doc, false).await;
+        assert_eq!(client.text(), text, "WebSocket on a node");
+    }
+}

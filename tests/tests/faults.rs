@@ -290,7 +290,10 @@ async fn sqlite_on_a_full_disk() {
     // section keeps it as an open question.)
     let log = engine.log();
     let mut engine = engine;
-    assert!(engine.terminate().await.success(), "drain after the disk emptied:\n{log}");
+    assert!(
+        engine.terminate().await.success(),
+        "drain after the disk emptied:\n{log}"
+    );
     let (stored, _) = synchrony_tests::stored_text(&synchrony_tests::sqlite_url(&data), doc).await;
     assert_eq!(stored, a.text(), "engine log:\n{}", engine.log());
 }
