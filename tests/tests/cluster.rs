@@ -474,3 +474,121 @@ async fn a_page_made_through_nginx_is_the_same_on_every_node() {
         assert_eq!(client.text(), text, "WebSocket on a node");
     }
 }
+
+/// Every client appends one marker per round for `rounds`, pausing between rounds, and pumps
+/// what arrives (a closed socket panics).
+async fn type_rounds(
+    clients: &mut [YClient],
+    rounds: std::ops::Range<usize>,
+    markers: &mut Vec<String>,
+) {
+    for round in rounds {
+        for (c, client) in clients.iter_mut().enumerate() {
+            let marker = format!("<{c}.{round}>");
+            client.append(&marker).await;
+            markers.push(marker);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for client in clients.iter_mut() {
+            client.drain(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Documents move when a node joins under load and when another leaves with SIGTERM; the
+/// clients of the node that stays never see a close and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(3);
+    let options = |i: usize| node_options(&db.url, &addrs[i], &addrs, SECRET, "test");
+    let mut a = EngineProcess::start(&options(0)).await;
+    let b = EngineProcess::start(&options(1)).await;
+    wait_for_live(&a, 2).await;
+    wait_for_live(&b, 2).await;
+    // Six documents, three owned by a and three by b, two clients each, all connected to b.
+    let (a_id, b_id) = (node_id(&a).await, node_id(&b).await);
+    let view = vec![a_id.clone(), b_id.clone()];
+    let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        let doc = format!("moving/{i}");
+        match synchrony::placement::rendezvous(&view, &doc) {
+            Some(o) if o == a_id && of_a.len() < 3 => of_a.push(doc),
+            Some(o) if o == b_id && of_b.len() < 3 => of_b.push(doc),
+            _ => {}
+        }
+        if of_a.len() + of_b.len() == 6 {
+            break;
+        }
+    }
+    let docs: Vec<String> = of_a.into_iter().chain(of_b).collect();
+    for doc in &docs {
+        assert_eq!(
+            owner_of(&b, doc).await,
+            synchrony::placement::rendezvous(&view, doc).unwrap()
+        );
+    }
+    let mut clients = Vec::new();
+    for doc in &docs {
+        for _ in 0..2 {
+            clients.push(YClient::synced(&b, doc, true).await);
+        }
+    }
+    let mut markers = Vec::new();
+    type_rounds(&mut clients, 0..5, &mut markers).await;
+
+    // c joins while everyone types.
+    let c_options = options(2);
+    let (c, ()) = tokio::join!(
+        EngineProcess::start(&c_options),
+        type_rounds(&mut clients, 5..25, &mut markers)
+    );
+    wait_for_live(&b, 3).await;
+    type_rounds(&mut clients, 25..35, &mut markers).await;
+    let c_id = node_id(&c).await;
+    let (mut moved_to_c, mut owned_by_a) = (0, 0);
+    for doc in &docs {
+        let owner = owner_of(&b, doc).await;
+        moved_to_c += usize::from(owner == c_id);
+        owned_by_a += usize::from(owner == a_id);
+    }
+    // Of a's three documents, those c did not take move when a leaves: something moves.
+    assert!(moved_to_c + owned_by_a > 0);
+
+    // a leaves with SIGTERM while everyone types.
+    let (status, ()) = tokio::join!(
+        a.terminate(),
+        type_rounds(&mut clients, 35..55, &mut markers)
+    );
+    assert!(status.success(), "a did not stop cleanly");
+    wait_for_live(&b, 2).await;
+    type_rounds(&mut clients, 55..60, &mut markers).await;
+
+    // Every client of a document holds every marker of that document; all acknowledged; stored.
+    for (d, doc) in docs.iter().enumerate() {
+        let pair = &mut clients[2 * d..2 * d + 2];
+        let mine: Vec<String> = markers
+            .iter()
+            .filter(|m| {
+                let c: usize = m[1..m.find('.').unwrap()].parse().unwrap();
+                c / 2 == d
+            })
+            .cloned()
+            .collect();
+        converge(pair, &mine).await;
+        for client in pair.iter_mut() {
+            let edits = client.edits;
+            client
+                .wait_until("every edit acknowledged", |c| c.acked_edits() == edits)
+                .await;
+        }
+        let (stored, _) = stored_text(&db.url, doc).await;
+        for marker in &mine {
+            assert!(
+                stored.contains(marker.as_str()),
+                "{marker} missing from storage"
+            );
+        }
+    }
+    eprintln!("moved to c when it joined: {moved_to_c}; moved when a left: {owned_by_a}");
+}
