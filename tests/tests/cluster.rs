@@ -592,3 +592,112 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
     }
     eprintln!("moved to c when it joined: {moved_to_c}; moved when a left: {owned_by_a}");
 }
+
+/// A TCP forwarder the test can hold shut: connections are dropped until it opens.
+struct Gate {
+    addr: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn to(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_open = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(Ordering::Acquire) {
+                    continue; // dropped: the dialer sees the link fail
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, open, task }
+    }
+
+    fn open(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Two nodes that cannot reach each other both serve one document (each is its whole cluster);
+/// their clients edit it apart. Once the nodes see each other, one owner remains, every client
+/// converges on everyone's edits, and storage holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_owners_of_one_document_converge_once_they_see_each_other() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(2);
+    let b = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[1],
+        std::slice::from_ref(&addrs[1]),
+        SECRET,
+        "test",
+    ))
+    .await;
+    // a reaches b only through the gate, shut for now.
+    let gate = Gate::to(addrs[1].clone()).await;
+    let a = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[0],
+        &[addrs[0].clone(), gate.addr.clone()],
+        SECRET,
+        "test",
+    ))
+    .await;
+    let doc = "split/page";
+    assert_eq!(owner_of(&a, doc).await, node_id(&a).await);
+    assert_eq!(owner_of(&b, doc).await, node_id(&b).await);
+    let mut clients = vec![
+        YClient::synced(&a, doc, true).await,
+        YClient::synced(&a, doc, true).await,
+        YClient::synced(&b, doc, true).await,
+        YClient::synced(&b, doc, true).await,
+    ];
+    let mut markers = Vec::new();
+    type_rounds(&mut clients, 0..10, &mut markers).await;
+    // Apart, each side sees only its own edits, and both persist them.
+    for client in &mut clients {
+        let edits = client.edits;
+        client
+            .wait_until("acks while split", |c| c.acked_edits() == edits)
+            .await;
+    }
+    assert!(
+        !clients[0].text().contains("<2.0>"),
+        "a's clients saw b's edits while split"
+    );
+
+    gate.open();
+    wait_for_live(&a, 2).await;
+    wait_for_live(&b, 2).await;
+    type_rounds(&mut clients, 10..20, &mut markers).await;
+    converge(&mut clients, &markers).await;
+    for client in &mut clients {
+        let edits = client.edits;
+        client
+            .wait_until("acks after the views merged", |c| c.acked_edits() == edits)
+            .await;
+    }
+    let (stored, _) = stored_text(&db.url, doc).await;
+    for marker in &markers {
+        assert!(
+            stored.contains(marker.as_str()),
+            "{marker} missing from storage"
+        );
+    }
+    assert_eq!(owner_of(&a, doc).await, owner_of(&b, doc).await);
+}
