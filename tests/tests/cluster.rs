@@ -199,66 +199,76 @@ async fn any_node_serves_any_document_and_all_converge() {
     }
 }
 
+fn trials() -> u64 {
+    std::env::var("SYNCHRONY_SOAK_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+}
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("SYNCHRONY_TEST_SEED") {
+        Ok(seed) => vec![seed.parse().unwrap()],
+        Err(_) => (0..trials()).map(|_| rand::random()).collect(),
+    }
+}
+
+/// `kill -9` of a document's owner while clients on the other nodes type: they never see a
+/// close, converge, and every acknowledged edit is stored. Each trial picks (by its seed) the
+/// node to kill, the moment, and the document; `SYNCHRONY_SOAK_TRIALS` sets how many run,
+/// `SYNCHRONY_TEST_SEED` replays one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_owner_loses_nothing_acknowledged_and_survivors_stay_connected() {
-    let db = PgDatabase::create().await;
-    let mut nodes = start_nodes(&db.url, 3).await;
-    // A document owned by node 0, edited by clients of nodes 1 and 2 (relayed to it).
-    let owner_id = node_id(&nodes[0]).await;
-    let mut doc = String::new();
-    for i in 0..200 {
-        let candidate = format!("failover/{i}");
-        if owner_of(&nodes[1], &candidate).await == owner_id {
-            doc = candidate;
-            break;
+    use rand::{Rng, SeedableRng};
+    for seed in seeds() {
+        eprintln!("failover trial, SYNCHRONY_TEST_SEED={seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let db = PgDatabase::create().await;
+        let mut nodes = start_nodes(&db.url, 3).await;
+        let victim = rng.random_range(0..3usize);
+        let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+        let owner_id = node_id(&nodes[victim]).await;
+        let mut doc = String::new();
+        for i in rng.random_range(0..1000u32).. {
+            let candidate = format!("failover/{seed}/{i}");
+            if owner_of(&nodes[survivors[0]], &candidate).await == owner_id {
+                doc = candidate;
+                break;
+            }
         }
-    }
-    assert!(!doc.is_empty(), "no document owned by node 0 among 200");
-    let mut clients = vec![
-        YClient::synced(&nodes[1], &doc, true).await,
-        YClient::synced(&nodes[2], &doc, true).await,
-    ];
-    let mut markers = Vec::new();
-    for round in 0..10 {
-        for (c, client) in clients.iter_mut().enumerate() {
-            let marker = format!("<{c}.{round}>");
-            client.append(&marker).await;
-            markers.push(marker);
+        let mut clients = Vec::new();
+        for &s in &survivors {
+            for _ in 0..2 {
+                clients.push(YClient::synced(&nodes[s], &doc, true).await);
+            }
         }
-    }
-    converge(&mut clients, &markers).await;
-    nodes[0].kill9().await;
-    // Typing goes on through the failover; the survivors' sockets never close (a close makes
-    // `drain`/`wait_until` panic).
-    for round in 10..40 {
-        for (c, client) in clients.iter_mut().enumerate() {
-            let marker = format!("<{c}.{round}>");
-            client.append(&marker).await;
-            markers.push(marker);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        for client in clients.iter_mut() {
-            client.drain(Duration::from_millis(5)).await;
-        }
-    }
-    for node in &nodes[1..] {
-        wait_for_live(node, 2).await;
-    }
-    converge(&mut clients, &markers).await;
-    for client in &mut clients {
-        let edits = client.edits;
-        client
-            .wait_until("every edit acknowledged after the failover", |c| {
-                c.acked_edits() == edits
-            })
-            .await;
-    }
-    let (stored, _) = stored_text(&db.url, &doc).await;
-    for marker in &markers {
-        assert!(
-            stored.contains(marker.as_str()),
-            "{marker} missing from storage: {stored}"
+        let mut markers = Vec::new();
+        let before = rng.random_range(1..15usize);
+        type_rounds(&mut clients, 0..before, &mut markers).await;
+        // Typing goes on through the failover; a close would make `drain` panic.
+        let (_, ()) = tokio::join!(
+            nodes[victim].kill9(),
+            type_rounds(&mut clients, before..before + 30, &mut markers)
         );
+        for &s in &survivors {
+            wait_for_live(&nodes[s], 2).await;
+        }
+        converge(&mut clients, &markers).await;
+        for client in &mut clients {
+            let edits = client.edits;
+            client
+                .wait_until("every edit acknowledged after the failover", |c| {
+                    c.acked_edits() == edits
+                })
+                .await;
+        }
+        let (stored, _) = stored_text(&db.url, &doc).await;
+        for marker in &markers {
+            assert!(
+                stored.contains(marker.as_str()),
+                "seed {seed}: {marker} missing from storage: {stored}"
+            );
+        }
     }
 }
 
