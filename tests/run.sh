@@ -5,7 +5,8 @@
 # (the demo page's browser test). PostgreSQL is used at 127.0.0.1:5432 when it
 # answers; otherwise a private cluster is created in a temporary directory on a free port (the
 # Debian packages are installed first if missing; SYNCHRONY_TEST_PRIVATE_PG=1 forces this path).
-# Everything started here is stopped on exit.
+# Redis likewise: 127.0.0.1:6379 when it answers, else a private redis-server on a free port
+# (SYNCHRONY_TEST_PRIVATE_REDIS=1 forces it). Everything started here is stopped on exit.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,6 +14,9 @@ work="$(mktemp -d)"
 cleanup() {
   if [ -n "${PRIVATE_PGDATA:-}" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PRIVATE_PGDATA" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [ -n "${PRIVATE_REDIS_PID:-}" ]; then
+    kill "$PRIVATE_REDIS_PID" 2>/dev/null || true
   fi
   rm -rf "$work"
 }
@@ -51,6 +55,30 @@ elif [ -z "${SYNCHRONY_TEST_POSTGRES_URL:-}" ]; then
     export SYNCHRONY_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:5432/postgres"
   else
     start_private_postgres
+  fi
+fi
+
+start_private_redis() {
+  command -v redis-server >/dev/null 2>&1 || ensure_apt redis-server
+  local port; port="$(free_port)"
+  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$work" \
+    >"$work/redis.log" 2>&1 &
+  PRIVATE_REDIS_PID=$!
+  for _ in $(seq 100); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  export SYNCHRONY_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+  log "private Redis on port $port"
+}
+
+if [ "${SYNCHRONY_TEST_PRIVATE_REDIS:-}" = 1 ]; then
+  start_private_redis
+elif [ -z "${SYNCHRONY_TEST_REDIS_URL:-}" ]; then
+  if command -v redis-cli >/dev/null 2>&1 && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    export SYNCHRONY_TEST_REDIS_URL="redis://127.0.0.1:6379/0"
+  else
+    start_private_redis
   fi
 fi
 

@@ -585,6 +585,13 @@ pub struct ClusterConfig {
         default_value_t = 54328
     )]
     pub multicast_port: u16,
+    /// The Redis registry for `redis` (`redis://host:6379/0`).
+    #[arg(
+        long = "cluster-join-redis-url",
+        env = "CLUSTER_JOIN_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
 }
 
 impl ClusterConfig {
@@ -604,9 +611,22 @@ impl ClusterConfig {
         }
         match self.join_type {
             None | Some(JoinType::Tcpip) => {}
+            Some(JoinType::Redis) => {
+                let url = self.redis_url.as_deref().map(str::trim).unwrap_or_default();
+                if url.is_empty() {
+                    return Err(ConfigError::Cluster(
+                        "cluster.join.type is redis but cluster.join.redis.url is empty".into(),
+                    ));
+                }
+                if let Err(e) = redis::Client::open(url) {
+                    return Err(ConfigError::Cluster(format!(
+                        "cluster.join.redis.url is not a Redis URL: {e}"
+                    )));
+                }
+            }
             Some(other) => {
                 return Err(ConfigError::Cluster(format!(
-                    "cluster.join.type {} is not supported yet; use tcpip",
+                    "cluster.join.type {} is not supported yet; use tcpip or redis",
                     format!("{other:?}").to_lowercase()
                 )))
             }
@@ -695,6 +715,10 @@ impl ClusterConfig {
             peer_addr,
             http_url: format!("http://{host}{ctx}"),
             timeouts: crate::cluster::membership::Timeouts::default(),
+            redis_url: match self.join_type {
+                Some(JoinType::Redis) => self.redis_url.clone(),
+                _ => None,
+            },
         })
     }
 }

@@ -101,6 +101,7 @@ const RENAMED: &[(&str, &str)] = &[
         "cluster.join.multicast.group",
     ),
     ("cluster-join-multicast-port", "cluster.join.multicast.port"),
+    ("cluster-join-redis-url", "cluster.join.redis.url"),
 ];
 
 /// Keys Synchrony knows that this engine accepts without a flag (set by launchers, no meaning

@@ -711,3 +711,82 @@ async fn two_owners_of_one_document_converge_once_they_see_each_other() {
     }
     assert_eq!(owner_of(&a, doc).await, owner_of(&b, doc).await);
 }
+
+fn redis_url() -> String {
+    std::env::var("SYNCHRONY_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+async fn registered(name: &str) -> Vec<String> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis at {} is unreachable ({e}); tests/run.sh starts a private one",
+                redis_url()
+            )
+        });
+    redis::cmd("ZRANGE")
+        .arg(format!("synchrony:{name}:members"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// `cluster.join.type=redis`: nodes find each other through the registry alone (no member
+/// list), a killed node's entry expires, a stopped node's is removed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_membership_finds_members_and_forgets_the_dead() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(3);
+    let name = format!("redis-test-{}", rand::random::<u32>());
+    let mut nodes = Vec::new();
+    for addr in &addrs {
+        let (ip, _) = addr.rsplit_once(':').unwrap();
+        let options = EngineOptions::postgres(&db.url)
+            .arg("--cluster-join-type", "redis")
+            .arg("--cluster-join-redis-url", redis_url())
+            .arg("--cluster-bind", ip)
+            .arg("--cluster-authentication-secret", SECRET)
+            .arg("--cluster-name", &name);
+        nodes.push(EngineProcess::start(&options).await);
+    }
+    for node in &nodes {
+        wait_for_live(node, 3).await;
+    }
+    assert_eq!(registered(&name).await.len(), 3);
+    let doc = "redis/page";
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(YClient::synced(node, doc, true).await);
+    }
+    let mut markers = Vec::new();
+    type_rounds(&mut clients, 0..5, &mut markers).await;
+    converge(&mut clients, &markers).await;
+
+    // A killed node drops out of the view and, once its entry expires, out of the registry.
+    nodes[2].kill9().await;
+    let mut clients: Vec<YClient> = clients.into_iter().take(2).collect();
+    type_rounds(&mut clients, 5..15, &mut markers).await;
+    for node in &nodes[..2] {
+        wait_for_live(node, 2).await;
+    }
+    let survivors: Vec<&String> = markers.iter().filter(|m| !m.starts_with("<2.")).collect();
+    let survivors: Vec<String> = survivors.into_iter().cloned().collect();
+    converge(&mut clients, &survivors).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while registered(&name).await.len() != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead node's entry never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A stopped node removes its own entry.
+    assert!(nodes[1].terminate().await.success());
+    assert_eq!(registered(&name).await, vec![node_id(&nodes[0]).await]);
+}

@@ -42,6 +42,7 @@
 pub mod handshake;
 pub mod link;
 pub mod membership;
+pub mod registry;
 pub mod relay;
 pub mod rest;
 pub mod status;
@@ -77,6 +78,8 @@ pub struct ClusterSettings {
     /// Where clients reach this node.
     pub http_url: String,
     pub timeouts: Timeouts,
+    /// The Redis registry, for `cluster.join.type=redis`.
+    pub redis_url: Option<String>,
 }
 
 /// A node's view of the cluster: the live members, and a counter bumped at each change.
@@ -227,6 +230,11 @@ impl Cluster {
         for seed in self.settings.seeds.clone() {
             self.dial(seed);
         }
+        if let Some(url) = self.settings.redis_url.clone() {
+            let me = self.clone();
+            self.tracker
+                .spawn(async move { registry::run(me, url).await });
+        }
         let me = self.clone();
         self.tracker.spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -256,8 +264,12 @@ impl Cluster {
         }
     }
 
-    /// Tells every peer this node is leaving, so that they move its documents at once.
+    /// Tells every peer this node is leaving, so that they move its documents at once, and
+    /// takes it out of the Redis registry.
     pub async fn leave(&self) {
+        if let Some(url) = &self.settings.redis_url {
+            registry::deregister(self, url).await;
+        }
         self.links.broadcast_leaving().await;
     }
 }
