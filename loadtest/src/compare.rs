@@ -179,7 +179,7 @@ struct Server {
     database: Option<(String, String)>,
 }
 
-async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u32)> {
+pub(crate) async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u32)> {
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
@@ -201,7 +201,7 @@ async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u32)> {
     Ok(ready)
 }
 
-async fn psql(admin_url: &str, sql: &str) -> Result<()> {
+pub(crate) async fn psql(admin_url: &str, sql: &str) -> Result<()> {
     let out = Command::new("psql")
         .args([admin_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()

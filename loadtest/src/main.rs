@@ -1,6 +1,7 @@
 //! `loadtest`: load scenarios against the engine, the reference y-websocket server and
 //! Hocuspocus, and `loadtest compare`, which runs them all side by side.
 
+mod cluster;
 mod compare;
 mod http;
 mod probe;
@@ -92,6 +93,9 @@ enum Command {
     /// one after another, runs every scenario against each, and writes a Markdown table, JSON
     /// and plots into a results folder.
     Compare(compare::CompareOptions),
+    /// Starts N engine nodes as one cluster, spreads clients over them and measures fan-out
+    /// (against one node too, for comparison) and failover (`kill -9` of a node).
+    Cluster(Box<cluster::ClusterOptions>),
 }
 
 impl TargetArgs {
@@ -160,6 +164,7 @@ async fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Command::Compare(options) => compare::run(options).await,
+        Command::Cluster(options) => cluster::run(*options).await,
     }
 }
 

@@ -15,7 +15,7 @@ use yrs::{GetString, ReadTxn, Text, Transact};
 
 use crate::probe::{Probes, Usages};
 use crate::report::{histogram, Latency};
-use crate::target::{apply, Conn, Target};
+use crate::target::{apply, Conn, Kind, Target};
 
 /// What every scenario needs.
 pub struct Run {
@@ -27,6 +27,9 @@ pub struct Run {
     /// documents starts on fresh ones: reused client ids would make its edits duplicates that
     /// the server rightly ignores, and old markers would pass for new deliveries.
     pub nonce: u32,
+    /// Cluster nodes to spread clients over (client `i` joins node `i mod n`); empty: all on
+    /// `target`.
+    pub spread: Vec<Target>,
 }
 
 impl Run {
@@ -37,6 +40,16 @@ impl Run {
             seed,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             nonce: rand::random(),
+            spread: Vec::new(),
+        }
+    }
+
+    /// The servers clients are spread over, in order.
+    fn targets(&self) -> Vec<Target> {
+        if self.spread.is_empty() {
+            vec![self.target.clone()]
+        } else {
+            self.spread.clone()
         }
     }
 
@@ -72,10 +85,11 @@ async fn connect_all(
 ) -> Result<Vec<Conn>> {
     let progress = bar(run, count as u64, "connecting");
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let targets = run.targets();
     let mut tasks = Vec::with_capacity(count);
     for i in 0..count {
         let (target, doc, gate, progress) = (
-            run.target.clone(),
+            targets[i % targets.len()].clone(),
             doc_of(i),
             gate.clone(),
             progress.clone(),
@@ -134,6 +148,27 @@ pub struct FanoutResult {
     pub errors: u64,
     pub reconnects: u64,
     pub usage: Usages,
+    /// With a node killed during the run: how long until edits flowed again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
+}
+
+/// A node killed (`kill -9`) during a fan-out run.
+#[derive(Debug, Clone, Copy)]
+pub struct Kill {
+    /// Seconds after the run's start.
+    pub after_secs: f64,
+    pub pid: u32,
+}
+
+/// For every pair of clients of one document (receiver, sender): the time from the kill to the
+/// first edit the sender made after the kill arriving at the receiver.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failover {
+    pub killed_at_secs: f64,
+    pub pairs: u64,
+    pub recovered: u64,
+    pub time_to_recover: Latency,
 }
 
 /// Marks an edit: `\x01` + 12 hex digits of µs since the run began + 4 of the sender + 8 of its
@@ -176,6 +211,10 @@ struct FanoutShared {
     frames_measured: AtomicU64,
     errors: AtomicU64,
     reconnects: AtomicU64,
+    /// µs since the epoch when a node was killed (`u64::MAX`: not yet).
+    kill_us: AtomicU64,
+    /// Receiver-sender recovery times after the kill, µs.
+    recoveries: Mutex<Vec<u64>>,
 }
 
 impl FanoutShared {
@@ -185,6 +224,16 @@ impl FanoutShared {
 }
 
 pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> {
+    fanout_with_kill(run, options, None).await
+}
+
+/// [`fanout`], killing a server process (`kill -9`) at `kill.after_secs` and measuring how long
+/// edits take to flow again between every pair of clients of a document.
+pub async fn fanout_with_kill(
+    run: &Run,
+    options: &FanoutOptions,
+    kill: Option<Kill>,
+) -> Result<FanoutResult> {
     if options.docs == 0 || options.clients < 2 || options.rate <= 0.0 {
         bail!("fanout needs at least 1 document, 2 clients per document and a positive rate");
     }
@@ -205,21 +254,41 @@ pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> 
         frames_measured: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
+        kill_us: AtomicU64::new(u64::MAX),
+        recoveries: Mutex::new(Vec::new()),
     });
     let period = Duration::from_secs_f64(total as f64 / options.rate);
     let end =
         Duration::from_secs_f64(options.warmup_secs + options.duration_secs + options.drain_secs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(run.seed);
     let mut tasks = Vec::with_capacity(total);
+    let targets = Arc::new(run.targets());
     for (i, conn) in conns.into_iter().enumerate() {
         let phase = period.mul_f64(rng.random::<f64>());
         let shared = shared.clone();
         let clients = options.clients;
-        let target = run.target.clone();
+        let home = Home {
+            targets: targets.clone(),
+            index: i % targets.len(),
+        };
         tasks.push(tokio::spawn(fanout_client(
-            conn, target, i, clients, phase, period, end, shared,
+            conn, home, i, clients, phase, period, end, shared,
         )));
     }
+    let killer = kill.map(|kill| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let at = shared.epoch + Duration::from_secs_f64(kill.after_secs);
+            tokio::time::sleep_until(at.into()).await;
+            shared.kill_us.store(shared.now_us(), Relaxed);
+            if let Ok(pid) = i32::try_from(kill.pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        })
+    });
     let progress = bar(run, end.as_secs(), "fanout");
     let ticker = {
         let (progress, epoch) = (progress.clone(), shared.epoch);
@@ -240,8 +309,28 @@ pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> 
     for task in tasks {
         task.await?;
     }
+    if let Some(killer) = killer {
+        killer.await?;
+    }
     ticker.abort();
     progress.finish_and_clear();
+    let failover = kill.map(|kill| {
+        let recoveries = shared
+            .recoveries
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        let mut h = histogram();
+        for us in &recoveries {
+            let _ = h.record((*us).max(1));
+        }
+        Failover {
+            killed_at_secs: kill.after_secs,
+            pairs: (total * (options.clients - 1)) as u64,
+            recovered: recoveries.len() as u64,
+            time_to_recover: Latency::of(&h),
+        }
+    });
 
     let mut merged = histogram();
     for h in &shared.histograms {
@@ -266,13 +355,21 @@ pub async fn fanout(run: &Run, options: &FanoutOptions) -> Result<FanoutResult> 
         errors: shared.errors.load(Relaxed),
         reconnects: shared.reconnects.load(Relaxed),
         usage,
+        failover,
     })
+}
+
+/// The servers a client may use: its own first, the others if its own goes away (as a load
+/// balancer would send a reconnecting client elsewhere).
+struct Home {
+    targets: Arc<Vec<Target>>,
+    index: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn fanout_client(
     mut conn: Conn,
-    target: Target,
+    home: Home,
     index: usize,
     clients: usize,
     phase: Duration,
@@ -283,7 +380,11 @@ async fn fanout_client(
     let me = index % clients;
     let doc = yrs::Doc::with_client_id(index as u64 + 1);
     let text = doc.get_or_insert_text("content");
-    let mut last_seen = vec![0u64; clients];
+    let mut seen = Seen {
+        me,
+        last_seen: vec![0u64; clients],
+        recovered: vec![false; clients],
+    };
     let mut seq = 0u64;
     let mut tick = tokio::time::interval_at((shared.epoch + phase).into(), period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -303,10 +404,12 @@ async fn fanout_client(
                 };
                 if conn.send(&Message::Sync(SyncMessage::Update(update))).await.is_err() {
                     shared.errors.fetch_add(1, Relaxed);
-                    match reconnect(&target, &conn.doc, &doc, &shared).await {
+                    match reconnect(&home, &conn.doc, &doc, &shared).await {
                         Some(c) => conn = c,
                         None => break,
                     }
+                    let synced = text.get_string(&doc.transact());
+                    seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
                     continue;
                 }
                 shared.sent.fetch_add(1, Relaxed);
@@ -320,8 +423,13 @@ async fn fanout_client(
                     Ok(Some(frame)) => frame,
                     _ => {
                         shared.errors.fetch_add(1, Relaxed);
-                        match reconnect(&target, &conn.doc, &doc, &shared).await {
-                            Some(c) => { conn = c; continue }
+                        match reconnect(&home, &conn.doc, &doc, &shared).await {
+                            Some(c) => {
+                                conn = c;
+                                let synced = text.get_string(&doc.transact());
+                                seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
+                                continue
+                            }
                             None => break,
                         }
                     }
@@ -329,33 +437,78 @@ async fn fanout_client(
                 if (shared.warmup_us..shared.send_end_us).contains(&now) {
                     shared.frames_measured.fetch_add(1, Relaxed);
                 }
-                for (sent_at, sender, s) in marks(&frame) {
-                    if sender == me || sender >= clients || s <= last_seen[sender] {
-                        continue;
-                    }
-                    last_seen[sender] = s;
-                    if sent_at >= shared.warmup_us {
-                        shared.deliveries.fetch_add(1, Relaxed);
-                        if let Ok(mut h) = histogram.lock() {
-                            let _ = h.record(now.saturating_sub(sent_at).max(1));
+                // A server may ask for what it lacks at any time (a cluster node that took the
+                // document over does): answer as y-websocket clients do.
+                if home.targets[0].kind != Kind::Hocuspocus && frame.starts_with(&[0, 0]) {
+                    if let Ok(Some(Message::Sync(SyncMessage::SyncStep1(sv)))) =
+                        conn.target.decode(&frame)
+                    {
+                        let diff = doc.transact().encode_state_as_update_v1(&sv);
+                        if conn.send(&Message::Sync(SyncMessage::SyncStep2(diff))).await.is_err() {
+                            shared.errors.fetch_add(1, Relaxed);
                         }
                     }
                 }
+                seen.observe(marks(&frame), now, &shared, histogram);
             }
         }
     }
     conn.close().await;
 }
 
+/// What one fan-out client has received from each sender of its document.
+struct Seen {
+    me: usize,
+    last_seen: Vec<u64>,
+    recovered: Vec<bool>,
+}
+
+impl Seen {
+    /// Counts the marks of others' edits newly seen in a frame, or in the text a reconnected
+    /// client synced (whose marks no frame brought it).
+    fn observe(
+        &mut self,
+        found: impl Iterator<Item = (u64, usize, u64)>,
+        now: u64,
+        shared: &FanoutShared,
+        histogram: &Mutex<Histogram<u64>>,
+    ) {
+        let mut found: Vec<_> = found.collect();
+        found.sort_by_key(|&(_, sender, s)| (sender, s));
+        for (sent_at, sender, s) in found {
+            if sender == self.me || sender >= self.last_seen.len() || s <= self.last_seen[sender] {
+                continue;
+            }
+            self.last_seen[sender] = s;
+            let killed = shared.kill_us.load(Relaxed);
+            if sent_at >= killed && !self.recovered[sender] {
+                self.recovered[sender] = true;
+                if let Ok(mut r) = shared.recoveries.lock() {
+                    r.push(now.saturating_sub(killed));
+                }
+            }
+            if sent_at >= shared.warmup_us {
+                shared.deliveries.fetch_add(1, Relaxed);
+                if let Ok(mut h) = histogram.lock() {
+                    let _ = h.record(now.saturating_sub(sent_at).max(1));
+                }
+            }
+        }
+    }
+}
+
 async fn reconnect(
-    target: &Target,
+    home: &Home,
     doc_name: &str,
     doc: &yrs::Doc,
     shared: &FanoutShared,
 ) -> Option<Conn> {
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // About 10 s, as a y-websocket client would keep trying (a node's death takes a second or
+    // two to be noticed).
+    for attempt in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
         shared.reconnects.fetch_add(1, Relaxed);
+        let target = &home.targets[(home.index + attempt) % home.targets.len()];
         if let Ok(conn) = Conn::join(target, doc_name, Some(doc), JOIN_TIMEOUT).await {
             return Some(conn);
         }

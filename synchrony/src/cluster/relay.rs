@@ -14,9 +14,11 @@
 //!    what brings them back. Acks are renumbered (`base` below) so the client's count of its
 //!    own updates stays continuous across owners.
 //!
-//! While no owner is reachable (the old one died and the view has not changed yet), client
-//! updates are dropped, never lost: the resync after the move brings back whatever the new
-//! owner lacks. Only the awareness state is kept, to be replayed.
+//! While no owner is reachable (the old one died and the view has not changed yet), the route
+//! holds the client's sync messages (up to [`HOLD_BYTES`]) and hands them to the new owner after
+//! the resync, so even a client that never answers a step 1 loses nothing it sent meanwhile. Past
+//! the bound the client is closed with 1013 and resyncs when it reconnects. The awareness state
+//! is kept too, to be replayed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,8 @@ use crate::session::JOIN_DEADLINE;
 const RETRY: Duration = Duration::from_millis(200);
 /// Commands a route's mailbox holds (the session waits when it is full).
 const ROUTE_MAILBOX: usize = 256;
+/// Bytes of client updates a route holds while it has no owner.
+pub const HOLD_BYTES: usize = 4 << 20;
 
 /// A stream the peer opened, as the owner receives it.
 pub(crate) struct Open {
@@ -211,6 +215,9 @@ struct Client {
     updates: u64,
     /// Its last awareness message, replayed to a new owner.
     awareness: Option<Message>,
+    /// Its updates sent while no owner was attached, and their size.
+    held: Vec<Message>,
+    held_bytes: usize,
 }
 
 /// Joins `doc` through a route: the session gets a [`DocLink`] to it. The first attachment
@@ -228,10 +235,23 @@ pub async fn join(
         session: request.session,
         updates: 0,
         awareness: None,
+        held: Vec::new(),
+        held_bytes: 0,
     };
     let mut view_rx = cluster.subscribe();
     let view = view_rx.borrow_and_update().clone();
-    let attached = attach(cluster, doc, &view, &mut client, true).await?;
+    let attached = match attach(cluster, doc, &view, &mut client, true).await {
+        Ok(attached) => Some(attached),
+        // The owner is another node this one cannot reach right now (it just died and is not
+        // yet out of the view, or the link is being re-established): the client waits for an
+        // owner as a moving route does, its messages held meanwhile.
+        Err(JoinError::Timeout)
+            if matches!(cluster.owner_in(&view, doc.as_str()), Owner::Remote { .. }) =>
+        {
+            None
+        }
+        Err(error) => return Err(error),
+    };
     let (tx, rx) = mpsc::channel(ROUTE_MAILBOX);
     let route = Route {
         cluster: cluster.clone(),
@@ -292,9 +312,20 @@ async fn attach(
             }
         }
     };
+    // The owner counts from zero, starting with the held updates it is about to receive.
+    let held_updates = client
+        .held
+        .iter()
+        .filter(|m| {
+            matches!(
+                m,
+                Message::Sync(SyncMessage::SyncStep2(_) | SyncMessage::Update(_))
+            )
+        })
+        .count() as u64;
     let mut attached = Attached {
         target,
-        base: client.updates,
+        base: client.updates - held_updates,
         floor: if first { Floor::Open } else { Floor::Waiting },
     };
     if !first {
@@ -304,6 +335,10 @@ async fn attach(
         if let Some(awareness) = client.awareness.clone() {
             forward(&mut attached, client.conn_id, awareness).await;
         }
+        for message in std::mem::take(&mut client.held) {
+            forward(&mut attached, client.conn_id, message).await;
+        }
+        client.held_bytes = 0;
         tracing::debug!(doc = %doc, owner = attached.target.node(cluster.me()), "route moved");
     }
     Ok(attached)
@@ -426,10 +461,10 @@ struct Route {
 }
 
 impl Route {
-    async fn run(mut self, attached: Attached) {
-        let mut attached = Some(attached);
+    async fn run(mut self, attached: Option<Attached>) {
+        let mut attached = attached;
         // Since when the route has had no owner (it gives up after JOIN_DEADLINE).
-        let mut orphaned: Option<Instant> = None;
+        let mut orphaned: Option<Instant> = attached.is_none().then(Instant::now);
         let mut retry = tokio::time::interval(RETRY);
         let conn_id = self.client.conn_id;
         loop {
@@ -448,16 +483,26 @@ impl Route {
                         if matches!(message, Message::Awareness(_)) {
                             self.client.awareness = Some(message.clone());
                         }
-                        if let Some(a) = attached.as_mut() {
-                            if a.floor == Floor::Waiting
-                                && matches!(message, Message::Sync(SyncMessage::SyncStep2(_)))
-                            {
-                                a.floor = Floor::At(self.client.updates);
+                        match attached.as_mut() {
+                            Some(a) => {
+                                if a.floor == Floor::Waiting
+                                    && matches!(message, Message::Sync(SyncMessage::SyncStep2(_)))
+                                {
+                                    a.floor = Floor::At(self.client.updates);
+                                }
+                                if !forward(a, conn_id, message).await {
+                                    attached = None;
+                                    orphaned.get_or_insert_with(Instant::now);
+                                }
                             }
-                            if !forward(a, conn_id, message).await {
-                                attached = None;
-                                orphaned.get_or_insert_with(Instant::now);
+                            None if matches!(message, Message::Sync(_)) => {
+                                if !self.hold(message) {
+                                    tracing::warn!(doc = %self.doc, "client sent more than the route holds while the owner moves; closing it");
+                                    self.client.out.request_close(CloseCode::TRY_AGAIN_LATER, "document owner moving");
+                                    break;
+                                }
                             }
+                            None => {}
                         }
                     }
                     Some(DocCommand::Resync { .. }) => {
@@ -547,6 +592,21 @@ impl Route {
         if let Some(a) = attached {
             detach(&self.cluster, a, conn_id);
         }
+    }
+
+    /// Keeps a sync message (an update, or a joining client's step 1) until an owner is
+    /// attached; false past [`HOLD_BYTES`].
+    fn hold(&mut self, message: Message) -> bool {
+        let size = match &message {
+            Message::Sync(SyncMessage::SyncStep2(u) | SyncMessage::Update(u)) => u.len(),
+            _ => 0,
+        };
+        if self.client.held_bytes + size > HOLD_BYTES {
+            return false;
+        }
+        self.client.held_bytes += size;
+        self.client.held.push(message);
+        true
     }
 
     async fn reattach(&mut self, view: &View) -> Option<Attached> {
