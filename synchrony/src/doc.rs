@@ -40,6 +40,10 @@ const MAILBOX_LEN: usize = 256;
 /// How long a REST request waits for its document, and for its change to be durable.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How often a document with no clients looks whether another node owns it now (then it hands
+/// its state over and unloads without waiting out `doc-idle-secs`).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
 /// How long a document waits for storage where it must (a delete, a rebuild, an unload with
 /// REST callers waiting) before it gives up with "storage unavailable".
 pub const STORAGE_DEADLINE: Duration = Duration::from_secs(5);
@@ -50,8 +54,19 @@ pub const MAX_AWARENESS_IDS: usize = 8;
 pub const MAX_AWARENESS_STATE_BYTES: usize = 64 * 1024;
 
 /// What the rest of the engine needs to run documents.
+/// Where a document goes when another node owns it now (set by the cluster).
+pub trait Handoff: Send + Sync {
+    /// Whether another node owns `doc` in this node's current view.
+    fn owned_elsewhere(&self, doc: &DocId) -> bool;
+    /// Gives `state` (a sync step 2 frame with the whole document) to the owner, which merges
+    /// it like any client's step 2.
+    fn hand_over(&self, doc: &DocId, state: Bytes);
+}
+
 #[derive(Clone)]
 pub struct DocDeps {
+    /// Set once the node joins a cluster.
+    pub handoff: Arc<std::sync::OnceLock<Arc<dyn Handoff>>>,
     pub store: Store,
     pub persister: Persister,
     pub limits: LimitsConfig,
@@ -75,6 +90,7 @@ impl DocDeps {
             &tracker,
         );
         Self {
+            handoff: Arc::default(),
             store,
             persister,
             limits: config.limits.clone(),
@@ -356,6 +372,11 @@ impl Docs {
             loads: AtomicU64::new(0),
             resident: AtomicU64::new(0),
         })
+    }
+
+    /// What documents run with.
+    pub fn deps(&self) -> &DocDeps {
+        &self.deps
     }
 
     pub fn loaded_count(&self) -> usize {
@@ -710,8 +731,10 @@ impl DocActor {
         }
         let idle = self.deps().timing.doc_idle();
         let cancel = self.deps().cancel.clone();
-        // When to unload; None while clients are connected (or if the idle time is unbounded).
-        let mut unload_at = Instant::now().checked_add(idle);
+        // When the idle time runs out (None while clients are connected, or if it is unbounded),
+        // and when to look next at whether to unload.
+        let mut idle_until = Instant::now().checked_add(idle);
+        let mut unload_at = self.next_look(idle_until, Instant::now());
         loop {
             tokio::select! {
                 command = rx.recv() => match command {
@@ -727,19 +750,36 @@ impl DocActor {
                 Ok(()) = self.durable_rx.changed() => self.on_durable(),
                 _ = tokio::time::sleep_until(unload_at.unwrap_or_else(Instant::now)), if unload_at.is_some() => {
                     self.prune_closed();
-                    if self.conns.is_empty() && *self.durable_rx.borrow() >= self.submitted {
+                    let now = Instant::now();
+                    let due = idle_until.is_some_and(|at| now >= at) || self.owned_elsewhere();
+                    if due && self.conns.is_empty() && *self.durable_rx.borrow() >= self.submitted {
                         break;
                     }
-                    // Not everything durable yet: look again shortly.
-                    unload_at = Some(Instant::now() + Duration::from_millis(100));
+                    // Not everything durable yet, or not idle long enough: look again (in a
+                    // cluster every second, since the owner may move to another node meanwhile).
+                    let soon = now + Duration::from_millis(100);
+                    unload_at = if due {
+                        Some(soon)
+                    } else {
+                        self.next_look(idle_until, now).map(|at| at.max(soon))
+                    };
                     continue;
                 }
                 _ = cancel.cancelled() => break,
             }
             if !self.conns.is_empty() {
                 unload_at = None;
+                idle_until = None;
+            } else if self.owned_elsewhere() {
+                // Its clients have moved to the new owner: let go now (once durable) and hand
+                // the state over, instead of waiting out the idle time.
+                if idle_until.is_none() {
+                    idle_until = Instant::now().checked_add(idle);
+                }
+                unload_at = Some(Instant::now());
             } else if unload_at.is_none() {
-                unload_at = Instant::now().checked_add(idle);
+                idle_until = Instant::now().checked_add(idle);
+                unload_at = self.next_look(idle_until, Instant::now());
             }
         }
         // Unloading or shutting down: leave the registry, then handle what is already in the
@@ -779,6 +819,19 @@ impl DocActor {
                 CloseCode::TRY_AGAIN_LATER
             };
             conn.out.state.request_close(code, "document unloaded");
+        }
+        // Another node owns the document now: what this actor accepted is durable, but the
+        // owner may have loaded before it was (and an edit whose client has left reaches no one
+        // through a resync). Hand the state over; the owner merges it.
+        let durable = *self.durable_rx.borrow() >= self.submitted;
+        if !cancel.is_cancelled() && !self.stopped && self.submitted > 0 && durable {
+            if let Some(handoff) = self.deps().handoff.get().cloned() {
+                if handoff.owned_elsewhere(&self.id) {
+                    tracing::debug!("handing the document over to its new owner");
+                    let state = self.full_state();
+                    handoff.hand_over(&self.id, state);
+                }
+            }
         }
         if !cancel.is_cancelled() && self.log_rows > 0 {
             self.spawn_compaction();
@@ -1524,6 +1577,23 @@ impl DocActor {
             self.conns.clear();
             self.awareness_owners.clear();
         }
+    }
+
+    /// When a document without clients next looks whether to unload: when its idle time runs
+    /// out, and in a cluster at least every [`IDLE_RECHECK`].
+    fn next_look(&self, idle_until: Option<Instant>, now: Instant) -> Option<Instant> {
+        let recheck = self.deps().handoff.get().map(|_| now + IDLE_RECHECK);
+        match (idle_until, recheck) {
+            (Some(idle), Some(recheck)) => Some(idle.min(recheck)),
+            (idle, recheck) => idle.or(recheck),
+        }
+    }
+
+    fn owned_elsewhere(&self) -> bool {
+        self.deps()
+            .handoff
+            .get()
+            .is_some_and(|h| h.owned_elsewhere(&self.id))
     }
 
     fn full_state(&mut self) -> Bytes {

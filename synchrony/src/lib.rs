@@ -126,6 +126,7 @@ impl Engine {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let docs = Docs::new(DocDeps {
+            handoff: Arc::default(),
             store: store.clone(),
             persister,
             limits: config.limits.clone(),
@@ -256,6 +257,11 @@ impl Engine {
         );
         let ctx = self.config.normalized_context_path()?;
         let _ = cluster.router.set(http::router(self.clone(), &ctx));
+        let _ = self
+            .docs
+            .deps()
+            .handoff
+            .set(Arc::new(cluster::ClusterHandoff(Arc::downgrade(&cluster))));
         cluster.start(listener);
         let _ = self
             .placement

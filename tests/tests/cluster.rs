@@ -790,3 +790,59 @@ async fn redis_membership_finds_members_and_forgets_the_dead() {
     assert!(nodes[1].terminate().await.success());
     assert_eq!(registered(&name).await, vec![node_id(&nodes[0]).await]);
 }
+
+/// An edit only the losing owner held in memory (its client has left) reaches the editors of
+/// the owner that remains once two split nodes see each other: the loser hands its state over
+/// instead of leaving it to the next load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_owning_a_document_hands_its_state_over() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(2);
+    let b = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[1],
+        std::slice::from_ref(&addrs[1]),
+        SECRET,
+        "test",
+    ))
+    .await;
+    let gate = Gate::to(addrs[1].clone()).await;
+    let a = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[0],
+        &[addrs[0].clone(), gate.addr.clone()],
+        SECRET,
+        "test",
+    ))
+    .await;
+    // A document b wins once they see each other.
+    let view = vec![node_id(&a).await, node_id(&b).await];
+    let b_id = node_id(&b).await;
+    let doc = (0..)
+        .map(|i| format!("handover/{i}"))
+        .find(|d| synchrony::placement::rendezvous(&view, d) == Some(b_id.as_str()))
+        .unwrap();
+    // b's editor has the document open (b loaded it) before a's client writes and leaves.
+    let mut stays = YClient::synced(&b, &doc, false).await;
+    stays.append("from b;").await;
+    let mut leaves = YClient::synced(&a, &doc, true).await;
+    leaves.append("only a held this;").await;
+    leaves
+        .wait_until("a's edit durable", |c| c.acked_edits() == 1)
+        .await;
+    drop(leaves);
+
+    gate.open();
+    wait_for_live(&a, 2).await;
+    wait_for_live(&b, 2).await;
+    stays
+        .wait_until("the edit handed over from a", |c| {
+            c.text().contains("only a held this;")
+        })
+        .await;
+    assert!(
+        a.log().contains("handing the document over"),
+        "a never handed over:\n{}",
+        a.log()
+    );
+}

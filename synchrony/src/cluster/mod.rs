@@ -274,6 +274,62 @@ impl Cluster {
     }
 }
 
+/// Hands a document this node no longer owns to its owner: a stream that carries the whole
+/// state as a sync step 2 and closes.
+pub struct ClusterHandoff(pub std::sync::Weak<Cluster>);
+
+impl crate::doc::Handoff for ClusterHandoff {
+    fn owned_elsewhere(&self, doc: &DocId) -> bool {
+        self.0.upgrade().is_some_and(|cluster| {
+            let view = cluster.view();
+            matches!(cluster.owner_in(&view, doc.as_str()), Owner::Remote { .. })
+        })
+    }
+
+    fn hand_over(&self, doc: &DocId, state: bytes::Bytes) {
+        let Some(cluster) = self.0.upgrade() else {
+            return;
+        };
+        let Owner::Remote { node } = cluster.owner_in(&cluster.view(), doc.as_str()) else {
+            return;
+        };
+        let Some(link) = cluster.links.get(&node) else {
+            tracing::warn!(doc = %doc, owner = %node, "no link to the new owner; it reads the document from storage");
+            return;
+        };
+        let doc = doc.as_str().to_owned();
+        cluster.tracker.spawn(async move {
+            let (stream, _answers) = link.open_stream();
+            let sent = link
+                .send(synchrony_protocol::peer::PeerMessage::Open {
+                    stream,
+                    doc,
+                    read_only: false,
+                    wants_ack: false,
+                    session: String::new(),
+                })
+                .await
+                && link
+                    .send(synchrony_protocol::peer::PeerMessage::Data {
+                        stream,
+                        frame: state.to_vec(),
+                    })
+                    .await
+                && link
+                    .send(synchrony_protocol::peer::PeerMessage::Close {
+                        stream,
+                        code: synchrony_protocol::CloseCode::NORMAL.0,
+                        reason: "handed over".into(),
+                    })
+                    .await;
+            link.forget_opened(stream);
+            if !sent {
+                tracing::warn!(owner = %link.node, "the hand-over did not reach the new owner; it reads the document from storage");
+            }
+        });
+    }
+}
+
 /// Placement over the cluster's current view.
 pub struct ClusterPlacement(pub Arc<Cluster>);
 
