@@ -571,6 +571,14 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
         type_rounds(&mut clients, 35..55, &mut markers)
     );
     assert!(status.success(), "a did not stop cleanly");
+    assert!(
+        a.log().contains("every document handed over"),
+        "a stopped before handing its documents over:\n{}",
+        a.log()
+    );
+    if owned_by_a > 0 {
+        assert!(a.log().contains("handing the document over"), "{}", a.log());
+    }
     wait_for_live(&b, 2).await;
     type_rounds(&mut clients, 55..60, &mut markers).await;
 

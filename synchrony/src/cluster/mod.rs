@@ -104,6 +104,10 @@ pub struct Cluster {
     pub(crate) tracker: TaskTracker,
     /// This node's HTTP router, for REST requests forwarded by other nodes.
     pub(crate) router: std::sync::OnceLock<axum::Router>,
+    /// Set by [`Cluster::leave`]: this node no longer counts itself as a possible owner.
+    leaving: std::sync::atomic::AtomicBool,
+    /// Bumped at every change of the published view.
+    epoch: AtomicU64,
 }
 
 impl Cluster {
@@ -124,7 +128,7 @@ impl Cluster {
             settings.timeouts,
         );
         let view = View {
-            epoch: membership.epoch(),
+            epoch: 1,
             live: Arc::new(membership.live().to_vec()),
         };
         Arc::new(Self {
@@ -140,6 +144,8 @@ impl Cluster {
             cancel,
             tracker,
             router: std::sync::OnceLock::new(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
+            epoch: AtomicU64::new(1),
         })
     }
 
@@ -172,13 +178,25 @@ impl Cluster {
             return;
         };
         if change(&mut membership, Instant::now()) {
-            let view = View {
-                epoch: membership.epoch(),
-                live: Arc::new(membership.live().to_vec()),
-            };
-            tracing::info!(epoch = view.epoch, live = ?view.live, "cluster view changed");
-            self.view.send_replace(view);
+            self.publish(&membership);
         }
+    }
+
+    /// Publishes the live members as the view (without this node once it is leaving).
+    fn publish(&self, membership: &Membership) {
+        let leaving = self.leaving.load(std::sync::atomic::Ordering::Acquire);
+        let live: Vec<String> = membership
+            .live()
+            .iter()
+            .filter(|id| !(leaving && *id == self.me()))
+            .cloned()
+            .collect();
+        let view = View {
+            epoch: self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1,
+            live: Arc::new(live),
+        };
+        tracing::info!(epoch = view.epoch, live = ?view.live, "cluster view changed");
+        self.view.send_replace(view);
     }
 
     /// This node's figures, for heartbeats and `GET {ctx}/v1/cluster`.
@@ -264,13 +282,33 @@ impl Cluster {
         }
     }
 
-    /// Tells every peer this node is leaving, so that they move its documents at once, and
-    /// takes it out of the Redis registry.
-    pub async fn leave(&self) {
+    /// Leaves the cluster before a clean stop: takes this node out of its own view (its
+    /// routes move to the other owners, its documents hand their state over as their clients
+    /// go), tells every peer (they move at once) and leaves the Redis registry. Returns once
+    /// every document has been handed over, or after `within`.
+    pub async fn leave(&self, within: std::time::Duration) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(membership) = self.membership.lock() {
+            self.publish(&membership);
+        }
         if let Some(url) = &self.settings.redis_url {
             registry::deregister(self, url).await;
         }
         self.links.broadcast_leaving().await;
+        if self.view().live.is_empty() {
+            return; // the last member: nobody to hand over to
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while self.docs.loaded_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let left = self.docs.loaded_count();
+        if left > 0 {
+            tracing::warn!(documents = left, "not every document was handed over before the stop; their new owners read them from storage");
+        } else {
+            tracing::info!("every document handed over; stopping");
+        }
     }
 }
 
