@@ -115,3 +115,41 @@ async fn every_scenario_runs_against_every_server_at_tiny_sizes() {
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| @hocuspocus/server"), "{summary}");
 }
+
+/// `loadtest cluster` at tiny sizes: three nodes form a cluster, clients spread over them
+/// exchange every edit, and after a node is killed every pair of clients exchanges edits again.
+#[tokio::test]
+async fn the_cluster_mode_runs_and_measures_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cluster.json");
+    let bin = workspace_root().join("target/debug/loadtest");
+    let run = tokio::process::Command::new(&bin)
+        .args(["cluster", "--nodes", "3", "--docs", "6", "--clients", "3"])
+        .args(["--rate", "60", "--warmup-secs", "1", "--duration-secs", "5"])
+        .args([
+            "--drain-secs",
+            "3",
+            "--kill-after-secs",
+            "2",
+            "--baseline",
+            "false",
+        ])
+        .arg("--engine")
+        .arg(synchrony_tests::engine_binary())
+        .args(["--postgres-url", &postgres_admin_url()])
+        .arg("--out")
+        .arg(&out)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(300), run)
+        .await
+        .expect("loadtest cluster finished within 300 s")
+        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --workspace --bins)", bin.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "loadtest cluster failed");
+    let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(result["cluster"]["missing_deliveries"], 0, "{result}");
+    let failover = &result["failover"]["failover"];
+    assert_eq!(failover["recovered"], failover["pairs"], "{result}");
+}
