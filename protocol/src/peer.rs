@@ -92,6 +92,15 @@ pub enum PeerMessage {
     Resync {
         stream: u64,
     },
+    /// From the owner: the stream's connection has joined the document.
+    Opened {
+        stream: u64,
+    },
+    /// From the opener: stop sending broadcasts on this stream (its node's subscription
+    /// stream for the document carries them to every client there).
+    Quiet {
+        stream: u64,
+    },
     /// The stream ends. From the owner: close the client with `code` and `reason`. From the
     /// opener: the client left (`code` 1000) or moves to another owner.
     Close {
@@ -140,6 +149,8 @@ const OPEN: u64 = 10;
 const DATA: u64 = 11;
 const RESYNC: u64 = 12;
 const CLOSE: u64 = 13;
+const OPENED: u64 = 14;
+const QUIET: u64 = 15;
 const HTTP_REQUEST: u64 = 20;
 const HTTP_RESPONSE: u64 = 21;
 
@@ -235,6 +246,14 @@ impl PeerMessage {
                 b.write_var(RESYNC);
                 b.write_var(*stream);
             }
+            PeerMessage::Opened { stream } => {
+                b.write_var(OPENED);
+                b.write_var(*stream);
+            }
+            PeerMessage::Quiet { stream } => {
+                b.write_var(QUIET);
+                b.write_var(*stream);
+            }
             PeerMessage::Close {
                 stream,
                 code,
@@ -319,6 +338,12 @@ impl PeerMessage {
             RESYNC => PeerMessage::Resync {
                 stream: c.read_var().map_err(bad)?,
             },
+            OPENED => PeerMessage::Opened {
+                stream: c.read_var().map_err(bad)?,
+            },
+            QUIET => PeerMessage::Quiet {
+                stream: c.read_var().map_err(bad)?,
+            },
             CLOSE => PeerMessage::Close {
                 stream: c.read_var().map_err(bad)?,
                 code: c.read_var().map_err(bad)?,
@@ -381,6 +406,8 @@ mod tests {
                 frame: vec![0, 2, 1, 0],
             },
             PeerMessage::Resync { stream: 1 },
+            PeerMessage::Opened { stream: 5 },
+            PeerMessage::Quiet { stream: 6 },
             PeerMessage::HttpRequest {
                 id: 3,
                 exchange: HttpExchange {

@@ -250,6 +250,10 @@ pub enum DocCommand {
     Resync {
         conn_id: u64,
     },
+    /// Stop sending the connection broadcasts: another connection of its node carries them.
+    Quiet {
+        conn_id: u64,
+    },
     Leave {
         conn_id: u64,
     },
@@ -516,6 +520,9 @@ struct Conn {
     /// The last acknowledgement queued; re-sent on resync since the queue may have dropped it.
     last_acked: u64,
     resyncs: VecDeque<Instant>,
+    /// Receives broadcasts (others' updates and awareness). A cluster route turns it off once
+    /// its node's subscription carries them (see `cluster::relay`).
+    broadcasts: bool,
 }
 
 impl Conn {
@@ -922,6 +929,7 @@ impl DocActor {
                     pending_acks: VecDeque::new(),
                     last_acked: 0,
                     resyncs: VecDeque::new(),
+                    broadcasts: true,
                 };
                 // Registered before it is told, so that whatever happens next (a panic included)
                 // can close it; taken back if the joiner is gone.
@@ -941,6 +949,11 @@ impl DocActor {
             }
             DocCommand::Message { conn_id, message } => self.on_message(conn_id, message).await,
             DocCommand::Resync { conn_id } => self.resync(conn_id),
+            DocCommand::Quiet { conn_id } => {
+                if let Some(conn) = self.conns.get_mut(&conn_id) {
+                    conn.broadcasts = false;
+                }
+            }
             DocCommand::Leave { conn_id } => self.leave(conn_id),
             DocCommand::Read { text_root, reply } => {
                 let _ = reply.send(self.read(text_root.as_deref()));
@@ -1481,7 +1494,7 @@ impl DocActor {
     fn broadcast(&mut self, f: &Bytes, except: Option<u64>) {
         let mut gone = false;
         for (id, conn) in &self.conns {
-            if Some(*id) != except {
+            if Some(*id) != except && conn.broadcasts {
                 conn.out.push(f);
             }
             gone |= conn.out.is_closed();

@@ -41,6 +41,8 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub(crate) enum StreamEvent {
     Frame(Vec<u8>),
+    /// The owner's connection for the stream has joined the document.
+    Opened,
     /// The owner closed the stream: close the client with this code, or move.
     Closed {
         code: u16,
@@ -54,6 +56,8 @@ pub(crate) enum StreamEvent {
 pub(crate) enum ServedEvent {
     Frame(Vec<u8>),
     Resync,
+    /// Broadcasts reach the opener's clients another way: stop sending them here.
+    Quiet,
     Closed,
     LinkLost,
 }
@@ -613,6 +617,17 @@ async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitSt
     }
 }
 
+async fn served_event(link: &Link, stream: u64, event: ServedEvent) {
+    let tx = link
+        .served
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&stream).cloned());
+    if let Some(tx) = tx {
+        let _ = tx.send(event).await;
+    }
+}
+
 async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> bool {
     match message {
         PeerMessage::Heartbeat(beat) => {
@@ -672,14 +687,16 @@ async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage
                 }
             }
         }
-        PeerMessage::Resync { stream } => {
+        PeerMessage::Resync { stream } => served_event(link, stream, ServedEvent::Resync).await,
+        PeerMessage::Quiet { stream } => served_event(link, stream, ServedEvent::Quiet).await,
+        PeerMessage::Opened { stream } => {
             let tx = link
-                .served
+                .opened
                 .lock()
                 .ok()
                 .and_then(|m| m.get(&stream).cloned());
             if let Some(tx) = tx {
-                let _ = tx.send(ServedEvent::Resync).await;
+                let _ = tx.send(StreamEvent::Opened).await;
             }
         }
         PeerMessage::Close {

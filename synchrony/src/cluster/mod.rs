@@ -40,6 +40,7 @@
 //! | wrong secret, cluster or version | the link is refused, both sides log why |
 
 pub mod handshake;
+pub mod hub;
 pub mod link;
 pub mod membership;
 pub mod registry;
@@ -94,6 +95,7 @@ pub struct Cluster {
     membership: Mutex<Membership>,
     view: watch::Sender<View>,
     links: link::Links,
+    hubs: hub::Hubs,
     /// Peer addresses being dialed (seeds and those heard of).
     dialing: Mutex<BTreeSet<String>>,
     pub(crate) docs: Arc<Docs>,
@@ -136,6 +138,7 @@ impl Cluster {
             membership: Mutex::new(membership),
             view: watch::Sender::new(view),
             links: link::Links::default(),
+            hubs: hub::Hubs::default(),
             dialing: Mutex::new(BTreeSet::new()),
             docs,
             limits,

@@ -100,6 +100,7 @@ pub(crate) async fn serve(
             return;
         }
     };
+    link.send(PeerMessage::Opened { stream }).await;
     let notified = state.notify.notified();
     tokio::pin!(notified);
     loop {
@@ -146,6 +147,12 @@ pub(crate) async fn serve(
                         break;
                     }
                 },
+                Some(ServedEvent::Quiet) => {
+                    if !doc_link.send(DocCommand::Quiet { conn_id }).await {
+                        link.send(closing(CloseCode::SERVICE_RESTART, "document closed".into())).await;
+                        break;
+                    }
+                }
                 Some(ServedEvent::Resync) => {
                     if !doc_link.send(DocCommand::Resync { conn_id }).await {
                         link.send(closing(CloseCode::SERVICE_RESTART, "document closed".into())).await;
@@ -185,6 +192,10 @@ enum Target {
         link: Arc<Link>,
         stream: u64,
         rx: mpsc::Receiver<StreamEvent>,
+        /// Carries broadcasts to this node's clients of the document.
+        hub: Arc<super::hub::Hub>,
+        /// The owner was asked to stop sending broadcasts on `stream`.
+        quiet: bool,
     },
 }
 
@@ -304,11 +315,14 @@ async fn attach(
                 link.forget_opened(stream);
                 return Err(JoinError::Timeout);
             }
+            let hub = cluster.join_hub(doc.as_str(), &link, client.conn_id, client.out.clone());
             Target::Remote {
                 node,
                 link,
                 stream,
                 rx,
+                hub,
+                quiet: false,
             }
         }
     };
@@ -373,7 +387,10 @@ fn detach(cluster: &Cluster, attached: Attached, conn_id: u64) {
                 let _ = link.send(DocCommand::Leave { conn_id }).await;
             });
         }
-        Target::Remote { link, stream, .. } => {
+        Target::Remote {
+            link, stream, hub, ..
+        } => {
+            cluster.leave_hub(&hub, conn_id);
             link.forget_opened(stream);
             if !link.try_send(PeerMessage::Close {
                 stream,
@@ -444,10 +461,28 @@ async fn hear(target: &mut Target) -> Heard {
                 },
             }
         }
-        Target::Remote { rx, .. } => match rx.recv().await {
-            Some(StreamEvent::Frame(frame)) => Heard::Frame(Bytes::from(frame)),
-            Some(StreamEvent::Closed { code, reason }) => Heard::Close(CloseCode(code), reason),
-            Some(StreamEvent::LinkLost) | None => Heard::Lost,
+        Target::Remote {
+            rx,
+            hub,
+            quiet,
+            link,
+            stream,
+            ..
+        } => tokio::select! {
+            event = rx.recv() => match event {
+                Some(StreamEvent::Frame(frame)) => Heard::Frame(Bytes::from(frame)),
+                Some(StreamEvent::Opened) => Heard::Frame(Bytes::new()),
+                Some(StreamEvent::Closed { code, reason }) => Heard::Close(CloseCode(code), reason),
+                Some(StreamEvent::LinkLost) | None => Heard::Lost,
+            },
+            // The hub went away: broadcasts no longer reach this client. Find the owner again.
+            _ = hub.ended.cancelled() => Heard::Lost,
+            // The hub carries broadcasts now: the owner may stop sending them here.
+            _ = hub.joined(), if !*quiet => {
+                *quiet = true;
+                link.send(PeerMessage::Quiet { stream: *stream }).await;
+                Heard::Frame(Bytes::new())
+            }
         },
     }
 }
