@@ -382,7 +382,8 @@ async fn fanout_client(
     let text = doc.get_or_insert_text("content");
     let mut seen = Seen {
         me,
-        last_seen: vec![0u64; clients],
+        below: vec![1u64; clients],
+        ahead: vec![std::collections::BTreeSet::new(); clients],
         recovered: vec![false; clients],
     };
     let mut seq = 0u64;
@@ -456,10 +457,16 @@ async fn fanout_client(
     conn.close().await;
 }
 
-/// What one fan-out client has received from each sender of its document.
+/// What one fan-out client has received from each sender of its document. A sender's edits
+/// are numbered from 1 without gaps, but may arrive out of order (a cluster node relays some on
+/// a client's own stream and others through its node's hub): each is counted once, whenever it
+/// arrives.
 struct Seen {
     me: usize,
-    last_seen: Vec<u64>,
+    /// Per sender: every edit below this number has arrived.
+    below: Vec<u64>,
+    /// Per sender: edits at or above `below` that arrived early.
+    ahead: Vec<std::collections::BTreeSet<u64>>,
     recovered: Vec<bool>,
 }
 
@@ -476,10 +483,15 @@ impl Seen {
         let mut found: Vec<_> = found.collect();
         found.sort_by_key(|&(_, sender, s)| (sender, s));
         for (sent_at, sender, s) in found {
-            if sender == self.me || sender >= self.last_seen.len() || s <= self.last_seen[sender] {
+            if sender == self.me || sender >= self.below.len() || s < self.below[sender] {
                 continue;
             }
-            self.last_seen[sender] = s;
+            if !self.ahead[sender].insert(s) {
+                continue;
+            }
+            while self.ahead[sender].remove(&self.below[sender]) {
+                self.below[sender] += 1;
+            }
             let killed = shared.kill_us.load(Relaxed);
             if sent_at >= killed && !self.recovered[sender] {
                 self.recovered[sender] = true;
