@@ -27,6 +27,12 @@
 //!   client's socket never closes. Persisted acknowledgements are renumbered so that they keep
 //!   their meaning across owners: after a move, no ack is passed on until the client's answer
 //!   to the new owner's step 1 (which carries everything the client holds) is durable.
+//! - **Hubs** ([`hub`]): broadcasts reach a node's relayed clients of a document through one
+//!   subscription per (document, owner node), so each crosses the link once per node, not once
+//!   per client.
+//! - **Hand-over**: a document whose owner is now another node unloads once its clients have
+//!   moved and sends its state to the owner; a node stopping with SIGTERM leaves its own view
+//!   first so that all its documents do so before it drains.
 //!
 //! # Failures
 //!
