@@ -445,6 +445,10 @@ async fn dial_handshake(cluster: &Cluster, addr: &str) -> Result<Dialed, String>
 pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     let mut warned: Option<Instant> = None;
+    // An address only heard of (not configured) is given up after failing this long; a
+    // heartbeat naming it again starts a new loop.
+    let seed = cluster.settings.seeds.contains(&addr);
+    let mut failing_since: Option<Instant> = None;
     let pause = cluster.settings.timeouts.heartbeat;
     loop {
         if cluster.cancel.is_cancelled() {
@@ -467,9 +471,16 @@ pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
                 }
                 backoff = Duration::from_millis(100);
                 warned = None;
+                failing_since = None;
                 run_link(cluster.clone(), *wire, hello, true).await;
             }
             Err(reason) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if !seed && since.elapsed() >= super::membership::FORGET_AFTER {
+                    tracing::info!(%addr, "giving up on a member address that stopped answering");
+                    cluster.forget_address(&addr);
+                    return;
+                }
                 if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     tracing::warn!(%addr, %reason, "cannot link to cluster member; retrying");
                     warned = Some(Instant::now());

@@ -291,6 +291,13 @@ impl Cluster {
         }
     }
 
+    /// Stops treating `addr` as one to keep dialing (see `link::dial_loop`).
+    fn forget_address(&self, addr: &str) {
+        if let Ok(mut dialing) = self.dialing.lock() {
+            dialing.remove(addr);
+        }
+    }
+
     /// Leaves the cluster before a clean stop: takes this node out of its own view (its
     /// routes move to the other owners, its documents hand their state over as their clients
     /// go), tells every peer (they move at once) and leaves the Redis registry. Returns once
