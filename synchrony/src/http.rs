@@ -173,8 +173,9 @@ async fn route_to_owner(
         return next.run(request).await;
     };
     if request
-        .headers()
-        .contains_key(crate::cluster::rest::ROUTED_HEADER)
+        .extensions()
+        .get::<crate::cluster::rest::Forwarded>()
+        .is_some()
     {
         return next.run(request).await;
     }

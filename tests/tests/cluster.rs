@@ -162,14 +162,15 @@ async fn any_node_serves_any_document_and_all_converge() {
         }
     }
     let other = other.unwrap();
-    let put = other
-        .request(
-            "PUT",
-            &format!("/v1/data/{doc}?reset=true&name=content"),
-            None,
-            b"replaced through a non-owner",
-        )
-        .await;
+    // The client claims it was forwarded already: only a peer link can say so, so it still is.
+    let put = synchrony_tests::http(
+        other.port,
+        "PUT",
+        &format!("/synchrony/v1/data/{doc}?reset=true&name=content"),
+        &[("x-synchrony-routed", "not-a-node")],
+        b"replaced through a non-owner",
+    )
+    .await;
     assert_eq!(put.status, 200, "{}", put.text());
     for client in &mut clients {
         client

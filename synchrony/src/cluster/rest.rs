@@ -2,10 +2,10 @@
 //! over the peer link to the owner, which runs it through its own router (checking the token,
 //! the origin and everything else itself) and sends the response back.
 //!
-//! A forwarded request carries [`ROUTED_HEADER`]; the owner serves such a request locally
-//! whatever its own view says, so two nodes whose views differ for a moment cannot bounce a
-//! request between them. (A client that sets the header itself only gets the document served
-//! where it asked: a brief double owner, which the CRDT and the shared log make harmless.)
+//! A forwarded request carries a [`Forwarded`] request extension (set only here, never from
+//! the wire: a client cannot claim it); the owner serves such a request locally whatever its
+//! own view says, so two nodes whose views differ for a moment cannot bounce a request between
+//! them. The [`ROUTED_HEADER`] it also carries names the forwarding node, for logs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,12 @@ use tower::ServiceExt;
 use super::link::Link;
 use super::Cluster;
 
-/// Marks a request forwarded by another node.
+/// Names the node that forwarded a request (informational; [`Forwarded`] decides).
 pub const ROUTED_HEADER: &str = "x-synchrony-routed";
+
+/// Marks a request that came over a peer link from the node named.
+#[derive(Debug, Clone)]
+pub struct Forwarded(pub String);
 
 /// How long a forwarding node waits for the owner's answer: the owner's own request deadline
 /// plus a margin for the link.
@@ -146,6 +150,7 @@ fn build(exchange: HttpExchange, from: &str) -> Option<Request> {
         );
     }
     headers.insert(ROUTED_HEADER, HeaderValue::from_str(from).ok()?);
+    request.extensions_mut().insert(Forwarded(from.to_owned()));
     Some(request)
 }
 
