@@ -192,6 +192,33 @@ const scenarios = {
     return { text }
   },
 
+  // Several editors type for a while (through a load balancer, while the test kills a node);
+  // afterwards all hold every edit any of them made. Prints the text.
+  async typing () {
+    const n = Number(args[0] || 3)
+    const secs = Number(args[1] || 5)
+    const clients = Array.from({ length: n }, (_, i) => client(`typist${i}`))
+    await waitFor('all typists synced', () => clients.every(synced))
+    const markers = []
+    const end = Date.now() + secs * 1000
+    for (let round = 0; Date.now() < end; round++) {
+      clients.forEach((c) => {
+        const marker = `<${c.name}.${round}>`
+        c.text.insert(c.text.length, marker)
+        markers.push(marker)
+      })
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+    await waitFor('every typist to hold every edit', () => clients.every((c) => {
+      const text = c.text.toString()
+      return markers.every((m) => text.includes(m))
+    }), 40000)
+    await waitFor('the typists to converge', () => sameState(clients))
+    const text = clients[0].text.toString()
+    clients.forEach((c) => c.provider.destroy())
+    return { text, edits: markers.length }
+  },
+
   async stock () {
     const c = client('stock')
     const seen = []

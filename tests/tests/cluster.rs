@@ -855,3 +855,53 @@ async fn a_node_that_stops_owning_a_document_hands_its_state_over() {
         a.log()
     );
 }
+
+/// Stock clients typing through nginx while a node is killed: those on the dead node reconnect
+/// through nginx to the others, and every edit anyone made ends up in every editor and in
+/// storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editors_behind_nginx_survive_the_death_of_a_node() {
+    let db = PgDatabase::create().await;
+    let mut nodes = start_nodes(&db.url, 3).await;
+    let Some(nginx) = Nginx::start(&nodes).await else {
+        eprintln!("SKIPPED: nginx is not installed (tests/run.sh installs Debian's)");
+        return;
+    };
+    let doc = "wiki/typing-through-a-death";
+    let base = nginx.ws_base();
+    let typing = tokio::spawn(async move {
+        synchrony_tests::node_at("typing", &base, doc, &["4", "6"], &|| String::new()).await
+    });
+    // Kill a node while they type (each of the four editors has a one in three chance of being
+    // on it; the owner of the document may be it too).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nodes[2].kill9().await;
+    let typed = typing.await.unwrap();
+    let text = typed["text"].as_str().unwrap().to_owned();
+    assert!(typed["edits"].as_u64().unwrap() > 0);
+    for node in &nodes[..2] {
+        wait_for_live(node, 2).await;
+        let (status, body) = node
+            .get(&format!("/v1/data/{doc}?format=text&name=content"))
+            .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, text.as_str()),
+            "REST on a survivor"
+        );
+    }
+    // Stock clients ask for no acknowledgements: storage catches up within a group commit.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (stored, _) = stored_text(&db.url, doc).await;
+        if stored == text {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "storage never held what the editors converged on:\nstored {stored}\nclients {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(nginx);
+}
