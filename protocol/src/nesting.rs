@@ -81,6 +81,9 @@ pub enum ScanError {
     /// then used (fuzzing found a heap use-after-free in its conflict resolution).
     #[error("malformed update: the structs of client {client} are listed again from clock {clock}, which they already cover")]
     Overlap { client: u64, clock: u32 },
+    /// A subdocument (`Y.Doc` inside a shared type), which the engine does not support.
+    #[error("subdocuments are not supported")]
+    Subdocument,
 }
 
 /// Refuses a count of elements that cannot fit in what is left of the input, each element
@@ -288,11 +291,10 @@ fn scan_item(
             }
             count
         }
-        CONTENT_DOC => {
-            decoder.read_string()?;
-            skip_any(decoder, max_depth)?;
-            1
-        }
+        // Subdocuments: the engine neither loads nor syncs them separately, and yrs's handling
+        // of one decoded from a client leaked every struct around it (a reference cycle
+        // through the subdocument, found by fuzzing): refused.
+        CONTENT_DOC => return Err(ScanError::Subdocument),
         other => return Err(ScanError::UnknownContent(other)),
     };
     Ok((len != 0).then_some(Struct {
@@ -513,6 +515,18 @@ mod tests {
         assert!(matches!(
             scan_update(found, 128),
             Err(ScanError::Overlap { client: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn subdocuments_are_refused() {
+        // The fuzzed input on which yrs leaked every struct around a subdocument.
+        let found =
+            include_bytes!("../../tests/fuzz/regressions/update/yrs-leak-through-a-subdocument");
+        assert!(Update::decode_v1(found).is_ok(), "yrs reads it");
+        assert!(matches!(
+            scan_update(found, 128),
+            Err(ScanError::Subdocument)
         ));
     }
 

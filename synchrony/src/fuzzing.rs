@@ -65,12 +65,13 @@ pub fn update(data: &[u8]) {
         }
         // Refused for depth, for a count yrs would reserve memory for, or for a shape yrs
         // mishandles: yrs must not even be asked (it would recurse, try to allocate gigabytes,
-        // or use freed memory).
+        // use freed memory or leak).
         Err(
             ScanError::TooDeep { .. }
             | ScanError::Count { .. }
             | ScanError::ClockOverflow { .. }
-            | ScanError::Overlap { .. },
+            | ScanError::Overlap { .. }
+            | ScanError::Subdocument,
         ) => {}
         // Refused as malformed: every value before the flaw was within the depth bound, so
         // yrs may read as far, and it must refuse too.
