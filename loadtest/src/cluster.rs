@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
-use crate::compare::{psql, read_ready};
+use crate::compare::{psql, read_ready, stop_child};
 use crate::report;
 use crate::scenario::{self, FanoutOptions, FanoutResult, Kill, Run};
 use crate::target::{Kind, Target};
@@ -72,18 +72,7 @@ impl Node {
     }
 
     async fn stop(mut self) {
-        if let Ok(pid) = i32::try_from(self.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        stop_child(&mut self.child, self.pid).await;
     }
 }
 

@@ -201,6 +201,22 @@ pub(crate) async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u3
     Ok(ready)
 }
 
+/// SIGTERM, then SIGKILL if the process has not exited within 30 s.
+pub(crate) async fn stop_child(child: &mut Child, pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
 pub(crate) async fn psql(admin_url: &str, sql: &str) -> Result<()> {
     let out = Command::new("psql")
         .args([admin_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
@@ -298,18 +314,7 @@ impl Server {
     }
 
     async fn stop(mut self) {
-        if let Ok(pid) = i32::try_from(self.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        stop_child(&mut self.child, self.pid).await;
         if let Some((admin, db)) = &self.database {
             let _ = psql(admin, &format!("DROP DATABASE IF EXISTS {db}")).await;
         }

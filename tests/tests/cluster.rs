@@ -652,31 +652,37 @@ impl Drop for Gate {
     }
 }
 
-/// Two nodes that cannot reach each other both serve one document (each is its whole cluster);
-/// their clients edit it apart. Once the nodes see each other, one owner remains, every client
-/// converges on everyone's edits, and storage holds them all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_owners_of_one_document_converge_once_they_see_each_other() {
-    let db = PgDatabase::create().await;
+/// Nodes a and b on `db`, each its whole cluster: b knows only itself, and a reaches b only
+/// through the returned gate, shut until the test opens it.
+async fn split_pair(db: &str) -> (EngineProcess, EngineProcess, Gate) {
     let addrs = peer_addresses(2);
     let b = EngineProcess::start(&node_options(
-        &db.url,
+        db,
         &addrs[1],
         std::slice::from_ref(&addrs[1]),
         SECRET,
         "test",
     ))
     .await;
-    // a reaches b only through the gate, shut for now.
     let gate = Gate::to(addrs[1].clone()).await;
     let a = EngineProcess::start(&node_options(
-        &db.url,
+        db,
         &addrs[0],
         &[addrs[0].clone(), gate.addr.clone()],
         SECRET,
         "test",
     ))
     .await;
+    (a, b, gate)
+}
+
+/// Two nodes that cannot reach each other both serve one document (each is its whole cluster);
+/// their clients edit it apart. Once the nodes see each other, one owner remains, every client
+/// converges on everyone's edits, and storage holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_owners_of_one_document_converge_once_they_see_each_other() {
+    let db = PgDatabase::create().await;
+    let (a, b, gate) = split_pair(&db.url).await;
     let doc = "split/page";
     assert_eq!(owner_of(&a, doc).await, node_id(&a).await);
     assert_eq!(owner_of(&b, doc).await, node_id(&b).await);
@@ -806,24 +812,7 @@ async fn redis_membership_finds_members_and_forgets_the_dead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_owning_a_document_hands_its_state_over() {
     let db = PgDatabase::create().await;
-    let addrs = peer_addresses(2);
-    let b = EngineProcess::start(&node_options(
-        &db.url,
-        &addrs[1],
-        std::slice::from_ref(&addrs[1]),
-        SECRET,
-        "test",
-    ))
-    .await;
-    let gate = Gate::to(addrs[1].clone()).await;
-    let a = EngineProcess::start(&node_options(
-        &db.url,
-        &addrs[0],
-        &[addrs[0].clone(), gate.addr.clone()],
-        SECRET,
-        "test",
-    ))
-    .await;
+    let (a, b, gate) = split_pair(&db.url).await;
     // A document b wins once they see each other.
     let view = vec![node_id(&a).await, node_id(&b).await];
     let b_id = node_id(&b).await;
