@@ -42,6 +42,27 @@ pub struct ClusterOptions {
     pub postgres_url: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Runtime threads of each cluster node (`--worker-threads`); 0: the machine's cores
+    /// shared out among the nodes (at least one each). The single node keeps its default, one
+    /// per core.
+    #[arg(long, default_value_t = 0)]
+    pub node_threads: usize,
+    /// How many times to run the single node and the cluster, alternately; the summary gives
+    /// the median p99 of each (a shared machine's noise moves single runs a lot). 0: none
+    /// (only the failover run and the sweep).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Rates (updates/s, comma-separated, ascending) at which to find each side's sustained
+    /// throughput: the highest with p99 ≤ 50 ms, every edit delivered and no error, as in
+    /// `compare`. Empty: no sweep.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_rates: Vec<f64>,
+    /// Documents in the sweep's runs (clients per document as `--clients`).
+    #[arg(long, default_value_t = 100)]
+    pub sweep_docs: usize,
+    /// Measured seconds of each sweep run (after 3 s of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub sweep_secs: f64,
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -50,9 +71,29 @@ pub struct ClusterOptions {
 #[derive(Debug, Serialize)]
 pub struct ClusterResult {
     pub nodes: usize,
+    pub node_threads: usize,
+    /// The single node and the cluster under the same load, alternately.
+    pub rounds: Vec<Round>,
+    /// Medians over the rounds of the fan-out p99, ms.
+    pub single_node_p99_ms: Option<f64>,
+    pub cluster_p99_ms: Option<f64>,
+    pub failover: Option<FanoutResult>,
+    pub sweep: Vec<SweepStep>,
+    pub single_node_sustained_rate: Option<f64>,
+    pub cluster_sustained_rate: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Round {
     pub single_node: Option<FanoutResult>,
     pub cluster: FanoutResult,
-    pub failover: Option<FanoutResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SweepStep {
+    pub rate: f64,
+    pub single_node: Option<FanoutResult>,
+    pub cluster: Option<FanoutResult>,
 }
 
 struct Node {
@@ -117,6 +158,15 @@ fn engine(options: &ClusterOptions) -> Result<PathBuf> {
     }
 }
 
+/// Each cluster node's runtime threads.
+fn node_threads(options: &ClusterOptions) -> usize {
+    if options.node_threads > 0 {
+        return options.node_threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / options.nodes).max(1)
+}
+
 async fn start_node(options: &ClusterOptions, db: &str, cluster: &[String]) -> Result<Node> {
     let dir = tempfile::tempdir()?;
     let mut command = Command::new(engine(options)?);
@@ -166,6 +216,8 @@ async fn start_cluster(options: &ClusterOptions, db: &str) -> Result<Vec<Node>> 
             &secret,
             "--cluster-name",
             &name,
+            "--worker-threads",
+            &node_threads(options).to_string(),
         ]
         .into_iter()
         .map(String::from)
@@ -197,68 +249,122 @@ fn run_over(nodes: &[Node], seed: u64) -> Result<Run> {
     let targets = nodes.iter().map(Node::target).collect::<Result<Vec<_>>>()?;
     let mut run = Run::new(targets[0].clone(), None, seed);
     run.spread = targets;
+    run.node_pids = nodes.iter().map(|n| n.pid).collect();
     Ok(run)
+}
+
+/// The fan-out load against one node on a database of its own.
+async fn single_node(options: &ClusterOptions, fanout: &FanoutOptions) -> Result<FanoutResult> {
+    let db = Database::create(&options.postgres_url, "single", options.seed).await?;
+    let node = start_node(options, &db.url, &[]).await?;
+    let run = Run::new(node.target()?, Some(node.pid), options.seed);
+    let result = scenario::fanout(&run, fanout).await;
+    node.stop().await;
+    db.drop_now().await;
+    result
+}
+
+/// The fan-out load spread over a fresh cluster, one node killed `kill` seconds in if given.
+async fn cluster(
+    options: &ClusterOptions,
+    fanout: &FanoutOptions,
+    kill_after_secs: Option<f64>,
+) -> Result<FanoutResult> {
+    let what = if kill_after_secs.is_some() {
+        "failover"
+    } else {
+        "cluster"
+    };
+    let db = Database::create(&options.postgres_url, what, options.seed).await?;
+    let nodes = start_cluster(options, &db.url).await?;
+    let result = match kill_after_secs {
+        None => scenario::fanout(&run_over(&nodes, options.seed)?, fanout).await,
+        Some(after_secs) => {
+            let kill = Kill {
+                after_secs,
+                pid: nodes[nodes.len() - 1].pid,
+            };
+            let run = run_over(&nodes, options.seed + 1)?;
+            scenario::fanout_with_kill(&run, fanout, Some(kill)).await
+        }
+    };
+    for node in nodes {
+        node.stop().await;
+    }
+    db.drop_now().await;
+    result
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 pub async fn run(options: ClusterOptions) -> Result<bool> {
     if options.nodes < 2 {
         bail!("a cluster needs at least 2 nodes");
     }
-    synchrony::raise_open_file_limit();
-    let mut lines = Vec::new();
-    let single_node = if options.baseline {
-        let db = Database::create(&options.postgres_url, "single", options.seed).await?;
-        let node = start_node(&options, &db.url, &[]).await?;
-        let run = Run::new(node.target()?, Some(node.pid), options.seed);
-        let result = scenario::fanout(&run, &options.fanout).await;
-        node.stop().await;
-        db.drop_now().await;
-        let result = result?;
-        lines.push("single node:".to_owned());
-        lines.extend(report::fanout_lines(&result));
-        Some(result)
-    } else {
-        None
-    };
-
-    let db = Database::create(&options.postgres_url, "cluster", options.seed).await?;
-    let nodes = start_cluster(&options, &db.url).await?;
-    let cluster = scenario::fanout(&run_over(&nodes, options.seed)?, &options.fanout).await;
-    for node in nodes {
-        node.stop().await;
+    if options.rounds == 0 && options.sweep_rates.is_empty() && options.kill_after_secs <= 0.0 {
+        bail!("nothing to run: --rounds 0 without --sweep-rates or --kill-after-secs");
     }
-    db.drop_now().await;
-    let cluster = cluster?;
-    lines.push(format!(
-        "{} nodes, clients spread over them:",
+    synchrony::raise_open_file_limit();
+    let threads = node_threads(&options);
+    let mut lines = vec![format!(
+        "{} nodes with {threads} runtime thread(s) each; the single node with its default",
         options.nodes
-    ));
-    lines.extend(report::fanout_lines(&cluster));
+    )];
+    let mut rounds = Vec::new();
+    for round in 1..=options.rounds {
+        let single = if options.baseline {
+            let result = single_node(&options, &options.fanout).await?;
+            lines.push(format!("round {round}, single node:"));
+            lines.extend(report::fanout_lines(&result));
+            Some(result)
+        } else {
+            None
+        };
+        let result = cluster(&options, &options.fanout, None).await?;
+        lines.push(format!(
+            "round {round}, {} nodes, clients spread over them:",
+            options.nodes
+        ));
+        lines.extend(report::fanout_lines(&result));
+        rounds.push(Round {
+            single_node: single,
+            cluster: result,
+        });
+    }
+    let single_node_p99_ms = median(
+        rounds
+            .iter()
+            .filter_map(|r| r.single_node.as_ref().map(|s| s.latency.p99_ms))
+            .collect(),
+    );
+    let cluster_p99_ms = median(rounds.iter().map(|r| r.cluster.latency.p99_ms).collect());
+    match (single_node_p99_ms, cluster_p99_ms) {
+        (Some(single), Some(cluster)) => lines.push(format!(
+            "median p99 over {} round(s): single node {single:.2} ms, {} nodes {cluster:.2} ms ({:.2}×)",
+            options.rounds,
+            options.nodes,
+            cluster / single.max(1e-9)
+        )),
+        (None, Some(cluster)) => lines.push(format!(
+            "median p99 over {} round(s): {} nodes {cluster:.2} ms",
+            options.rounds, options.nodes
+        )),
+        _ => {}
+    }
 
     let failover = if options.kill_after_secs > 0.0 {
-        let db = Database::create(&options.postgres_url, "failover", options.seed).await?;
-        let nodes = start_cluster(&options, &db.url).await?;
-        let victim = nodes.len() - 1;
-        let kill = Kill {
-            after_secs: options.kill_after_secs,
-            pid: nodes[victim].pid,
-        };
-        let result = scenario::fanout_with_kill(
-            &run_over(&nodes, options.seed + 1)?,
-            &options.fanout,
-            Some(kill),
-        )
-        .await;
-        for node in nodes {
-            node.stop().await;
-        }
-        db.drop_now().await;
-        let result = result?;
+        let result = cluster(&options, &options.fanout, Some(options.kill_after_secs)).await?;
         lines.push(format!(
             "{} nodes, node {} killed {:.1} s in:",
-            options.nodes,
-            victim + 1,
-            options.kill_after_secs
+            options.nodes, options.nodes, options.kill_after_secs
         ));
         lines.extend(report::fanout_lines(&result));
         if let Some(f) = &result.failover {
@@ -273,23 +379,111 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
     } else {
         None
     };
+
+    let (sweep, single_node_sustained_rate, cluster_sustained_rate) = sweep(&options).await?;
+    for step in &sweep {
+        let side = |r: &Option<FanoutResult>| match r {
+            Some(r) => format!(
+                "{} sustained={}",
+                r.latency.line(),
+                crate::compare::sustained(r, step.rate)
+            ),
+            None => "not run".to_owned(),
+        };
+        lines.push(format!("sweep {:.0}/s:", step.rate));
+        if options.baseline {
+            lines.push(format!("  single node: {}", side(&step.single_node)));
+        }
+        lines.push(format!(
+            "  {} nodes: {}",
+            options.nodes,
+            side(&step.cluster)
+        ));
+    }
+    if !sweep.is_empty() {
+        let rate = |r: Option<f64>| r.map_or("none".to_owned(), |r| format!("{r:.0}/s"));
+        lines.push(format!(
+            "sustained (p99 ≤ 50 ms): single node {}, {} nodes {}",
+            rate(single_node_sustained_rate),
+            options.nodes,
+            rate(cluster_sustained_rate)
+        ));
+    }
+
     for line in &lines {
         println!("{line}");
     }
-    let ok = cluster.errors == 0
-        && cluster.missing_deliveries == 0
+    let ok = rounds
+        .iter()
+        .all(|r| r.cluster.errors == 0 && r.cluster.missing_deliveries == 0)
         && failover
             .as_ref()
             .and_then(|f| f.failover.as_ref())
             .is_none_or(|f| f.recovered == f.pairs);
     let result = ClusterResult {
         nodes: options.nodes,
-        single_node,
-        cluster,
+        node_threads: threads,
+        rounds,
+        single_node_p99_ms,
+        cluster_p99_ms,
         failover,
+        sweep,
+        single_node_sustained_rate,
+        cluster_sustained_rate,
     };
     if let Some(path) = &options.out {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
     }
     Ok(ok)
+}
+
+/// Runs each side at rising rates until it is no longer sustained; returns the steps and each
+/// side's highest sustained rate.
+async fn sweep(options: &ClusterOptions) -> Result<(Vec<SweepStep>, Option<f64>, Option<f64>)> {
+    let mut steps = Vec::new();
+    let (mut single_on, mut cluster_on) = (options.baseline, true);
+    let (mut single_best, mut cluster_best) = (None, None);
+    for &rate in &options.sweep_rates {
+        if !single_on && !cluster_on {
+            break;
+        }
+        let fanout = FanoutOptions {
+            docs: options.sweep_docs,
+            clients: options.fanout.clients,
+            rate,
+            warmup_secs: 3.0,
+            duration_secs: options.sweep_secs,
+            drain_secs: 2.0,
+        };
+        let mut step = SweepStep {
+            rate,
+            single_node: None,
+            cluster: None,
+        };
+        if single_on {
+            let r = single_node(options, &fanout).await?;
+            eprintln!("  sweep {rate:.0}/s, single node: {}", r.latency.line());
+            single_on = crate::compare::sustained(&r, rate);
+            if single_on {
+                single_best = Some(rate);
+            }
+            step.single_node = Some(r);
+        }
+        if cluster_on {
+            let r = cluster(options, &fanout, None).await?;
+            eprintln!(
+                "  sweep {rate:.0}/s, {} nodes: {}",
+                options.nodes,
+                r.latency.line()
+            );
+            cluster_on = crate::compare::sustained(&r, rate);
+            if cluster_on {
+                cluster_best = Some(rate);
+            }
+            step.cluster = Some(r);
+        }
+        steps.push(step);
+    }
+    let single_best = if options.baseline { single_best } else { None };
+    Ok((steps, single_best, cluster_best))
 }

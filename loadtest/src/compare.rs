@@ -148,6 +148,15 @@ fn sizes(profile: Profile) -> Sizes {
 /// The sweep's bar: the highest rate whose p99 stays within this, with nothing lost.
 const SWEEP_P99_MS: f64 = 50.0;
 
+/// Whether a fan-out run at `rate` kept up: p99 within [`SWEEP_P99_MS`], every edit delivered,
+/// no error, and at least 90 % of the rate actually sent.
+pub fn sustained(r: &FanoutResult, rate: f64) -> bool {
+    r.errors == 0
+        && r.missing_deliveries == 0
+        && r.latency.p99_ms <= SWEEP_P99_MS
+        && r.updates_in_per_sec >= 0.9 * rate
+}
+
 #[derive(Debug, Serialize, Default)]
 struct ServerResults {
     server: String,
@@ -450,10 +459,7 @@ pub async fn run(options: CompareOptions) -> Result<bool> {
             }) else {
                 break;
             };
-            let sustained = r.errors == 0
-                && r.missing_deliveries == 0
-                && r.latency.p99_ms <= SWEEP_P99_MS
-                && r.updates_in_per_sec >= 0.9 * rate;
+            let sustained = sustained(&r, rate);
             eprintln!(
                 "  sweep {rate:.0}/s: {} sustained={sustained}",
                 r.latency.line()

@@ -120,22 +120,30 @@ impl Probe {
     }
 }
 
-/// Probes for the server (when its pid is known) and for this process.
+/// Probes for the server (when its pid is known), the nodes of a cluster, and this process.
 pub struct Probes {
     server: Option<Probe>,
+    nodes: Vec<Probe>,
     harness: Option<Probe>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Usages {
     pub server: Option<Usage>,
+    /// Each node of a cluster, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Usage>,
     pub harness: Option<Usage>,
 }
 
 impl Probes {
-    pub fn start(server_pid: Option<u32>) -> Self {
+    pub fn start(server_pid: Option<u32>, node_pids: &[u32]) -> Self {
         Self {
             server: server_pid.and_then(|p| Probe::start(p).ok()),
+            nodes: node_pids
+                .iter()
+                .filter_map(|&p| Probe::start(p).ok())
+                .collect(),
             harness: Probe::start(std::process::id()).ok(),
         }
     }
@@ -143,6 +151,7 @@ impl Probes {
     pub fn finish(self) -> Usages {
         Usages {
             server: self.server.map(Probe::finish),
+            nodes: self.nodes.into_iter().map(Probe::finish).collect(),
             harness: self.harness.map(Probe::finish),
         }
     }

@@ -124,9 +124,22 @@ fn usage_line(usage: &crate::probe::Usages) -> String {
         ),
         None => "not measured (no --server-pid)".into(),
     };
+    if usage.nodes.is_empty() {
+        return format!(
+            "  server:  {}\n  harness: {}",
+            one(&usage.server),
+            one(&usage.harness)
+        );
+    }
+    let each: Vec<String> = usage
+        .nodes
+        .iter()
+        .map(|u| format!("{:.0}%", u.cpu_percent))
+        .collect();
+    let total: f64 = usage.nodes.iter().map(|u| u.cpu_percent).sum();
     format!(
-        "  server:  {}\n  harness: {}",
-        one(&usage.server),
+        "  nodes:   cpu {} = {total:.0}% of a core\n  harness: {}",
+        each.join(" + "),
         one(&usage.harness)
     )
 }

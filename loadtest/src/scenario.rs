@@ -30,6 +30,8 @@ pub struct Run {
     /// Cluster nodes to spread clients over (client `i` joins node `i mod n`); empty: all on
     /// `target`.
     pub spread: Vec<Target>,
+    /// The pids of those nodes, to read their CPU and memory.
+    pub node_pids: Vec<u32>,
 }
 
 impl Run {
@@ -41,6 +43,7 @@ impl Run {
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             nonce: rand::random(),
             spread: Vec::new(),
+            node_pids: Vec::new(),
         }
     }
 
@@ -303,7 +306,7 @@ pub async fn fanout_with_kill(
     let at =
         |secs: f64| tokio::time::Instant::from_std(shared.epoch + Duration::from_secs_f64(secs));
     tokio::time::sleep_until(at(options.warmup_secs)).await;
-    let probes = Probes::start(run.server_pid);
+    let probes = Probes::start(run.server_pid, &run.node_pids);
     tokio::time::sleep_until(at(options.warmup_secs + options.duration_secs)).await;
     let usage = probes.finish();
     for task in tasks {
@@ -584,7 +587,7 @@ pub async fn idle(run: &Run, options: &IdleOptions) -> Result<IdleResult> {
         .collect();
     // Let the connection burst settle before measuring.
     tokio::time::sleep(Duration::from_millis(500).min(hold / 4)).await;
-    let probes = Probes::start(run.server_pid);
+    let probes = Probes::start(run.server_pid, &run.node_pids);
     let progress = bar(run, options.hold_secs as u64, "idle");
     let held = Instant::now();
     while held.elapsed() < hold.mul_f64(0.7) {
@@ -677,7 +680,7 @@ async fn seed_document(run: &Run, doc_name: &str, bytes: usize) -> Result<Conn> 
 pub async fn join_storm(run: &Run, options: &JoinStormOptions) -> Result<JoinStormResult> {
     let doc_name = run.doc("storm");
     let writer = seed_document(run, &doc_name, options.doc_bytes).await?;
-    let probes = Probes::start(run.server_pid);
+    let probes = Probes::start(run.server_pid, &run.node_pids);
     let start = Instant::now();
     let tasks: Vec<_> = (0..options.clients)
         .map(|_| {
@@ -839,7 +842,7 @@ pub async fn trace(run: &Run, options: &TraceOptions) -> Result<TraceResult> {
         let conn = Conn::join(&run.target, &doc_name, Some(&local), JOIN_TIMEOUT).await?;
         clients.push((conn, local));
     }
-    let probes = Probes::start(run.server_pid);
+    let probes = Probes::start(run.server_pid, &run.node_pids);
     let progress = bar(run, updates.len() as u64, "trace");
     let start = Instant::now();
     let tasks: Vec<_> = clients

@@ -417,6 +417,15 @@ pub struct ServeConfig {
     )]
     pub context_path: String,
 
+    /// Threads running the engine's tasks (0: one per CPU the process may use). Set it when
+    /// several engines share a machine, so that they do not outnumber its cores.
+    #[arg(
+        long = "worker-threads",
+        env = "SYNCHRONY_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    pub worker_threads: usize,
+
     /// Serve the demo editor page at `{ctx}/demo/`.
     #[arg(long = "demo-enabled", env = "SYNCHRONY_DEMO_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_enabled: bool,

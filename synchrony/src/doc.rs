@@ -234,6 +234,10 @@ pub struct JoinRequest {
     pub read_only: bool,
     /// The token's `session` claim (name, avatar), shown to hosts as who is connected.
     pub session: Option<serde_json::Value>,
+    /// Where broadcasts (others' updates and awareness) go, if not to `out`: a cluster route
+    /// attached to a local actor has them pushed straight to its client, and keeps `out` for
+    /// what is meant for this connection alone (the handshake, acknowledgements, resyncs).
+    pub broadcast_to: Option<Outbound>,
 }
 
 pub enum DocCommand {
@@ -523,6 +527,8 @@ struct Conn {
     /// Receives broadcasts (others' updates and awareness). A cluster route turns it off once
     /// its node's subscription carries them (see `cluster::relay`).
     broadcasts: bool,
+    /// Where they go when not to `out` (see [`JoinRequest::broadcast_to`]).
+    broadcast_to: Option<Outbound>,
 }
 
 impl Conn {
@@ -930,6 +936,7 @@ impl DocActor {
                     last_acked: 0,
                     resyncs: VecDeque::new(),
                     broadcasts: true,
+                    broadcast_to: request.broadcast_to,
                 };
                 // Registered before it is told, so that whatever happens next (a panic included)
                 // can close it; taken back if the joiner is gone.
@@ -1495,7 +1502,7 @@ impl DocActor {
         let mut gone = false;
         for (id, conn) in &self.conns {
             if Some(*id) != except && conn.broadcasts {
-                conn.out.push(f);
+                conn.broadcast_to.as_ref().unwrap_or(&conn.out).push(f);
             }
             gone |= conn.out.is_closed();
         }

@@ -157,6 +157,7 @@ pub fn session(data: &[u8]) {
             wants_persisted_ack: true,
             read_only: false,
             session: None,
+            broadcast_to: None,
         };
         let (bad_out, _bad_rx, _bad_state) = Outbound::new(&limits);
         let (good_out, mut good_rx, _good_state) = Outbound::new(&limits);

@@ -326,12 +326,19 @@ fn print_config(resolved: &Resolved, top: &clap::ArgMatches) -> ExitCode {
 const THREAD_STACK_BYTES: usize = 8 << 20;
 
 fn main() -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let parsed = parse_cli();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(Command::Serve(config)) = &parsed.0.command {
+        if config.worker_threads > 0 {
+            builder.worker_threads(config.worker_threads);
+        }
+    }
+    let runtime = builder
         .enable_all()
         .thread_stack_size(THREAD_STACK_BYTES)
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => runtime.block_on(run(parsed)),
         Err(error) => {
             eprintln!("cannot start the async runtime: {error}");
             ExitCode::FAILURE
@@ -339,8 +346,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run() -> ExitCode {
-    let (cli, resolved, matches) = parse_cli();
+async fn run((cli, resolved, matches): (Cli, Resolved, clap::ArgMatches)) -> ExitCode {
     let target = match &cli.command {
         Some(Command::Serve(config)) => {
             match (config.managed.log_dir(), config.managed.watch_pid) {

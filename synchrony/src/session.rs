@@ -146,6 +146,7 @@ pub async fn run(
         wants_persisted_ack: params.wants_persisted_ack(),
         read_only: access == Access::Read,
         session: principal.session.clone(),
+        broadcast_to: None,
     };
     let joined = timeout(JOIN_DEADLINE, engine.join(&doc, request))
         .await

@@ -149,7 +149,10 @@ async fn the_cluster_mode_runs_and_measures_a_failover() {
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "loadtest cluster failed");
     let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    assert_eq!(result["cluster"]["missing_deliveries"], 0, "{result}");
+    assert_eq!(
+        result["rounds"][0]["cluster"]["missing_deliveries"], 0,
+        "{result}"
+    );
     let failover = &result["failover"]["failover"];
     assert_eq!(failover["recovered"], failover["pairs"], "{result}");
 }

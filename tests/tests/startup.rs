@@ -303,6 +303,11 @@ async fn each_malformed_value_names_its_key() {
             vec![("synchrony.watch.pid", "self")],
             "synchrony.watch.pid",
         ),
+        (
+            vec![],
+            vec![("SYNCHRONY_WORKER_THREADS", "many")],
+            "synchrony.worker.threads (from environment SYNCHRONY_WORKER_THREADS)",
+        ),
     ];
     for (args, env, needle) in cases {
         let mut all = vec!["serve", "--data-dir", dir.path().to_str().unwrap()];

@@ -14,6 +14,12 @@
 //!    what brings them back. Acks are renumbered (`base` below) so the client's count of its
 //!    own updates stays continuous across owners.
 //!
+//! Broadcasts (others' updates and awareness) do not pass through the route: a local actor
+//! pushes them straight to the client's queue (`JoinRequest::broadcast_to`), and a remote owner
+//! sends them once per node to the hub (`cluster::hub`), which hands them to every client of
+//! the document there. What passes through is only what is meant for this client: the
+//! handshake, acknowledgements (renumbered), resyncs and close requests.
+//!
 //! While no owner is reachable (the old one died and the view has not changed yet), the route
 //! holds the client's sync messages (up to [`HOLD_BYTES`]) and hands them to the new owner after
 //! the resync, so even a client that never answers a step 1 loses nothing it sent meanwhile. Past
@@ -84,6 +90,7 @@ pub(crate) async fn serve(
         wants_persisted_ack: open.wants_ack,
         read_only: open.read_only,
         session: serde_json::from_str(&open.session).ok(),
+        broadcast_to: None,
     };
     let joined = timeout(JOIN_DEADLINE, cluster.docs.join(&doc, request))
         .await
@@ -291,6 +298,7 @@ async fn attach(
                 wants_persisted_ack: client.wants_ack,
                 read_only: client.read_only,
                 session: client.session.clone(),
+                broadcast_to: Some(client.out.clone()),
             };
             let link = timeout(JOIN_DEADLINE, cluster.docs.join(doc, request))
                 .await
