@@ -89,6 +89,13 @@ log "installing the JavaScript test clients and the load harness's peer servers 
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 (cd loadtest/peers && npm ci --no-audit --no-fund --loglevel=error)
 
+log "installing the Python test tools (jwcrypto mints encrypted tokens) in target/py"
+if ! target/py/bin/python -c 'import jwcrypto' >/dev/null 2>&1; then
+  python3 -m venv target/py 2>/dev/null || { ensure_apt python3-venv && python3 -m venv target/py; }
+  target/py/bin/pip install --quiet --disable-pip-version-check -r tests/py/requirements.txt
+fi
+export SYNCHRONY_TEST_PYTHON="$PWD/target/py/bin/python"
+
 log "building"
 cargo build --workspace --bins --locked
 

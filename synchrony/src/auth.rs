@@ -5,6 +5,9 @@
 //! secret, or an RS256/EdDSA public key). Its `access` claim maps `/data/<docId>` (or a prefix
 //! ending in `*`) to `full` or `read`, or is `{"admin":"admin"}` for host operations.
 //!
+//! A token may come encrypted, as Confluence sends it: a JWE wrapping the JWT, decrypted with
+//! `jwt.private.key` first (`crate::jwe`).
+//!
 //! Verification is pure: keys come in as arguments and the clock is a parameter, so every rule
 //! is unit-tested without I/O.
 
@@ -100,6 +103,8 @@ pub enum AuthError {
     NotYetValid,
     #[error("token does not grant this access")]
     Forbidden,
+    #[error("encrypted token (JWE) refused: {0}")]
+    Encrypted(#[from] crate::jwe::JweError),
 }
 
 impl AuthError {
@@ -113,6 +118,7 @@ impl AuthError {
             AuthError::Expired => "jwt/expired",
             AuthError::NotYetValid => "jwt/not-yet-valid",
             AuthError::Forbidden => "forbidden",
+            AuthError::Encrypted(_) => "jwt/undecryptable",
         }
     }
 

@@ -57,6 +57,8 @@ pub enum ConfigError {
     ContextPath(String),
     #[error("jwt.public.key: {0}")]
     PublicKey(String),
+    #[error("jwt.private.key: {0}")]
+    PrivateKey(String),
     #[error("{0}")]
     Cluster(String),
     #[error("{key}: {reason}")]
@@ -321,8 +323,23 @@ pub struct AuthConfig {
     pub jwt_secret: Option<String>,
 
     /// Static public key (PEM, or Synchrony's base64 X.509 form): RS256 or EdDSA tokens.
-    #[arg(long = "jwt-public-key", env = "JWT_PUBLIC_KEY")]
+    #[arg(
+        long = "jwt-public-key",
+        env = "JWT_PUBLIC_KEY",
+        allow_hyphen_values = true
+    )]
     pub jwt_public_key: Option<String>,
+
+    /// RSA private key that decrypts encrypted editor tokens (JWE `RSA-OAEP-256` + `A256GCM`,
+    /// as Confluence sends them): Confluence's base64 PKCS#8 form, or PEM. `synchrony token`
+    /// signs with it instead (a PEM RSA or Ed25519 key: RS256 or EdDSA).
+    #[arg(
+        long = "jwt-private-key",
+        env = "JWT_PRIVATE_KEY",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
+    pub jwt_private_key: Option<String>,
 
     /// Web page origins (`https://wiki.example.com`) allowed to connect, comma-separated; `*`
     /// allows any. Unset: loopback pages only while no authentication is configured, any page
@@ -386,6 +403,7 @@ impl AuthConfig {
             MIN_JWT_SECRET_BYTES,
         )?;
         self.jwt_public_key = self.jwt_public_key.filter(|k| !k.trim().is_empty());
+        self.jwt_private_key = self.jwt_private_key.filter(|k| !k.trim().is_empty());
         self.service_urls.retain(|u| !u.trim().is_empty());
         Ok(self)
     }

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use subtle::ConstantTimeEq;
@@ -54,6 +55,8 @@ pub enum RegisterError {
 
 pub struct Gate {
     verifier: Verifier,
+    /// `jwt.private.key`: decrypts encrypted tokens.
+    decryption_key: Option<Arc<crate::jwe::DecryptionKey>>,
     store: Store,
     authtoken: Option<String>,
     /// Tokens are required: something is configured or an app is registered.
@@ -85,7 +88,15 @@ impl Gate {
             .map(PublicKey::parse)
             .transpose()
             .map_err(ConfigError::PublicKey)?;
+        let decryption_key = config
+            .jwt_private_key
+            .as_deref()
+            .map(crate::jwe::DecryptionKey::parse)
+            .transpose()
+            .map_err(ConfigError::PrivateKey)?
+            .map(Arc::new);
         Ok(Self {
+            decryption_key,
             verifier: Verifier {
                 audiences,
                 static_secret: config.jwt_secret.clone(),
@@ -127,12 +138,33 @@ impl Gate {
             return Ok(Principal::open());
         }
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
+        let inner;
+        let token = if crate::jwe::is_jwe(token) {
+            inner = self.decrypt(token).await?;
+            inner.as_str()
+        } else {
+            token
+        };
         let issuer = Verifier::issuer_of(token)?;
         let secret = match &issuer {
             Some(app) => self.secret(app).await?,
             None => None,
         };
         Ok(self.verifier.verify(token, secret.as_deref(), unix_now())?)
+    }
+
+    /// The JWT inside an encrypted token. An RSA decryption takes milliseconds, so it runs off
+    /// the threads that serve connections.
+    async fn decrypt(&self, token: &str) -> Result<String, AuthError> {
+        let key = self
+            .decryption_key
+            .clone()
+            .ok_or(crate::jwe::JweError::NoKey)?;
+        let token = token.to_owned();
+        tokio::task::spawn_blocking(move || key.decrypt(&token))
+            .await
+            .map_err(|_| crate::jwe::JweError::Undecryptable)?
+            .map_err(AuthError::from)
     }
 
     async fn secret(&self, app: &str) -> Result<Option<String>, StoreError> {

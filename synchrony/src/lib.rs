@@ -31,6 +31,7 @@ pub mod doc;
 pub mod fuzzing;
 pub mod gate;
 pub mod http;
+pub mod jwe;
 pub mod keyspace;
 pub mod listen;
 pub mod nesting;

@@ -119,13 +119,6 @@ struct TokenArgs {
         hide_env_values = true
     )]
     app_secret: Option<String>,
-    /// PEM private key (RSA → RS256, Ed25519 → EdDSA).
-    #[arg(
-        long = "jwt-private-key",
-        env = "JWT_PRIVATE_KEY",
-        hide_env_values = true
-    )]
-    jwt_private_key: Option<String>,
     #[command(flatten)]
     auth: synchrony::config::AuthConfig,
     #[command(flatten)]
@@ -412,7 +405,7 @@ async fn mint(mut args: TokenArgs) -> Result<String, (u8, String)> {
         .normalized()
         .map_err(|e| config_error(e.to_string()))?;
     args.app_secret = args.app_secret.filter(|s| !s.trim().is_empty());
-    args.jwt_private_key = args.jwt_private_key.filter(|k| !k.trim().is_empty());
+    args.auth.jwt_private_key = args.auth.jwt_private_key.filter(|k| !k.trim().is_empty());
     if args.admin != args.docs.is_empty() {
         return Err(config_error(
             "give either --admin or at least one --doc".into(),
@@ -472,7 +465,7 @@ async fn mint(mut args: TokenArgs) -> Result<String, (u8, String)> {
         };
         return mint_hs256(&claims, &secret).map_err(config_error);
     }
-    if let Some(pem) = &args.jwt_private_key {
+    if let Some(pem) = &args.auth.jwt_private_key {
         return mint_with_private_key(&claims, pem)
             .map_err(|e| config_error(format!("jwt.private.key: {e}")));
     }

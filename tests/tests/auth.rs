@@ -686,3 +686,187 @@ async fn synchrony_token_mints_for_registered_apps_and_configured_keys() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// The Python with `tests/py/requirements.txt` installed (`tests/run.sh` makes a virtualenv).
+fn python() -> String {
+    std::env::var("SYNCHRONY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `tests/py/jwe.py` with `args`, `input` on its stdin; its stdout.
+fn jose(args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let script = synchrony_tests::workspace_root().join("tests/py/jwe.py");
+    let mut child = std::process::Command::new(python())
+        .arg(&script)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", python()));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} {} failed (pip install -r tests/py/requirements.txt, or set SYNCHRONY_TEST_PYTHON):\n{}",
+        python(),
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Confluence's editor tokens: the HS256 token wrapped in a JWE (RSA-OAEP-256, A256GCM, cty
+/// JWT) by jwcrypto, decrypted with `jwt.private.key` in each of its forms; every way such a
+/// token can be wrong is refused with its reason.
+#[tokio::test]
+async fn encrypted_editor_tokens_minted_by_jwcrypto() {
+    let keys = tempfile::tempdir().unwrap();
+    let dir = keys.path().to_str().unwrap();
+    jose(&["keygen", dir], "");
+    let other = tempfile::tempdir().unwrap();
+    jose(&["keygen", other.path().to_str().unwrap()], "");
+    let read = |name: &str| std::fs::read_to_string(keys.path().join(name)).unwrap();
+    let public = keys.path().join("public.pem");
+    let public = public.to_str().unwrap();
+    let doc = "wiki/encrypted";
+    let full = [("/data/wiki/encrypted", "full")];
+    let wrap = |jwt: &str| jose(&["wrap", public], jwt);
+
+    for form in ["private.b64", "private.pem", "private-rsa.pem"] {
+        let engine = EngineProcess::start(
+            &secured(EngineOptions::default()).arg("--jwt-private-key", read(form)),
+        )
+        .await;
+        assert_eq!(register(&engine, SECRET).await, 200);
+        let jwe = wrap(&token(&full));
+        assert_eq!(jwe.split('.').count(), 5, "{jwe}");
+        assert_eq!(
+            ws_outcome(&engine, doc, Some(&jwe)).await,
+            (200, String::new()),
+            "{form}"
+        );
+        let put = engine
+            .request(
+                "PUT",
+                &format!("/v1/data/{doc}?reset=true&name=content"),
+                Some(&jwe),
+                b"from a JWE",
+            )
+            .await;
+        assert_eq!(put.status, 200, "{form}: {}", put.text());
+        let get = synchrony_tests::http(
+            engine.port,
+            "GET",
+            &format!("/synchrony/v1/data/{doc}?format=text&name=content"),
+            &[("x-token", jwe.as_str())],
+            b"",
+        )
+        .await;
+        assert_eq!(get.status, 200, "{form}: {}", get.text());
+        assert_eq!(get.text(), "from a JWE", "{form}");
+        // An editor with the encrypted token syncs and edits.
+        let mut editor = YClient::from_raw(
+            RawClient::connect(&engine.ws_url(doc, &format!("token={jwe}")))
+                .await
+                .unwrap(),
+        )
+        .await;
+        editor
+            .wait_until("the document's text", |c| c.text() == "from a JWE")
+            .await;
+    }
+
+    let engine = EngineProcess::start(
+        &secured(EngineOptions::default()).arg("--jwt-private-key", read("private.b64")),
+    )
+    .await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let valid = wrap(&token(&full));
+    let mut tampered: Vec<String> = valid.split('.').map(str::to_owned).collect();
+    let flipped = if tampered[3].starts_with('A') {
+        "B"
+    } else {
+        "A"
+    };
+    tampered[3].replace_range(0..1, flipped);
+    let other_public = other.path().join("public.pem");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "encrypted to another key",
+            jose(&["wrap", other_public.to_str().unwrap()], &token(&full)),
+            "does not decrypt",
+        ),
+        (
+            "tampered ciphertext",
+            tampered.join("."),
+            "does not decrypt",
+        ),
+        (
+            "RSA-OAEP with SHA-1",
+            jose(&["wrap", public, "RSA-OAEP", "A256GCM"], &token(&full)),
+            "alg \"RSA-OAEP\" is not accepted",
+        ),
+        (
+            "A128GCM",
+            jose(&["wrap", public, "RSA-OAEP-256", "A128GCM"], &token(&full)),
+            "enc \"A128GCM\" is not accepted",
+        ),
+        (
+            "a forged token inside",
+            wrap(&token_with(&full, |_| {}, "another-secret-0000")),
+            "signature does not verify",
+        ),
+        ("five dots of nothing", "a.b.c.d.e".into(), "not base64url"),
+    ];
+    for (name, jwe, reason) in &cases {
+        let rest = engine
+            .request("GET", &format!("/v1/data/{doc}"), Some(jwe), b"")
+            .await;
+        assert_eq!(rest.status, 401, "{name}: {}", rest.text());
+        let message = rest.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(reason), "{name}: {message}");
+        let (status, _) = ws_outcome(&engine, doc, Some(jwe)).await;
+        assert_eq!(status, 401, "WebSocket: {name}");
+    }
+    assert_eq!(
+        engine
+            .request("GET", &format!("/v1/data/{doc}"), Some(&valid), b"")
+            .await
+            .status,
+        200
+    );
+
+    // Without the private key an encrypted token is refused with the reason.
+    let plain = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&plain, SECRET).await, 200);
+    let rest = plain
+        .request("GET", &format!("/v1/data/{doc}"), Some(&valid), b"")
+        .await;
+    assert_eq!(rest.status, 401, "{}", rest.text());
+    assert_eq!(rest.json()["type"], "jwt/undecryptable");
+    assert!(
+        rest.text().contains("no jwt.private.key"),
+        "{}",
+        rest.text()
+    );
+
+    // A key that is not one is a configuration error naming the key.
+    let (code, stderr) = synchrony_tests::run_engine_to_exit(&[
+        "--port",
+        "0",
+        "--jwt-private-key",
+        &read("public.pem"),
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("jwt.private.key"), "{stderr}");
+}
