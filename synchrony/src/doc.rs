@@ -265,6 +265,8 @@ pub enum DocCommand {
     Read {
         /// Also return the text of this root.
         text_root: Option<String>,
+        /// As XML (a rich-text root) rather than plain text.
+        xml: bool,
         reply: oneshot::Sender<DocRead>,
     },
     /// Applies an update from outside the editor; answered once it is durable.
@@ -291,8 +293,8 @@ pub struct DocRead {
     pub update: Vec<u8>,
     /// Each root type as JSON (texts as strings, maps as objects, arrays as arrays).
     pub json: serde_json::Value,
-    /// The text of the requested root.
-    pub text: Option<String>,
+    /// The text (or XML) of the requested root, or why that root has none.
+    pub text: Option<Result<String, String>>,
     /// The `session` claims of connected clients.
     pub sessions: Vec<serde_json::Value>,
 }
@@ -306,6 +308,9 @@ pub enum DocError {
     TooLarge,
     #[error("storage failed")]
     Storage,
+    /// A change meant for one type of root aimed at a root of another.
+    #[error("{0}")]
+    WrongRoot(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -962,8 +967,12 @@ impl DocActor {
                 }
             }
             DocCommand::Leave { conn_id } => self.leave(conn_id),
-            DocCommand::Read { text_root, reply } => {
-                let _ = reply.send(self.read(text_root.as_deref()));
+            DocCommand::Read {
+                text_root,
+                xml,
+                reply,
+            } => {
+                let _ = reply.send(self.read(text_root.as_deref(), xml));
             }
             DocCommand::Apply { update, reply } => match self.apply(&update) {
                 Ok(outcome) => self.publish_and_answer(outcome, reply),
@@ -988,6 +997,15 @@ impl DocActor {
                 content,
                 reply,
             } => {
+                let kind = crate::roots::kind(&self.awareness.doc().transact(), &root);
+                if !kind.takes_text() {
+                    // Strings written into a rich-text fragment break every editor bound to it.
+                    let _ = reply.send(Err(DocError::WrongRoot(format!(
+                        "root {root:?} is {}: a text reset would corrupt it",
+                        kind.describe()
+                    ))));
+                    return;
+                }
                 if !self.fits(content.len()) {
                     let _ = reply.send(Err(DocError::TooLarge));
                     return;
@@ -1052,12 +1070,22 @@ impl DocActor {
         }
     }
 
-    fn read(&mut self, text_root: Option<&str>) -> DocRead {
-        let text = text_root.map(|name| {
-            let text = self.awareness.doc().get_or_insert_text(name);
-            text.get_string(&self.awareness.doc().transact())
-        });
+    fn read(&mut self, text_root: Option<&str>, xml: bool) -> DocRead {
         let txn = self.awareness.doc().transact();
+        let text = text_root.map(|name| {
+            let found = if xml {
+                crate::roots::xml(&txn, name)
+            } else {
+                crate::roots::plain_text(&txn, name)
+            };
+            found.ok_or_else(|| {
+                let kind = crate::roots::kind(&txn, name).describe();
+                match xml {
+                    true => format!("root {name:?} is {kind}, not rich text: it has no XML"),
+                    false => format!("root {name:?} is {kind}, not text"),
+                }
+            })
+        });
         let mut json = serde_json::Map::new();
         for (name, value) in txn.root_refs() {
             json.insert(name.to_owned(), root_json(&value, &txn));

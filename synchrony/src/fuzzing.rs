@@ -204,6 +204,7 @@ pub fn session(data: &[u8]) {
         assert!(
             good.send(DocCommand::Read {
                 text_root: Some("honest".into()),
+                xml: false,
                 reply,
             })
             .await
@@ -212,7 +213,7 @@ pub fn session(data: &[u8]) {
             .await
             .expect("the document answers")
             .expect("the document answers");
-        assert_eq!(read.text.as_deref(), Some("still here"));
+        assert_eq!(read.text, Some(Ok("still here".to_owned())));
         let state = yrs::Doc::new();
         state
             .transact_mut()

@@ -106,6 +106,10 @@ impl From<DocError> for ApiError {
             },
             DocError::TooLarge => ApiError::TooLarge(e.to_string()),
             DocError::Storage => ApiError::Unavailable("storage unavailable"),
+            DocError::WrongRoot(message) => ApiError::BadRequest {
+                kind: "wrong-root-type",
+                message,
+            },
         }
     }
 }
@@ -575,14 +579,14 @@ async fn read_doc(
     let format = query.format.as_deref().unwrap_or("json");
     let text_root = match format {
         "json" | "update" => None,
-        "text" => Some(query.name.clone().ok_or(ApiError::BadRequest {
+        "text" | "xml" => Some(query.name.clone().ok_or_else(|| ApiError::BadRequest {
             kind: "invalid-request",
-            message: "format=text needs name=<root>".into(),
+            message: format!("format={format} needs name=<root>"),
         })?),
         other => {
             return Err(ApiError::BadRequest {
                 kind: "invalid-request",
-                message: format!("format {other:?} is not json, update or text"),
+                message: format!("format {other:?} is not json, update, text or xml"),
             })
         }
     };
@@ -590,6 +594,7 @@ async fn read_doc(
         .docs
         .request(&doc, |reply| DocCommand::Read {
             text_root: text_root.clone(),
+            xml: format == "xml",
             reply,
         })
         .await?;
@@ -602,10 +607,22 @@ async fn read_doc(
             read.update,
         )
             .into_response(),
-        ("text", Some(text)) => (
+        (_, Some(Err(message))) => {
+            return Err(ApiError::BadRequest {
+                kind: "wrong-root-type",
+                message,
+            })
+        }
+        ("text", Some(Ok(text))) => (
             head_header,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             text,
+        )
+            .into_response(),
+        ("xml", Some(Ok(xml))) => (
+            head_header,
+            [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+            xml,
         )
             .into_response(),
         _ => Json(json!({

@@ -38,6 +38,7 @@ pub mod nesting;
 pub mod origin;
 pub mod persist;
 pub mod placement;
+pub mod roots;
 pub mod session;
 pub mod store;
 pub mod supervisor;

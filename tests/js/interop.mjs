@@ -219,6 +219,56 @@ const scenarios = {
     return { text, edits: markers.length }
   },
 
+  // A rich-text page as y-prosemirror keeps it (block elements holding XML texts, marks as
+  // formatting), read back through the REST API; a text reset aimed at it must be refused
+  // while its editors stay connected, and the page must come through untouched.
+  async richtext () {
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const url = (query) => `${http}/v1/data/${docId}?${query}`
+    const a = client('writer')
+    const b = client('reader')
+    await waitFor('sync', () => synced(a) && synced(b))
+    const page = a.doc.getXmlFragment('prosemirror')
+    a.doc.transact(() => {
+      const heading = new Y.XmlElement('heading')
+      heading.setAttribute('level', '1')
+      heading.insert(0, [new Y.XmlText('Title')])
+      const paragraph = new Y.XmlElement('paragraph')
+      const text = new Y.XmlText()
+      paragraph.insert(0, [text])
+      page.insert(0, [heading, paragraph])
+      text.insert(0, 'Hello ')
+      text.insert(6, 'world', { bold: {} })
+    })
+    const expected = page.toString()
+    await waitFor('the page to reach the other editor',
+      () => b.doc.getXmlFragment('prosemirror').toString() === expected)
+    const xml = await (await fetch(url('format=xml&name=prosemirror'))).text()
+    const text = await (await fetch(url('format=text&name=prosemirror'))).text()
+    const refused = await fetch(url('reset=true&name=prosemirror'), { method: 'PUT', body: 'oops' })
+    const refusal = await refused.json()
+    // A change that does go through, to know the refused one had its turn before it.
+    const marker = await fetch(url('reset=true&name=content'), { method: 'PUT', body: 'marker' })
+    if (marker.status !== 200) fail(`the marker reset answered ${marker.status}`)
+    await waitFor('the marker', () => a.text.toString() === 'marker' && b.text.toString() === 'marker')
+    const wrongFormat = await fetch(url('format=xml&name=content'))
+    const strings = b.doc.getXmlFragment('prosemirror').toArray()
+      .filter((n) => !(n instanceof Y.XmlElement)).length
+    const after = b.doc.getXmlFragment('prosemirror').toString()
+    a.provider.destroy()
+    b.provider.destroy()
+    return {
+      yjs_xml: expected,
+      engine_xml: xml,
+      engine_text: text,
+      refused: refused.status,
+      refusal,
+      xml_of_text_root: wrongFormat.status,
+      after,
+      non_elements: strings
+    }
+  },
+
   async stock () {
     const c = client('stock')
     const seen = []

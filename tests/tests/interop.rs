@@ -74,3 +74,22 @@ async fn stock_clients_never_see_extension_messages() {
     assert!(types.iter().all(|t| *t <= 3), "stock client saw {types:?}");
     assert_eq!(acker.acked_edits(), 5);
 }
+
+/// A rich-text page (a `Y.XmlFragment` as y-prosemirror writes it, made by real Yjs clients)
+/// reads back through REST as Yjs's XML and as plain text; a text reset aimed at it is refused
+/// with 400 while its editors are connected, and the page comes through untouched.
+#[tokio::test]
+async fn a_rich_text_page_is_read_as_xml_and_never_reset_as_text() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let result = node("richtext", &engine, "app/page-7", &[]).await;
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["engine_xml"], result["yjs_xml"], "{result}");
+    assert_eq!(result["engine_text"], "Title\nHello world", "{result}");
+    assert_eq!(result["refused"], 400, "{result}");
+    assert_eq!(result["refusal"]["type"], "wrong-root-type", "{result}");
+    let message = result["refusal"]["message"].as_str().unwrap();
+    assert!(message.contains("rich-text Y.XmlFragment"), "{message}");
+    assert_eq!(result["xml_of_text_root"], 400, "{result}");
+    assert_eq!(result["after"], result["yjs_xml"], "{result}");
+    assert_eq!(result["non_elements"], 0, "{result}");
+}
