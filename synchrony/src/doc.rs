@@ -274,10 +274,11 @@ pub enum DocCommand {
         update: Vec<u8>,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
-    /// Replaces the content of a text root in one transaction; answered once durable.
+    /// Replaces the content of a text or rich-text root in one transaction; answered once
+    /// durable.
     ResetText {
         root: String,
-        content: String,
+        content: ResetContent,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
     /// Deletes the document and its history; its clients are closed with 4404.
@@ -297,6 +298,18 @@ pub struct DocRead {
     pub text: Option<Result<String, String>>,
     /// The `session` claims of connected clients.
     pub sessions: Vec<serde_json::Value>,
+}
+
+/// What a reset writes.
+#[derive(Debug, Clone)]
+pub enum ResetContent {
+    /// Into a text root.
+    Text(String),
+    /// Into a rich-text (`Y.XmlFragment`) root; `bytes` is the size of the XML it came from.
+    Xml {
+        nodes: Vec<crate::roots::XmlNode>,
+        bytes: usize,
+    },
 }
 
 /// Why a REST change was refused.
@@ -997,38 +1010,67 @@ impl DocActor {
                 content,
                 reply,
             } => {
+                use crate::roots::RootKind;
                 let kind = crate::roots::kind(&self.awareness.doc().transact(), &root);
-                if !kind.takes_text() {
-                    // Strings written into a rich-text fragment break every editor bound to it.
+                let (fits_kind, what, size) = match &content {
+                    ResetContent::Text(text) => (kind.takes_text(), "a text", text.len()),
+                    ResetContent::Xml { bytes, .. } => (
+                        matches!(
+                            kind,
+                            RootKind::Absent | RootKind::Empty | RootKind::XmlFragment
+                        ),
+                        "an XML",
+                        *bytes,
+                    ),
+                };
+                if !fits_kind {
+                    // Strings written into a rich-text fragment (or elements into a text) break
+                    // every editor bound to it.
+                    let hint = match kind {
+                        RootKind::XmlFragment => " (reset it with format=xml)",
+                        _ => "",
+                    };
                     let _ = reply.send(Err(DocError::WrongRoot(format!(
-                        "root {root:?} is {}: a text reset would corrupt it",
+                        "root {root:?} is {}: {what} reset would corrupt it{hint}",
                         kind.describe()
                     ))));
                     return;
                 }
-                if !self.fits(content.len()) {
+                if !self.fits(size) {
                     let _ = reply.send(Err(DocError::TooLarge));
                     return;
                 }
-                // The reset's update holds the new text and the ranges it deletes, which take
-                // fewer bytes than the state they delete; the room is cut to size at once.
-                let bound = content.len() + self.approx_bytes + 1024;
+                // The reset's update holds the new content and the ranges it deletes, which
+                // take fewer bytes than the state they delete (XML's markup more than pays for
+                // the element structs); the room is cut to size at once.
+                let bound = size + self.approx_bytes + 1024;
                 let Some(mut reservation) = self.deps().persister.reserve(bound) else {
                     let _ = reply.send(Err(DocError::Storage));
                     return;
                 };
                 let (update, before) = {
-                    let text = self.awareness.doc().get_or_insert_text(root.as_str());
-                    let mut txn = self.awareness.doc().transact_mut();
-                    let len = text.len(&txn);
-                    text.remove_range(&mut txn, 0, len);
-                    text.insert(&mut txn, 0, &content);
-                    (txn.encode_update_v1(), txn.before_state().clone())
+                    let doc = self.awareness.doc();
+                    match &content {
+                        ResetContent::Text(text) => {
+                            let root_text = doc.get_or_insert_text(root.as_str());
+                            let mut txn = doc.transact_mut();
+                            let len = root_text.len(&txn);
+                            root_text.remove_range(&mut txn, 0, len);
+                            root_text.insert(&mut txn, 0, text);
+                            (txn.encode_update_v1(), txn.before_state().clone())
+                        }
+                        ResetContent::Xml { nodes, .. } => {
+                            let mut txn = doc.transact_mut();
+                            crate::roots::replace_fragment(&mut txn, &root, nodes);
+                            (txn.encode_update_v1(), txn.before_state().clone())
+                        }
+                    }
                 };
-                // A root text's content sits at level 1, and structs still waiting for it hold
-                // no types (see `nesting`): recording cannot fail.
+                // A root text's content sits at level 1, an XML reset's nodes no deeper than
+                // the limit its parser enforced, and structs still waiting for them hold no
+                // types (see `nesting`): recording cannot fail.
                 if let Err(error) = self.nesting.admit(&update, &before) {
-                    tracing::error!(%error, "a text reset failed the nesting check");
+                    tracing::error!(%error, "a reset failed the nesting check");
                 }
                 reservation.shrink_to(update.len());
                 self.cache = StateCache::default();

@@ -21,7 +21,7 @@ use synchrony_protocol::{CloseCode, DocId};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::{Access, AuthError, Principal};
-use crate::doc::{DocCommand, DocError, JoinError};
+use crate::doc::{DocCommand, DocError, JoinError, ResetContent};
 use crate::gate::{GateError, RegisterError};
 use crate::placement::Owner;
 use crate::session::{self, SessionParams};
@@ -652,6 +652,10 @@ struct WriteQuery {
     #[serde(default)]
     reset: bool,
     name: Option<String>,
+    /// `text` (default) or `xml`, for a reset.
+    format: Option<String>,
+    /// With format=xml: element names that are marks around text, comma-separated.
+    marks: Option<String>,
 }
 
 async fn write_doc(
@@ -679,12 +683,43 @@ async fn write_doc(
     let result = if query.reset {
         let root = query.name.clone().ok_or(ApiError::BadRequest {
             kind: "invalid-request",
-            message: "reset=true needs name=<text root>".into(),
+            message: "reset=true needs name=<root>".into(),
         })?;
-        let content = String::from_utf8(body.to_vec()).map_err(|_| ApiError::BadRequest {
+        let text = String::from_utf8(body.to_vec()).map_err(|_| ApiError::BadRequest {
             kind: "invalid-request",
             message: "a reset body must be UTF-8 text".into(),
         })?;
+        let content = match query.format.as_deref().unwrap_or("text") {
+            "text" => ResetContent::Text(text),
+            "xml" => {
+                let marks = query
+                    .marks
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                let depth = engine.config.limits.max_nesting_depth;
+                let nodes = crate::roots::parse_xml(&text, &marks, depth).map_err(|message| {
+                    ApiError::BadRequest {
+                        kind: "invalid-xml",
+                        message,
+                    }
+                })?;
+                ResetContent::Xml {
+                    nodes,
+                    bytes: text.len(),
+                }
+            }
+            other => {
+                return Err(ApiError::BadRequest {
+                    kind: "invalid-request",
+                    message: format!("a reset's format {other:?} is not text or xml"),
+                })
+            }
+        };
         engine
             .docs
             .request(&doc, |reply| DocCommand::ResetText {

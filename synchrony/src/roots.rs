@@ -143,6 +143,171 @@ fn node_text<T: ReadTxn>(node: &XmlOut, txn: &T) -> String {
     }
 }
 
+/// Rich-text content to write: what a host's XML becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum XmlNode {
+    /// A `Y.XmlElement` (a ProseMirror node: `paragraph`, `heading`, ...).
+    Element {
+        tag: String,
+        attributes: Vec<(String, String)>,
+        children: Vec<XmlNode>,
+    },
+    /// A `Y.XmlText`: runs of text, each with its marks (formatting attributes: mark name to an
+    /// object of the mark's attributes, as y-prosemirror stores them).
+    Text(Vec<(String, yrs::types::Attrs)>),
+}
+
+/// Parses the XML of a rich-text reset: any number of top-level nodes, in the form
+/// `GET …?format=xml` gives (Yjs's own serialization). Elements named in `marks` are marks
+/// around text (`<bold>`, `<link href="…">`), not nodes; they may hold only text and other
+/// marks. Whitespace-only text between elements is layout and is dropped. Nesting deeper than
+/// `max_depth` is refused.
+pub fn parse_xml(
+    body: &str,
+    marks: &std::collections::HashSet<String>,
+    max_depth: usize,
+) -> Result<Vec<XmlNode>, String> {
+    let body = body.trim_start_matches('\u{feff}').trim_start();
+    let body = match body.strip_prefix("<?xml") {
+        Some(rest) => match rest.find("?>") {
+            Some(end) => &rest[end + 2..],
+            None => return Err("the XML declaration is not closed".into()),
+        },
+        None => body,
+    };
+    let wrapped = format!("<synchrony-fragment>{body}</synchrony-fragment>");
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        ..roxmltree::ParsingOptions::default()
+    };
+    let document = roxmltree::Document::parse_with_options(&wrapped, options)
+        .map_err(|e| format!("not well-formed XML: {e}"))?;
+    let parser = Parser { marks, max_depth };
+    parser.children(document.root_element(), 0)
+}
+
+struct Parser<'a> {
+    marks: &'a std::collections::HashSet<String>,
+    max_depth: usize,
+}
+
+impl Parser<'_> {
+    fn children(&self, node: roxmltree::Node, depth: usize) -> Result<Vec<XmlNode>, String> {
+        if depth >= self.max_depth {
+            return Err(format!(
+                "the XML nests deeper than {} levels (synchrony.max.nesting.depth)",
+                self.max_depth
+            ));
+        }
+        let mut nodes = Vec::new();
+        let mut run = Vec::new();
+        for child in node.children() {
+            if let Some(text) = child.text().filter(|_| child.is_text()) {
+                run.push((text.to_owned(), yrs::types::Attrs::new()));
+            } else if child.is_element() {
+                let tag = child.tag_name().name();
+                if self.marks.contains(tag) {
+                    self.marked(child, yrs::types::Attrs::new(), &mut run, depth + 1)?;
+                } else {
+                    flush(&mut run, &mut nodes);
+                    nodes.push(XmlNode::Element {
+                        tag: tag.to_owned(),
+                        attributes: child
+                            .attributes()
+                            .map(|a| (a.name().to_owned(), a.value().to_owned()))
+                            .collect(),
+                        children: self.children(child, depth + 1)?,
+                    });
+                }
+            }
+            // Comments and processing instructions carry nothing for the editor.
+        }
+        flush(&mut run, &mut nodes);
+        Ok(nodes)
+    }
+
+    /// The text inside mark `node`, with `outer` marks and this one.
+    fn marked(
+        &self,
+        node: roxmltree::Node,
+        outer: yrs::types::Attrs,
+        run: &mut Vec<(String, yrs::types::Attrs)>,
+        depth: usize,
+    ) -> Result<(), String> {
+        if depth >= self.max_depth {
+            return Err(format!(
+                "the XML nests deeper than {} levels (synchrony.max.nesting.depth)",
+                self.max_depth
+            ));
+        }
+        let name = node.tag_name().name();
+        let attributes: std::collections::HashMap<String, Any> = node
+            .attributes()
+            .map(|a| (a.name().to_owned(), Any::from(a.value())))
+            .collect();
+        let mut marks = outer;
+        marks.insert(name.into(), Any::from(attributes));
+        for child in node.children() {
+            if let Some(text) = child.text().filter(|_| child.is_text()) {
+                run.push((text.to_owned(), marks.clone()));
+            } else if child.is_element() {
+                let inner = child.tag_name().name();
+                if !self.marks.contains(inner) {
+                    return Err(format!(
+                        "<{inner}> inside the mark <{name}>: marks hold only text and other marks"
+                    ));
+                }
+                self.marked(child, marks.clone(), run, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ends a run of inline content: one `Y.XmlText`, unless it is only layout whitespace.
+fn flush(run: &mut Vec<(String, yrs::types::Attrs)>, nodes: &mut Vec<XmlNode>) {
+    let runs = std::mem::take(run);
+    if runs.iter().any(|(text, _)| !text.trim().is_empty()) {
+        nodes.push(XmlNode::Text(runs));
+    }
+}
+
+/// Replaces the content of rich-text root `name` with `nodes`, in `txn`.
+pub fn replace_fragment(txn: &mut yrs::TransactionMut, name: &str, nodes: &[XmlNode]) {
+    use yrs::WriteTxn;
+    let fragment = txn.get_or_insert_xml_fragment(name);
+    let len = fragment.len(txn);
+    fragment.remove_range(txn, 0, len);
+    write(txn, &fragment, nodes);
+}
+
+fn write<P: XmlFragment>(txn: &mut yrs::TransactionMut, parent: &P, nodes: &[XmlNode]) {
+    use yrs::types::xml::{Xml, XmlElementPrelim, XmlTextPrelim};
+    for node in nodes {
+        match node {
+            XmlNode::Element {
+                tag,
+                attributes,
+                children,
+            } => {
+                let element = parent.push_back(txn, XmlElementPrelim::empty(tag.as_str()));
+                for (key, value) in attributes {
+                    element.insert_attribute(txn, key.as_str(), value.as_str());
+                }
+                write(txn, &element, children);
+            }
+            XmlNode::Text(runs) => {
+                let text = parent.push_back(txn, XmlTextPrelim::new(""));
+                for (chunk, marks) in runs {
+                    // With its marks given, even none, a run does not take on its predecessor's.
+                    let at = text.len(txn);
+                    text.insert_with_attributes(txn, at, chunk, marks.clone());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -229,5 +394,58 @@ mod tests {
             doc.transact().get("prosemirror"),
             Some(Out::UndefinedRef(_))
         ));
+    }
+
+    fn marks(names: &[&str]) -> std::collections::HashSet<String> {
+        names.iter().map(|m| m.to_string()).collect()
+    }
+
+    #[test]
+    fn xml_from_a_read_writes_back_the_same_page() {
+        let doc = received(page);
+        let xml = xml(&doc.transact(), "prosemirror").unwrap();
+        let nodes = parse_xml(&xml, &marks(&["bold"]), 64).unwrap();
+        let copy = Doc::new();
+        replace_fragment(&mut copy.transact_mut(), "prosemirror", &nodes);
+        assert_eq!(
+            copy.get_or_insert_xml_fragment("prosemirror")
+                .get_string(&copy.transact()),
+            xml
+        );
+        // Without naming the mark, <bold> is an element: the host decides.
+        let as_nodes = parse_xml(&xml, &marks(&[]), 64).unwrap();
+        assert_ne!(as_nodes, nodes);
+    }
+
+    #[test]
+    fn layout_whitespace_goes_and_text_between_marks_stays() {
+        let nodes = parse_xml(
+            "<?xml version=\"1.0\"?>\n<p>\n  <b>a</b> <i>b</i>\n</p>\n<!-- note -->\n<hr/>\n",
+            &marks(&["b", "i"]),
+            64,
+        )
+        .unwrap();
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        let XmlNode::Element { children, .. } = &nodes[0] else {
+            panic!("{nodes:?}")
+        };
+        let [XmlNode::Text(runs)] = &children[..] else {
+            panic!("{children:?}")
+        };
+        let text: String = runs.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(text.trim(), "a b");
+    }
+
+    #[test]
+    fn bad_xml_is_refused_with_the_reason() {
+        let refused = |body: &str| parse_xml(body, &marks(&["b"]), 8).unwrap_err();
+        assert!(refused("<p>open").contains("not well-formed"));
+        assert!(refused("<!DOCTYPE p [<!ENTITY x \"y\">]><p>&x;</p>").contains("not well-formed"));
+        assert!(refused("<p><b><p>x</p></b></p>").contains("marks hold only text"));
+        let deep = "<d>".repeat(9) + &"</d>".repeat(9);
+        assert!(refused(&deep).contains("nests deeper than 8"));
+        let deep_marks = "<p>".to_owned() + &"<b>".repeat(8) + "x" + &"</b>".repeat(8) + "</p>";
+        assert!(refused(&deep_marks).contains("nests deeper than 8"));
+        assert!(parse_xml("", &marks(&[]), 8).unwrap().is_empty());
     }
 }

@@ -7,6 +7,8 @@
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import WebSocket from 'ws'
+import { Schema } from 'prosemirror-model'
+import { prosemirrorJSONToYDoc, yXmlFragmentToProseMirrorRootNode } from 'y-prosemirror'
 
 const [scenario, serviceUrl, docId, ...args] = process.argv.slice(2)
 const WAIT_MS = Number(process.env.INTEROP_WAIT_MS || 20000)
@@ -266,6 +268,85 @@ const scenarios = {
       xml_of_text_root: wrongFormat.status,
       after,
       non_elements: strings
+    }
+  },
+
+  // A real y-prosemirror page: made from ProseMirror JSON by y-prosemirror, read through REST
+  // as XML, replaced from edited XML (marks named), and read back by y-prosemirror's own
+  // Yjs-to-ProseMirror conversion, which must build a valid document from it.
+  async prosemirror () {
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const url = (query) => `${http}/v1/data/${docId}?${query}`
+    const schema = new Schema({
+      nodes: {
+        doc: { content: 'block+' },
+        paragraph: { group: 'block', content: 'inline*' },
+        heading: { group: 'block', content: 'inline*', attrs: { level: { default: 1 } } },
+        text: { group: 'inline' }
+      },
+      marks: { strong: {}, em: {}, link: { attrs: { href: {} } } }
+    })
+    const a = client('author')
+    const b = client('reader')
+    await waitFor('sync', () => synced(a) && synced(b))
+    const draft = {
+      type: 'doc',
+      content: [
+        { type: 'heading', attrs: { level: 1 }, content: [{ type: 'text', text: 'Draft' }] },
+        {
+          type: 'paragraph',
+          content: [
+            { type: 'text', text: 'Some ' },
+            { type: 'text', text: 'bold', marks: [{ type: 'strong' }] },
+            { type: 'text', text: ' words' }
+          ]
+        }
+      ]
+    }
+    Y.applyUpdate(a.doc, Y.encodeStateAsUpdate(prosemirrorJSONToYDoc(schema, draft, 'prosemirror')))
+    a.text.insert(0, 'plain')
+    const made = a.doc.getXmlFragment('prosemirror').toString()
+    await waitFor('the page to reach the reader',
+      () => b.doc.getXmlFragment('prosemirror').toString() === made && b.text.toString() === 'plain')
+    const xml = await (await fetch(url('format=xml&name=prosemirror'))).text()
+    const text = await (await fetch(url('format=text&name=prosemirror'))).text()
+    const edited = xml.replace('Draft', 'Final') +
+      '\n  <paragraph>See <link href="https://example.com/a?b=1&amp;c=2">this <em>page</em></link></paragraph>\n'
+    const reset = await fetch(url('reset=true&name=prosemirror&format=xml&marks=strong,em,link'),
+      { method: 'PUT', body: edited })
+    const resetBody = await reset.text()
+    if (reset.status !== 200) fail(`the XML reset answered ${reset.status}: ${resetBody}`)
+    await waitFor('the reset to reach both editors', () =>
+      [a, b].every((c) => c.doc.getXmlFragment('prosemirror').toString().includes('Final')))
+    const node = yXmlFragmentToProseMirrorRootNode(b.doc.getXmlFragment('prosemirror'), schema)
+    node.check()
+    const textReset = await fetch(url('reset=true&name=prosemirror'), { method: 'PUT', body: 'oops' })
+    const xmlIntoText = await fetch(url('reset=true&name=content&format=xml'),
+      { method: 'PUT', body: '<paragraph>x</paragraph>' })
+    const malformed = await fetch(url('reset=true&name=prosemirror&format=xml'),
+      { method: 'PUT', body: '<paragraph>unclosed' })
+    const markHoldingNode = await fetch(url('reset=true&name=prosemirror&format=xml&marks=strong'),
+      { method: 'PUT', body: '<paragraph><strong><paragraph>x</paragraph></strong></paragraph>' })
+    // The refusals changed nothing: a marker written after them arrives after them.
+    a.text.insert(a.text.length, '!')
+    await waitFor('the marker', () => b.text.toString() === 'plain!')
+    const after = b.doc.getXmlFragment('prosemirror').toString()
+    a.provider.destroy()
+    b.provider.destroy()
+    return {
+      made,
+      engine_xml: xml,
+      engine_text: text,
+      doc: node.toJSON(),
+      text_content: node.textContent,
+      after_reset: a.doc.getXmlFragment('prosemirror').toString(),
+      after,
+      refusals: {
+        text_into_rich_text: [textReset.status, (await textReset.json()).type],
+        xml_into_text: [xmlIntoText.status, (await xmlIntoText.json()).type],
+        malformed: [malformed.status, (await malformed.json()).type],
+        node_in_mark: [markHoldingNode.status, (await markHoldingNode.json()).message]
+      }
     }
   },
 

@@ -93,3 +93,46 @@ async fn a_rich_text_page_is_read_as_xml_and_never_reset_as_text() {
     assert_eq!(result["after"], result["yjs_xml"], "{result}");
     assert_eq!(result["non_elements"], 0, "{result}");
 }
+
+/// A real y-prosemirror page is read through REST as XML, replaced from edited XML while two
+/// editors are connected, and read back by y-prosemirror's own conversion into a valid
+/// ProseMirror document with its marks; every wrong reset is refused and changes nothing.
+#[tokio::test]
+async fn a_y_prosemirror_page_is_replaced_from_xml_while_editors_watch() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let result = node("prosemirror", &engine, "app/page-8", &[]).await;
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["engine_xml"], result["made"], "{result}");
+    assert_eq!(result["engine_text"], "Draft\nSome bold words", "{result}");
+    assert_eq!(
+        result["text_content"], "FinalSome bold wordsSee this page",
+        "{result}"
+    );
+    let blocks = result["doc"]["content"].as_array().unwrap();
+    assert_eq!(blocks.len(), 3, "{result}");
+    assert_eq!(blocks[0]["type"], "heading");
+    let bold = &blocks[1]["content"][1];
+    assert_eq!(bold["text"], "bold");
+    assert_eq!(bold["marks"][0]["type"], "strong", "{result}");
+    let link = &blocks[2]["content"][1];
+    assert_eq!(link["text"], "this ");
+    assert_eq!(link["marks"][0]["type"], "link", "{result}");
+    assert_eq!(
+        link["marks"][0]["attrs"]["href"], "https://example.com/a?b=1&c=2",
+        "{result}"
+    );
+    let page = &blocks[2]["content"][2];
+    assert_eq!(page["text"], "page");
+    assert_eq!(page["marks"].as_array().unwrap().len(), 2, "{result}");
+    assert_eq!(result["after"], result["after_reset"], "{result}");
+    let refusals = &result["refusals"];
+    assert_eq!(refusals["text_into_rich_text"][0], 400, "{result}");
+    assert_eq!(refusals["text_into_rich_text"][1], "wrong-root-type");
+    assert_eq!(refusals["xml_into_text"][0], 400, "{result}");
+    assert_eq!(refusals["xml_into_text"][1], "wrong-root-type");
+    assert_eq!(refusals["malformed"][0], 400, "{result}");
+    assert_eq!(refusals["malformed"][1], "invalid-xml");
+    assert_eq!(refusals["node_in_mark"][0], 400, "{result}");
+    let message = refusals["node_in_mark"][1].as_str().unwrap();
+    assert!(message.contains("marks hold only text"), "{message}");
+}
