@@ -57,6 +57,9 @@ pub struct Gate {
     verifier: Verifier,
     /// `jwt.private.key`: decrypts encrypted tokens.
     decryption_key: Option<Arc<crate::jwe::DecryptionKey>>,
+    /// Decryptions under way at once, at most one per core: each costs milliseconds of CPU and
+    /// comes before anything proves who sent the token.
+    decryptions: Arc<tokio::sync::Semaphore>,
     store: Store,
     authtoken: Option<String>,
     /// Tokens are required: something is configured or an app is registered.
@@ -64,6 +67,9 @@ pub struct Gate {
     /// Held across a read, so that concurrent token checks wait for one query.
     apps: tokio::sync::Mutex<AppTable>,
 }
+
+/// How long a token waits for a decryption slot before it is refused.
+const DECRYPTION_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -95,8 +101,10 @@ impl Gate {
             .transpose()
             .map_err(ConfigError::PrivateKey)?
             .map(Arc::new);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Self {
             decryption_key,
+            decryptions: Arc::new(tokio::sync::Semaphore::new(cores)),
             verifier: Verifier {
                 audiences,
                 static_secret: config.jwt_secret.clone(),
@@ -161,10 +169,23 @@ impl Gate {
             .clone()
             .ok_or(crate::jwe::JweError::NoKey)?;
         let token = token.to_owned();
-        tokio::task::spawn_blocking(move || key.decrypt(&token))
-            .await
-            .map_err(|_| crate::jwe::JweError::Undecryptable)?
-            .map_err(AuthError::from)
+        // Waiting callers queue here (each is one connection or request, bounded elsewhere);
+        // one that waits past the deadline is refused rather than left hanging.
+        let permit = tokio::time::timeout(
+            DECRYPTION_QUEUE_WAIT,
+            self.decryptions.clone().acquire_owned(),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or(crate::jwe::JweError::Busy)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            key.decrypt(&token)
+        })
+        .await
+        .map_err(|_| crate::jwe::JweError::Undecryptable)?
+        .map_err(AuthError::from)
     }
 
     async fn secret(&self, app: &str) -> Result<Option<String>, StoreError> {

@@ -702,16 +702,18 @@ async fn write_doc(
                     .map(str::to_owned)
                     .collect();
                 let depth = engine.config.limits.max_nesting_depth;
-                let nodes = crate::roots::parse_xml(&text, &marks, depth).map_err(|message| {
-                    ApiError::BadRequest {
-                        kind: "invalid-xml",
-                        message,
-                    }
+                let bytes = text.len();
+                // Up to max-doc-bytes of XML: parsed off the threads that serve connections.
+                let parsed = tokio::task::spawn_blocking(move || {
+                    crate::roots::parse_xml(&text, &marks, depth)
+                })
+                .await
+                .unwrap_or_else(|_| Err("the XML could not be parsed".into()));
+                let nodes = parsed.map_err(|message| ApiError::BadRequest {
+                    kind: "invalid-xml",
+                    message,
                 })?;
-                ResetContent::Xml {
-                    nodes,
-                    bytes: text.len(),
-                }
+                ResetContent::Xml { nodes, bytes }
             }
             other => {
                 return Err(ApiError::BadRequest {

@@ -34,6 +34,8 @@ pub enum JweError {
     /// Deliberately vague: see the module documentation.
     #[error("it does not decrypt with this service's key")]
     Undecryptable,
+    #[error("too many encrypted tokens are being decrypted; try again")]
+    Busy,
 }
 
 /// `jwt.private.key`, ready to decrypt.
@@ -163,22 +165,34 @@ impl DecryptionKey {
                 "A256GCM needs a 128-bit authentication tag".into(),
             ));
         }
-        let cek = self
+        // Blinded, so that the time taken says nothing about the key; and a key that does not
+        // unwrap is replaced by a random one and the content decrypted anyway (RFC 7516 11.5),
+        // so that the time taken says nothing about which step failed either.
+        let mut rng = rsa::rand_core::OsRng;
+        let unwrapped = self
             .key
-            .decrypt(Oaep::new::<sha2::Sha256>(), &encrypted_key)
-            .map_err(|_| JweError::Undecryptable)?;
+            .decrypt_blinded(&mut rng, Oaep::new::<sha2::Sha256>(), &encrypted_key)
+            .ok()
+            .filter(|cek| cek.len() == 32);
+        let cek = unwrapped.clone().unwrap_or_else(|| {
+            let mut random = vec![0u8; 32];
+            rsa::rand_core::RngCore::fill_bytes(&mut rng, &mut random);
+            random
+        });
         let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| JweError::Undecryptable)?;
         ciphertext.extend_from_slice(&tag);
-        let plaintext = cipher
-            .decrypt(
-                Nonce::from_slice(&iv),
-                Payload {
-                    msg: &ciphertext,
-                    // RFC 7516 5.2: the additional data is the encoded protected header.
-                    aad: header_b64.as_bytes(),
-                },
-            )
-            .map_err(|_| JweError::Undecryptable)?;
+        let decrypted = cipher.decrypt(
+            Nonce::from_slice(&iv),
+            Payload {
+                msg: &ciphertext,
+                // RFC 7516 5.2: the additional data is the encoded protected header.
+                aad: header_b64.as_bytes(),
+            },
+        );
+        let plaintext = match (unwrapped, decrypted) {
+            (Some(_), Ok(plaintext)) => plaintext,
+            _ => return Err(JweError::Undecryptable),
+        };
         String::from_utf8(plaintext)
             .map_err(|_| JweError::Malformed("its content is not text".into()))
     }

@@ -45,9 +45,28 @@ impl RootKind {
     }
 }
 
-/// What the root `name` holds, judged by its content when no client typed it here.
+/// The branch of root `name`, whatever its type, without typing it.
+fn branch<T: ReadTxn>(txn: &T, name: &str) -> Option<yrs::branch::BranchPtr> {
+    use yrs::branch::{Branch, BranchPtr};
+    fn of(shared: &impl AsRef<Branch>) -> BranchPtr {
+        BranchPtr::from(shared.as_ref())
+    }
+    Some(match txn.get(name)? {
+        Out::YText(t) => of(&t),
+        Out::YXmlFragment(f) => of(&f),
+        Out::YXmlElement(e) => of(&e),
+        Out::YXmlText(t) => of(&t),
+        Out::YMap(m) => of(&m),
+        Out::YArray(a) => of(&a),
+        Out::UndefinedRef(b) => b,
+        _ => return None,
+    })
+}
+
+/// What the root `name` holds, judged by its content: the type a root was given here (by a
+/// reset, say) does not decide, since any client may fill it with something else.
 pub fn kind<T: ReadTxn>(txn: &T, name: &str) -> RootKind {
-    let Some(out) = txn.get(name) else {
+    let Some(branch) = branch(txn, name) else {
         // `get` answers nothing for an absent root and for an XML hook; a hook is refused like
         // any other type that is not text.
         return match txn.root_refs().any(|(n, _)| n == name) {
@@ -55,61 +74,45 @@ pub fn kind<T: ReadTxn>(txn: &T, name: &str) -> RootKind {
             false => RootKind::Absent,
         };
     };
-    match out {
-        Out::YText(_) => RootKind::Text,
-        Out::YXmlFragment(_) | Out::YXmlElement(_) | Out::YXmlText(_) => RootKind::XmlFragment,
-        Out::YMap(_) => RootKind::Map,
-        Out::YArray(_) => RootKind::Array,
-        Out::UndefinedRef(branch) => {
-            if MapRef::from(branch).len(txn) > 0 {
-                return RootKind::Map;
-            }
-            let sequence = ArrayRef::from(branch);
-            let mut kind = RootKind::Empty;
-            for value in sequence.iter(txn) {
-                match value {
-                    // Text content is read as its characters.
-                    Out::Any(Any::String(_)) => return RootKind::Text,
-                    Out::YXmlElement(_) | Out::YXmlText(_) | Out::YXmlFragment(_) => {
-                        kind = RootKind::XmlFragment
-                    }
-                    // Anything else in a sequence: an array of values or of shared types.
-                    _ if kind == RootKind::Empty => kind = RootKind::Array,
-                    _ => {}
-                }
-            }
-            kind
-        }
-        _ => RootKind::Array,
+    if MapRef::from(branch).len(txn) > 0 {
+        return RootKind::Map;
     }
+    // Only text content (not strings in an array) reads as a string here.
+    if !TextRef::from(branch).get_string(txn).is_empty() {
+        return RootKind::Text;
+    }
+    let mut kind = RootKind::Empty;
+    for value in ArrayRef::from(branch).iter(txn) {
+        match value {
+            Out::YXmlElement(_) | Out::YXmlText(_) | Out::YXmlFragment(_) => {
+                return RootKind::XmlFragment
+            }
+            _ => kind = RootKind::Array,
+        }
+    }
+    kind
 }
 
 /// The root's content as plain text: a text's characters, or a rich-text fragment's text with
-/// one line per top-level block. `None` for other kinds.
+/// one line per top-level block; empty for an absent or empty root. `None` for other kinds.
 pub fn plain_text<T: ReadTxn>(txn: &T, name: &str) -> Option<String> {
-    let branch = match txn.get(name)? {
-        Out::YText(t) => return Some(t.get_string(txn)),
-        Out::UndefinedRef(b) => b,
-        Out::YXmlFragment(f) => return Some(fragment_text(&f, txn)),
-        _ => return None,
-    };
     match kind(txn, name) {
-        RootKind::Text | RootKind::Empty => Some(TextRef::from(branch).get_string(txn)),
-        RootKind::XmlFragment => Some(fragment_text(&XmlFragmentRef::from(branch), txn)),
+        RootKind::Absent | RootKind::Empty => Some(String::new()),
+        RootKind::Text => Some(TextRef::from(branch(txn, name)?).get_string(txn)),
+        RootKind::XmlFragment => Some(fragment_text(
+            &XmlFragmentRef::from(branch(txn, name)?),
+            txn,
+        )),
         _ => None,
     }
 }
 
-/// The root's content as XML (Yjs's own serialization, `toString()` of a `Y.XmlFragment`).
-/// `None` unless it is a fragment (or empty).
+/// The root's content as XML (Yjs's own serialization, `toString()` of a `Y.XmlFragment`);
+/// empty for an absent or empty root. `None` for other kinds.
 pub fn xml<T: ReadTxn>(txn: &T, name: &str) -> Option<String> {
     match kind(txn, name) {
         RootKind::Absent | RootKind::Empty => Some(String::new()),
-        RootKind::XmlFragment => match txn.get(name)? {
-            Out::YXmlFragment(f) => Some(f.get_string(txn)),
-            Out::UndefinedRef(b) => Some(XmlFragmentRef::from(b).get_string(txn)),
-            _ => None,
-        },
+        RootKind::XmlFragment => Some(XmlFragmentRef::from(branch(txn, name)?).get_string(txn)),
         _ => None,
     }
 }
@@ -178,12 +181,24 @@ pub fn parse_xml(
     let wrapped = format!("<synchrony-fragment>{body}</synchrony-fragment>");
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
-        ..roxmltree::ParsingOptions::default()
+        nodes_limit: MAX_XML_NODES,
     };
     let document = roxmltree::Document::parse_with_options(&wrapped, options)
         .map_err(|e| format!("not well-formed XML: {e}"))?;
     let parser = Parser { marks, max_depth };
-    parser.children(document.root_element(), 0)
+    parser.children(document.root_element(), 1)
+}
+
+/// XML nodes (elements, texts, attributes' owners) one reset may hold.
+pub const MAX_XML_NODES: u32 = 1_000_000;
+
+fn too_deep(max_depth: usize) -> String {
+    format!("the XML nests deeper than {max_depth} levels (synchrony.max.nesting.depth)")
+}
+
+/// Layout: whitespace with a line break, as pretty-printing puts between and around elements.
+fn layout(text: &str) -> bool {
+    text.trim().is_empty() && text.contains('\n')
 }
 
 struct Parser<'a> {
@@ -192,22 +207,24 @@ struct Parser<'a> {
 }
 
 impl Parser<'_> {
+    /// The nodes `node` holds, at nesting level `depth` (top-level nodes are at 1).
     fn children(&self, node: roxmltree::Node, depth: usize) -> Result<Vec<XmlNode>, String> {
-        if depth >= self.max_depth {
-            return Err(format!(
-                "the XML nests deeper than {} levels (synchrony.max.nesting.depth)",
-                self.max_depth
-            ));
-        }
         let mut nodes = Vec::new();
-        let mut run = Vec::new();
+        let mut run: Vec<(String, yrs::types::Attrs)> = Vec::new();
         for child in node.children() {
             if let Some(text) = child.text().filter(|_| child.is_text()) {
-                run.push((text.to_owned(), yrs::types::Attrs::new()));
+                // Layout before the first text of a run is not content.
+                if !(run.is_empty() && layout(text)) {
+                    run.push((text.to_owned(), yrs::types::Attrs::new()));
+                }
             } else if child.is_element() {
+                if depth > self.max_depth {
+                    return Err(too_deep(self.max_depth));
+                }
                 let tag = child.tag_name().name();
                 if self.marks.contains(tag) {
-                    self.marked(child, yrs::types::Attrs::new(), &mut run, depth + 1)?;
+                    // Marks make no nodes; their own nesting is bounded all the same.
+                    self.marked(child, yrs::types::Attrs::new(), &mut run, 1)?;
                 } else {
                     flush(&mut run, &mut nodes);
                     nodes.push(XmlNode::Element {
@@ -234,11 +251,8 @@ impl Parser<'_> {
         run: &mut Vec<(String, yrs::types::Attrs)>,
         depth: usize,
     ) -> Result<(), String> {
-        if depth >= self.max_depth {
-            return Err(format!(
-                "the XML nests deeper than {} levels (synchrony.max.nesting.depth)",
-                self.max_depth
-            ));
+        if depth > self.max_depth {
+            return Err(too_deep(self.max_depth));
         }
         let name = node.tag_name().name();
         let attributes: std::collections::HashMap<String, Any> = node
@@ -264,9 +278,16 @@ impl Parser<'_> {
     }
 }
 
-/// Ends a run of inline content: one `Y.XmlText`, unless it is only layout whitespace.
+/// Ends a run of inline content: one `Y.XmlText`, without the layout after its last text,
+/// unless it is only whitespace.
 fn flush(run: &mut Vec<(String, yrs::types::Attrs)>, nodes: &mut Vec<XmlNode>) {
-    let runs = std::mem::take(run);
+    let mut runs = std::mem::take(run);
+    while runs
+        .last()
+        .is_some_and(|(text, marks)| marks.is_empty() && layout(text))
+    {
+        runs.pop();
+    }
     if runs.iter().any(|(text, _)| !text.trim().is_empty()) {
         nodes.push(XmlNode::Text(runs));
     }
@@ -366,6 +387,8 @@ mod tests {
         assert_eq!(kind(&txn, "nothing"), RootKind::Absent);
         assert!(!kind(&txn, "prosemirror").takes_text());
         assert!(kind(&txn, "gone").takes_text());
+        assert_eq!(plain_text(&txn, "meta"), None);
+        assert_eq!(xml(&txn, "body"), None);
     }
 
     #[test]
@@ -382,18 +405,38 @@ mod tests {
             "{xml}"
         );
         assert!(xml.contains("world"), "{xml}");
-        assert_eq!(plain_text(&txn, "meta"), None);
     }
 
     #[test]
-    fn reading_never_types_a_root() {
-        let doc = received(page);
-        let _ = plain_text(&doc.transact(), "prosemirror");
-        let _ = kind(&doc.transact(), "prosemirror");
-        assert!(matches!(
-            doc.transact().get("prosemirror"),
-            Some(Out::UndefinedRef(_))
-        ));
+    fn a_root_typed_here_is_still_judged_by_its_content() {
+        // A text reset typed the empty root as text; then an editor filled it with a page.
+        let doc = Doc::new();
+        let _ = doc.get_or_insert_text("prosemirror");
+        assert_eq!(kind(&doc.transact(), "prosemirror"), RootKind::Empty);
+        let source = Doc::new();
+        page(&source);
+        let update = source
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&update).unwrap())
+            .unwrap();
+        let txn = doc.transact();
+        assert_eq!(kind(&txn, "prosemirror"), RootKind::XmlFragment);
+        assert!(xml(&txn, "prosemirror").unwrap().starts_with("<heading"));
+    }
+
+    #[test]
+    fn strings_in_an_array_are_not_text_and_absent_roots_read_empty() {
+        let doc = received(|d| {
+            d.get_or_insert_array("tags")
+                .insert(&mut d.transact_mut(), 0, "draft");
+        });
+        let txn = doc.transact();
+        assert_eq!(kind(&txn, "tags"), RootKind::Array);
+        assert!(!kind(&txn, "tags").takes_text());
+        assert_eq!(plain_text(&txn, "nothing").as_deref(), Some(""));
+        assert_eq!(xml(&txn, "nothing").as_deref(), Some(""));
     }
 
     fn marks(names: &[&str]) -> std::collections::HashSet<String> {
@@ -433,7 +476,7 @@ mod tests {
             panic!("{children:?}")
         };
         let text: String = runs.iter().map(|(t, _)| t.as_str()).collect();
-        assert_eq!(text.trim(), "a b");
+        assert_eq!(text, "a b");
     }
 
     #[test]
@@ -442,10 +485,13 @@ mod tests {
         assert!(refused("<p>open").contains("not well-formed"));
         assert!(refused("<!DOCTYPE p [<!ENTITY x \"y\">]><p>&x;</p>").contains("not well-formed"));
         assert!(refused("<p><b><p>x</p></b></p>").contains("marks hold only text"));
-        let deep = "<d>".repeat(9) + &"</d>".repeat(9);
-        assert!(refused(&deep).contains("nests deeper than 8"));
-        let deep_marks = "<p>".to_owned() + &"<b>".repeat(8) + "x" + &"</b>".repeat(8) + "</p>";
-        assert!(refused(&deep_marks).contains("nests deeper than 8"));
+        let nested = |n: usize| "<d>".repeat(n) + &"</d>".repeat(n);
+        assert!(parse_xml(&nested(8), &marks(&[]), 8).is_ok());
+        assert!(refused(&nested(9)).contains("nests deeper than 8"));
+        let marked =
+            |n: usize| "<p>".to_owned() + &"<b>".repeat(n) + "x" + &"</b>".repeat(n) + "</p>";
+        assert!(parse_xml(&marked(8), &marks(&["b"]), 8).is_ok());
+        assert!(refused(&marked(9)).contains("nests deeper than 8"));
         assert!(parse_xml("", &marks(&[]), 8).unwrap().is_empty());
     }
 }
