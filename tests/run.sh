@@ -90,7 +90,7 @@ log "installing the JavaScript test clients and the load harness's peer servers 
 (cd loadtest/peers && npm ci --no-audit --no-fund --loglevel=error)
 
 log "installing the Python test tools (jwcrypto mints encrypted tokens) in target/py"
-if ! target/py/bin/python -c 'import jwcrypto' >/dev/null 2>&1; then
+if ! target/py/bin/python -c 'import jwcrypto, prometheus_client' >/dev/null 2>&1; then
   python3 -m venv target/py 2>/dev/null || { ensure_apt python3-venv && python3 -m venv target/py; }
   target/py/bin/pip install --quiet --disable-pip-version-check -r tests/py/requirements.txt
 fi

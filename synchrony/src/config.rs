@@ -444,6 +444,16 @@ pub struct ServeConfig {
     )]
     pub worker_threads: usize,
 
+    /// Who may read `GET {ctx}/metrics`: `loopback` (open to this machine, an admin token from
+    /// elsewhere), `token` (an admin token always, once tokens are required), `open` (anyone).
+    #[arg(
+        long = "metrics-access",
+        env = "SYNCHRONY_METRICS_ACCESS",
+        value_enum,
+        default_value = "loopback"
+    )]
+    pub metrics_access: MetricsAccess,
+
     /// Serve the demo editor page at `{ctx}/demo/`.
     #[arg(long = "demo-enabled", env = "SYNCHRONY_DEMO_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_enabled: bool,
@@ -468,6 +478,14 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub cluster: ClusterConfig,
+}
+
+/// Who may read the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsAccess {
+    Loopback,
+    Token,
+    Open,
 }
 
 /// A byte size as Java writes it: `2g`, `512m`, `1024k`, or plain bytes.

@@ -66,6 +66,11 @@ pub struct Gate {
     enforced: AtomicBool,
     /// Held across a read, so that concurrent token checks wait for one query.
     apps: tokio::sync::Mutex<AppTable>,
+    /// Tokens refused, by error type (exported by `crate::metrics`).
+    pub refusals: prometheus_client::metrics::family::Family<
+        crate::metrics::TypeLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
 }
 
 /// How long a token waits for a decryption slot before it is refused.
@@ -115,6 +120,7 @@ impl Gate {
             authtoken: config.service_authtoken.clone(),
             enforced: AtomicBool::new(config.configured()),
             apps: tokio::sync::Mutex::new(AppTable::default()),
+            refusals: Default::default(),
         })
     }
 
@@ -142,6 +148,18 @@ impl Gate {
     /// The principal behind `token`. Without any auth configured (loopback development) every
     /// request is allowed everything.
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Principal, GateError> {
+        let outcome = self.check(token).await;
+        if let Err(GateError::Auth(error)) = &outcome {
+            self.refusals
+                .get_or_create(&crate::metrics::TypeLabel {
+                    r#type: error.kind().to_owned(),
+                })
+                .inc();
+        }
+        outcome
+    }
+
+    async fn check(&self, token: Option<&str>) -> Result<Principal, GateError> {
         if !self.enforced() {
             return Ok(Principal::open());
         }

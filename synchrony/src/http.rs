@@ -128,6 +128,7 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         .route("/heartbeat", get(heartbeat))
         .route("/jwt-key", get(jwt_key))
         .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
         // Read before the caller is known: kept small.
         .route(
             "/v1/apps/secret",
@@ -301,6 +302,43 @@ async fn jwt_key(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError
     Ok((
         [(header::CONTENT_TYPE, "text/plain")],
         key.x509_base64.clone(),
+    )
+        .into_response())
+}
+
+/// The metrics in the Prometheus text format, to `synchrony.metrics.access`'s callers.
+async fn metrics(
+    State(engine): State<Arc<Engine>>,
+    parts: axum::http::request::Parts,
+) -> Result<Response, ApiError> {
+    use crate::config::MetricsAccess;
+    let local = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .is_some_and(|p| p.0.ip().is_loopback());
+    let open = match engine.config.metrics_access {
+        MetricsAccess::Open => true,
+        MetricsAccess::Loopback => local,
+        MetricsAccess::Token => false,
+    };
+    if !open {
+        let query = Query::<TokenQuery>::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        let principal = engine
+            .gate
+            .authenticate(token(query.token.as_deref(), &parts.headers))
+            .await?;
+        if !principal.is_admin() {
+            return Err(ApiError::Auth(AuthError::Forbidden));
+        }
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        engine.metrics.render(&engine),
     )
         .into_response())
 }

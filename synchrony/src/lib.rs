@@ -34,6 +34,7 @@ pub mod http;
 pub mod jwe;
 pub mod keyspace;
 pub mod listen;
+pub mod metrics;
 pub mod nesting;
 pub mod origin;
 pub mod persist;
@@ -84,6 +85,8 @@ pub struct Engine {
     pub tracker: TaskTracker,
     /// Open WebSocket sessions.
     pub connections: Arc<AtomicU64>,
+    /// What `GET {ctx}/metrics` exports.
+    pub metrics: metrics::Metrics,
     /// HTTP connections being served (each ends once its request is answered after shutdown).
     pub http_connections: TaskTracker,
     pub started: Instant,
@@ -139,6 +142,7 @@ impl Engine {
             tracker: tracker.clone(),
         });
         let origins = crate::origin::OriginPolicy::new(&config.auth.allowed_origins);
+        let metrics = metrics::Metrics::new(gate.refusals.clone());
         Ok(Arc::new(Self {
             config,
             store,
@@ -150,6 +154,7 @@ impl Engine {
             cancel,
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
+            metrics,
             http_connections: TaskTracker::new(),
             started: Instant::now(),
             ready: AtomicBool::new(false),

@@ -154,11 +154,25 @@ pub async fn serve(
             }
             continue;
         };
+        // Who is asking, for handlers that care (`GET {ctx}/metrics` is open to loopback only).
+        let peer = tcp.peer_addr().ok();
         let io = TokioIo::new(Counted {
             tcp,
             _permit: permit,
         });
-        let service = TowerToHyperService::new(app.clone());
+        let with_peer = tower::ServiceBuilder::new()
+            .map_request(
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    if let Some(peer) = peer {
+                        request
+                            .extensions_mut()
+                            .insert(axum::extract::ConnectInfo(peer));
+                    }
+                    request
+                },
+            )
+            .service(app.clone());
+        let service = TowerToHyperService::new(with_peer);
         let connection = builder.serve_connection(io, service).with_upgrades();
         let stop = stop.clone();
         tracker.spawn(async move {

@@ -242,6 +242,14 @@ pub async fn run(
                 match incoming {
                     Some(Ok(WsMessage::Binary(data))) => match handle_frame(&data) {
                         Ok(message) => {
+                            if let synchrony_protocol::Message::Sync(
+                                synchrony_protocol::SyncMessage::SyncStep2(update)
+                                | synchrony_protocol::SyncMessage::Update(update),
+                            ) = &message
+                            {
+                                engine.metrics.updates_received.inc();
+                                engine.metrics.update_bytes_received.inc_by(update.len() as u64);
+                            }
                             if !forward(&link, &mut pending, DocCommand::Message { conn_id, message }) {
                                 break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
                             }
@@ -287,6 +295,11 @@ pub async fn run(
     });
     if let Some((code, reason)) = close {
         tracing::debug!(code = code.0, %reason, "closing the connection");
+        engine
+            .metrics
+            .closes
+            .get_or_create(&crate::metrics::CodeLabel { code: code.0 })
+            .inc();
         close_with_handshake(&mut sink, &mut stream, code, reason, write_timeout).await;
     }
 }

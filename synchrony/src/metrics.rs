@@ -1,0 +1,193 @@
+//! `GET {ctx}/metrics`: the engine's figures in the Prometheus text format, encoded by the
+//! Prometheus organisation's own client (`prometheus-client`).
+//!
+//! Events (updates received, connections closed, tokens refused) are counted where they happen;
+//! states (connections, documents, the commit queue, storage, the cluster) are read when the
+//! metrics are scraped, from the same sources as the health JSON, so scraping costs nothing
+//! between scrapes.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+/// Every metric the engine exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Update-bearing messages (sync step 2 and update) received from clients.
+    pub updates_received: Counter,
+    pub update_bytes_received: Counter,
+    /// WebSocket connections closed by the engine, by close code.
+    pub closes: Family<CodeLabel, Counter>,
+    /// Tokens refused, by error type (`jwt/expired`, `forbidden`, ...).
+    pub auth_refusals: Family<TypeLabel, Counter>,
+    connections: Gauge,
+    documents_loaded: Gauge,
+    document_loads: Counter,
+    resident_bytes: Gauge,
+    uncommitted_updates: Gauge,
+    uncommitted_bytes: Gauge,
+    storage_up: Gauge,
+    ready: Gauge,
+    cluster_members: Family<StateLabel, Gauge>,
+    cluster_epoch: Gauge,
+}
+
+impl Metrics {
+    /// `auth_refusals` is the gate's count of refused tokens.
+    pub fn new(auth_refusals: Family<TypeLabel, Counter>) -> Self {
+        let mut registry = Registry::with_prefix("synchrony");
+        let m = Metrics {
+            updates_received: Counter::default(),
+            update_bytes_received: Counter::default(),
+            closes: Family::default(),
+            auth_refusals,
+            connections: Gauge::default(),
+            documents_loaded: Gauge::default(),
+            document_loads: Counter::default(),
+            resident_bytes: Gauge::default(),
+            uncommitted_updates: Gauge::default(),
+            uncommitted_bytes: Gauge::default(),
+            storage_up: Gauge::default(),
+            ready: Gauge::default(),
+            cluster_members: Family::default(),
+            cluster_epoch: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "updates_received",
+            "Updates received from clients",
+            m.updates_received.clone(),
+        );
+        r.register(
+            "update_bytes_received",
+            "Bytes of updates received from clients",
+            m.update_bytes_received.clone(),
+        );
+        r.register(
+            "connection_closes",
+            "WebSocket connections the engine closed, by close code",
+            m.closes.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Tokens refused, by error type",
+            m.auth_refusals.clone(),
+        );
+        r.register(
+            "connections",
+            "Open WebSocket sessions",
+            m.connections.clone(),
+        );
+        r.register(
+            "documents_loaded",
+            "Documents in memory",
+            m.documents_loaded.clone(),
+        );
+        r.register(
+            "document_loads",
+            "Documents loaded from storage since start",
+            m.document_loads.clone(),
+        );
+        r.register(
+            "resident_bytes",
+            "Approximate bytes of the documents in memory",
+            m.resident_bytes.clone(),
+        );
+        r.register(
+            "uncommitted_updates",
+            "Updates accepted and not yet committed to storage",
+            m.uncommitted_updates.clone(),
+        );
+        r.register(
+            "uncommitted_bytes",
+            "Bytes of updates accepted and not yet committed to storage",
+            m.uncommitted_bytes.clone(),
+        );
+        r.register(
+            "storage_up",
+            "1 while storage answers and commits succeed",
+            m.storage_up.clone(),
+        );
+        r.register("ready", "1 once the node can serve", m.ready.clone());
+        r.register(
+            "cluster_members",
+            "Cluster members this node sees, by state (alive, suspect, dead)",
+            m.cluster_members.clone(),
+        );
+        r.register(
+            "cluster_epoch",
+            "This node's view epoch (bumped at each change of the live set)",
+            m.cluster_epoch.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Reads the engine's state and encodes everything.
+    pub fn render(&self, engine: &crate::Engine) -> String {
+        use std::sync::atomic::Ordering;
+        let gauge = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        gauge(
+            &self.connections,
+            engine.connections.load(Ordering::Relaxed),
+        );
+        gauge(&self.documents_loaded, engine.docs.loaded_count() as u64);
+        let loads = engine.docs.load_count();
+        self.document_loads
+            .inc_by(loads.saturating_sub(self.document_loads.get()));
+        gauge(&self.resident_bytes, engine.docs.resident_bytes() as u64);
+        let (updates, bytes) = engine.docs.persister().queued();
+        gauge(&self.uncommitted_updates, updates as u64);
+        gauge(&self.uncommitted_bytes, bytes as u64);
+        gauge(
+            &self.storage_up,
+            u64::from(engine.storage_problem().is_none()),
+        );
+        gauge(&self.ready, u64::from(engine.is_ready()));
+        if let Some(cluster) = engine.cluster.get() {
+            let mut counts = std::collections::HashMap::new();
+            for member in cluster.members() {
+                use crate::cluster::membership::MemberState;
+                let state = match member.state {
+                    MemberState::Alive => "alive",
+                    MemberState::Suspect => "suspect",
+                    MemberState::Dead => "dead",
+                };
+                *counts.entry(state).or_insert(0u64) += 1;
+            }
+            for state in ["alive", "suspect", "dead"] {
+                let n = counts.get(state).copied().unwrap_or(0);
+                gauge(
+                    &self.cluster_members.get_or_create(&StateLabel {
+                        state: state.to_owned(),
+                    }),
+                    n,
+                );
+            }
+            gauge(&self.cluster_epoch, cluster.view().epoch);
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,155 @@
+//! `GET {ctx}/metrics`, read by the official Prometheus client's parser: what happened shows
+//! (updates, refusals, closes by code), states are current, and access follows
+//! `synchrony.metrics.access`.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use synchrony::auth::{mint_hs256, MintClaims};
+use synchrony::gate::unix_now;
+use synchrony_tests::{EngineOptions, EngineProcess, RawClient, YClient, WAIT};
+
+const SECRET: &str = "metrics-test-secret-0123456789abcdef";
+
+fn token(access: &[(&str, &str)]) -> String {
+    let now = unix_now();
+    let claims = MintClaims {
+        iss: Some("host".into()),
+        aud: None,
+        sub: Some("ops".into()),
+        iat: now,
+        exp: now + 600,
+        access: access
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        session: None,
+    };
+    mint_hs256(&claims, SECRET).unwrap()
+}
+
+/// The samples of an exposition, by name and labels, parsed by `prometheus_client`.
+fn parse(text: &str) -> HashMap<(String, String), f64> {
+    let python = std::env::var("SYNCHRONY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = synchrony_tests::workspace_root().join("tests/py/metrics.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the exposition (pip install -r tests/py/requirements.txt, or set SYNCHRONY_TEST_PYTHON):\n{}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (name, labels, value): (String, serde_json::Value, f64) =
+                serde_json::from_str(line).unwrap();
+            ((name, labels.to_string()), value)
+        })
+        .collect()
+}
+
+fn sample(samples: &HashMap<(String, String), f64>, name: &str, labels: &str) -> f64 {
+    *samples
+        .get(&(name.to_owned(), labels.to_owned()))
+        .unwrap_or_else(|| panic!("no sample {name}{labels}: {samples:?}"))
+}
+
+#[tokio::test]
+async fn metrics_show_what_happened_and_follow_the_access_setting() {
+    let engine = EngineProcess::start(&EngineOptions::default().arg("--jwt-secret", SECRET)).await;
+    let doc = "ops/page";
+    let editor_token = token(&[("/data/ops/page", "full")]);
+    let mut editor = YClient::synced(&engine, &format!("{doc}?token={editor_token}"), true).await;
+    editor.append("hello").await;
+    editor
+        .wait_until("the edit to be durable", |c| c.acked_edits() == 1)
+        .await;
+    // A refused token and a connection closed for a text frame.
+    let refused = engine
+        .request("GET", &format!("/v1/data/{doc}"), Some("not.a.jwt"), b"")
+        .await;
+    assert_eq!(refused.status, 401);
+    let mut rude = RawClient::connect(&engine.ws_url(doc, &format!("token={editor_token}")))
+        .await
+        .unwrap();
+    {
+        use futures_util::SinkExt;
+        rude.ws
+            .send(tokio_tungstenite::tungstenite::Message::Text("hi".into()))
+            .await
+            .unwrap();
+    }
+    let _ = rude.ended(WAIT).await;
+
+    // From loopback (the default access) no token is needed. The closed session leaves the
+    // count as its task ends, just after the client saw the close.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let samples = loop {
+        let (status, text) = engine.get("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        let samples = parse(&text);
+        let settled = samples.get(&("synchrony_connections".into(), "{}".into())) == Some(&1.0);
+        if settled || tokio::time::Instant::now() > deadline {
+            break samples;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&samples, "synchrony_connections", "{}"), 1.0);
+    assert!(sample(&samples, "synchrony_updates_received_total", "{}") >= 1.0);
+    assert!(sample(&samples, "synchrony_update_bytes_received_total", "{}") >= 5.0);
+    assert!(sample(&samples, "synchrony_documents_loaded", "{}") >= 1.0);
+    assert!(sample(&samples, "synchrony_document_loads_total", "{}") >= 1.0);
+    assert_eq!(sample(&samples, "synchrony_storage_up", "{}"), 1.0);
+    assert_eq!(sample(&samples, "synchrony_ready", "{}"), 1.0);
+    assert_eq!(
+        sample(
+            &samples,
+            "synchrony_auth_refusals_total",
+            r#"{"type":"jwt/malformed"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "synchrony_connection_closes_total",
+            r#"{"code":"1003"}"#
+        ),
+        1.0
+    );
+    drop(editor);
+
+    // With access `token`, an admin token is needed even from loopback.
+    let guarded = EngineProcess::start(
+        &EngineOptions::default()
+            .arg("--jwt-secret", SECRET)
+            .arg("--metrics-access", "token"),
+    )
+    .await;
+    let bare = guarded.request("GET", "/metrics", None, b"").await;
+    assert_eq!(bare.status, 401, "{}", bare.text());
+    let editor = guarded
+        .request("GET", "/metrics", Some(&editor_token), b"")
+        .await;
+    assert_eq!(editor.status, 403, "{}", editor.text());
+    let admin = guarded
+        .request("GET", "/metrics", Some(&token(&[("admin", "admin")])), b"")
+        .await;
+    assert_eq!(admin.status, 200, "{}", admin.text());
+    assert!(parse(&admin.text()).contains_key(&("synchrony_ready".into(), "{}".into())));
+}
