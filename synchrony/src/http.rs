@@ -158,6 +158,35 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
             engine.clone(),
             check_origin,
         ))
+        // Every request gets a span holding its id (the caller's `x-request-id`, or a fresh
+        // UUID), so each log line it causes names it; the id is echoed in the response.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    let id = request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %id,
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    |response: &Response, latency: std::time::Duration, _: &tracing::Span| {
+                        tracing::debug!(status = response.status().as_u16(), ?latency, "answered");
+                    },
+                )
+                .on_failure(()),
+        )
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
         .with_state(engine);
     if context_path.is_empty() {
         inner

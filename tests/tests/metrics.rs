@@ -153,3 +153,38 @@ async fn metrics_show_what_happened_and_follow_the_access_setting() {
     assert_eq!(admin.status, 200, "{}", admin.text());
     assert!(parse(&admin.text()).contains_key(&("synchrony_ready".into(), "{}".into())));
 }
+
+/// Every HTTP request carries an id: the caller's `x-request-id` or a fresh UUID, echoed in the
+/// response and named by the log lines the request causes.
+#[tokio::test]
+async fn every_request_has_an_id_that_is_echoed_and_logged() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let given = synchrony_tests::http(
+        engine.port,
+        "GET",
+        "/synchrony/v1/health",
+        &[("x-request-id", "trace-me-4711")],
+        b"",
+    )
+    .await;
+    assert_eq!(given.status, 200);
+    assert_eq!(given.header("x-request-id"), Some("trace-me-4711"));
+    let fresh = synchrony_tests::http(engine.port, "GET", "/synchrony/heartbeat", &[], b"").await;
+    let id = fresh
+        .header("x-request-id")
+        .expect("a generated request id");
+    // A UUID: 36 characters, hex digits and four dashes.
+    assert!(
+        id.len() == 36 && id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(engine.log().contains("trace-me-4711") && engine.log().contains(id)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request ids are not in the log:\n{}",
+            engine.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
