@@ -142,7 +142,7 @@ impl Engine {
             tracker: tracker.clone(),
         });
         let origins = crate::origin::OriginPolicy::new(&config.auth.allowed_origins);
-        let metrics = metrics::Metrics::new(gate.refusals.clone());
+        let metrics = metrics::Metrics::new(gate.refusals.clone(), docs.persister().metrics());
         Ok(Arc::new(Self {
             config,
             store,

@@ -49,9 +49,31 @@ pub struct Metrics {
     cluster_epoch: Gauge,
 }
 
+/// Registers the persister's figures.
+fn register_commits(r: &mut Registry, commits: &crate::persist::CommitMetrics) {
+    r.register(
+        "commit_seconds",
+        "Group commits: seconds from the first attempt to success, retries included",
+        commits.seconds.clone(),
+    );
+    r.register(
+        "committed_updates",
+        "Updates committed to storage",
+        commits.updates.clone(),
+    );
+    r.register(
+        "storage_errors",
+        "Group commit attempts that storage refused",
+        commits.failures.clone(),
+    );
+}
+
 impl Metrics {
-    /// `auth_refusals` is the gate's count of refused tokens.
-    pub fn new(auth_refusals: Family<TypeLabel, Counter>) -> Self {
+    /// `auth_refusals` is the gate's count of refused tokens, `commits` the persister's figures.
+    pub fn new(
+        auth_refusals: Family<TypeLabel, Counter>,
+        commits: &crate::persist::CommitMetrics,
+    ) -> Self {
         let mut registry = Registry::with_prefix("synchrony");
         let m = Metrics {
             updates_received: Counter::default(),
@@ -71,6 +93,7 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
+        register_commits(r, commits);
         r.register(
             "updates_received",
             "Updates received from clients",

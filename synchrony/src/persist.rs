@@ -133,6 +133,7 @@ pub struct Persister {
     tx: mpsc::Sender<Request>,
     budget: Arc<Semaphore>,
     status: Arc<StorageStatus>,
+    metrics: CommitMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +152,26 @@ impl Persister {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         let status = Arc::new(StorageStatus::default());
         status.set(Ok(()));
-        tracker.spawn(run(store, window, rx, stop, status.clone()));
+        let metrics = CommitMetrics::default();
+        tracker.spawn(run(
+            store,
+            window,
+            rx,
+            stop,
+            status.clone(),
+            metrics.clone(),
+        ));
         Self {
+            metrics,
             tx,
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             status,
         }
+    }
+
+    /// What group commits took and how often they failed (exported by `crate::metrics`).
+    pub fn metrics(&self) -> &CommitMetrics {
+        &self.metrics
     }
 
     /// What commits found out about storage.
@@ -224,6 +239,30 @@ impl Persister {
     }
 }
 
+/// Figures of the group commits.
+#[derive(Clone)]
+pub struct CommitMetrics {
+    /// Seconds from a batch's first attempt to its success (retries included).
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Updates committed.
+    pub updates: prometheus_client::metrics::counter::Counter,
+    /// Attempts that storage refused.
+    pub failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        Self {
+            // 0.5 ms to about 8 s.
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 15),
+            ),
+            updates: Default::default(),
+            failures: Default::default(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Batch {
     entries: Vec<LogEntry>,
@@ -259,9 +298,11 @@ impl Batch {
         self.entries.is_empty() && self.flushes.is_empty()
     }
 
-    async fn commit(self, store: &Store, status: &StorageStatus) {
+    async fn commit(self, store: &Store, status: &StorageStatus, metrics: &CommitMetrics) {
+        let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         while let Err(error) = store.append(&self.entries).await {
+            metrics.failures.inc();
             if status.set(Err(error.to_string())) {
                 tracing::error!(%error, updates = self.entries.len(), "group commit failed: storage unavailable; retrying (the updates stay queued and unacknowledged)");
             } else {
@@ -269,6 +310,10 @@ impl Batch {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        if !self.entries.is_empty() {
+            metrics.seconds.observe(started.elapsed().as_secs_f64());
+            metrics.updates.inc_by(self.entries.len() as u64);
         }
         if status.set(Ok(())) {
             tracing::info!(
@@ -291,6 +336,7 @@ async fn run(
     mut rx: mpsc::Receiver<Request>,
     stop: CancellationToken,
     status: Arc<StorageStatus>,
+    metrics: CommitMetrics,
 ) {
     loop {
         let first = tokio::select! {
@@ -311,7 +357,7 @@ async fn run(
                 _ = stop.cancelled() => break,
             }
         }
-        batch.commit(&store, &status).await;
+        batch.commit(&store, &status, &metrics).await;
     }
     // Stopping: everything that reached the queue is committed before the task ends.
     rx.close();
@@ -321,7 +367,7 @@ async fn run(
     }
     if !batch.is_empty() {
         let updates = batch.entries.len();
-        batch.commit(&store, &status).await;
+        batch.commit(&store, &status, &metrics).await;
         tracing::info!(updates, "final group commit done");
     }
 }

@@ -115,6 +115,14 @@ async fn metrics_show_what_happened_and_follow_the_access_setting() {
     assert!(sample(&samples, "synchrony_documents_loaded", "{}") >= 1.0);
     assert!(sample(&samples, "synchrony_document_loads_total", "{}") >= 1.0);
     assert_eq!(sample(&samples, "synchrony_storage_up", "{}"), 1.0);
+    // The acknowledged edit was committed, timed, without a storage error.
+    assert!(sample(&samples, "synchrony_committed_updates_total", "{}") >= 1.0);
+    assert!(sample(&samples, "synchrony_commit_seconds_count", "{}") >= 1.0);
+    assert!(sample(&samples, "synchrony_commit_seconds_sum", "{}") > 0.0);
+    assert_eq!(
+        sample(&samples, "synchrony_storage_errors_total", "{}"),
+        0.0
+    );
     assert_eq!(sample(&samples, "synchrony_ready", "{}"), 1.0);
     assert_eq!(
         sample(
