@@ -27,7 +27,7 @@ use yrs::block::ClientID;
 use yrs::sync::{Awareness, AwarenessUpdate};
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
+use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update, WriteTxn};
 
 use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
 use crate::nesting::{NestingError, NestingIndex};
@@ -1049,22 +1049,19 @@ impl DocActor {
                     return;
                 };
                 let (update, before) = {
-                    let doc = self.awareness.doc();
+                    let mut txn = self.awareness.doc().transact_mut();
                     match &content {
                         ResetContent::Text(text) => {
-                            let root_text = doc.get_or_insert_text(root.as_str());
-                            let mut txn = doc.transact_mut();
+                            let root_text = txn.get_or_insert_text(root.as_str());
                             let len = root_text.len(&txn);
                             root_text.remove_range(&mut txn, 0, len);
                             root_text.insert(&mut txn, 0, text);
-                            (txn.encode_update_v1(), txn.before_state().clone())
                         }
                         ResetContent::Xml { nodes, .. } => {
-                            let mut txn = doc.transact_mut();
                             crate::roots::replace_fragment(&mut txn, &root, nodes);
-                            (txn.encode_update_v1(), txn.before_state().clone())
                         }
                     }
+                    (txn.encode_update_v1(), txn.before_state().clone())
                 };
                 // A root text's content sits at level 1, an XML reset's nodes no deeper than
                 // the limit its parser enforced, and structs still waiting for them hold no

@@ -57,8 +57,9 @@ pub struct Gate {
     verifier: Verifier,
     /// `jwt.private.key`: decrypts encrypted tokens.
     decryption_key: Option<Arc<crate::jwe::DecryptionKey>>,
-    /// Decryptions under way at once, at most one per core: each costs milliseconds of CPU and
-    /// comes before anything proves who sent the token.
+    /// Decryptions under way at once, at most one per core: each is an RSA private-key
+    /// operation, far dearer than checking a token's signature, and comes before anything
+    /// proves who sent the token.
     decryptions: Arc<tokio::sync::Semaphore>,
     store: Store,
     authtoken: Option<String>,
@@ -179,8 +180,8 @@ impl Gate {
         Ok(self.verifier.verify(token, secret.as_deref(), unix_now())?)
     }
 
-    /// The JWT inside an encrypted token. An RSA decryption takes milliseconds, so it runs off
-    /// the threads that serve connections.
+    /// The JWT inside an encrypted token. An RSA private-key operation is costly, so it runs
+    /// off the threads that serve connections.
     async fn decrypt(&self, token: &str) -> Result<String, AuthError> {
         let key = self
             .decryption_key

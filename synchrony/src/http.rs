@@ -338,7 +338,7 @@ async fn jwt_key(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError
 /// The metrics in the Prometheus text format, to `synchrony.metrics.access`'s callers.
 async fn metrics(
     State(engine): State<Arc<Engine>>,
-    parts: axum::http::request::Parts,
+    mut parts: axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     use crate::config::MetricsAccess;
     let local = parts
@@ -351,13 +351,9 @@ async fn metrics(
         MetricsAccess::Token => false,
     };
     if !open {
-        let query = Query::<TokenQuery>::try_from_uri(&parts.uri)
-            .map(|q| q.0)
-            .unwrap_or_default();
-        let principal = engine
-            .gate
-            .authenticate(token(query.token.as_deref(), &parts.headers))
-            .await?;
+        let Caller(principal) =
+            <Caller as axum::extract::FromRequestParts<_>>::from_request_parts(&mut parts, &engine)
+                .await?;
         if !principal.is_admin() {
             return Err(ApiError::Auth(AuthError::Forbidden));
         }

@@ -65,6 +65,17 @@ fn b64(part: &str, what: &str) -> Result<Vec<u8>, JweError> {
         .map_err(|_| JweError::Malformed(format!("its {what} is not base64url")))
 }
 
+/// Checks that header field `name` holds `accepted`.
+fn only(name: &str, value: Option<&str>, accepted: &str) -> Result<(), JweError> {
+    match value {
+        Some(v) if v == accepted => Ok(()),
+        Some(other) => Err(JweError::Unsupported(format!(
+            "{name} {other:?} is not accepted, only {accepted}"
+        ))),
+        None => Err(JweError::Malformed(format!("its header has no {name}"))),
+    }
+}
+
 /// Whether `token` has the shape of a compact JWE (five parts) rather than a JWS (three).
 pub fn is_jwe(token: &str) -> bool {
     token.bytes().filter(|b| *b == b'.').count() == 4
@@ -116,24 +127,8 @@ impl DecryptionKey {
         };
         let header: Header = serde_json::from_slice(&b64(header_b64, "header")?)
             .map_err(|_| JweError::Malformed("its header is not a JSON object".into()))?;
-        match header.alg.as_deref() {
-            Some(ALG) => {}
-            Some(other) => {
-                return Err(JweError::Unsupported(format!(
-                    "alg {other:?} is not accepted, only {ALG}"
-                )))
-            }
-            None => return Err(JweError::Malformed("its header has no alg".into())),
-        }
-        match header.enc.as_deref() {
-            Some(ENC) => {}
-            Some(other) => {
-                return Err(JweError::Unsupported(format!(
-                    "enc {other:?} is not accepted, only {ENC}"
-                )))
-            }
-            None => return Err(JweError::Malformed("its header has no enc".into())),
-        }
+        only("alg", header.alg.as_deref(), ALG)?;
+        only("enc", header.enc.as_deref(), ENC)?;
         if let Some(cty) = &header.cty {
             if !cty.eq_ignore_ascii_case("JWT") {
                 return Err(JweError::Unsupported(format!(

@@ -74,8 +74,7 @@ impl Metrics {
         auth_refusals: Family<TypeLabel, Counter>,
         commits: &crate::persist::CommitMetrics,
     ) -> Self {
-        let mut registry = Registry::with_prefix("synchrony");
-        let m = Metrics {
+        let mut m = Metrics {
             updates_received: Counter::default(),
             update_bytes_received: Counter::default(),
             closes: Family::default(),
@@ -90,9 +89,9 @@ impl Metrics {
             ready: Gauge::default(),
             cluster_members: Family::default(),
             cluster_epoch: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("synchrony"),
         };
-        let r = &mut registry;
+        let r = &mut m.registry;
         register_commits(r, commits);
         r.register(
             "updates_received",
@@ -160,7 +159,7 @@ impl Metrics {
             "This node's view epoch (bumped at each change of the live set)",
             m.cluster_epoch.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 
     /// Reads the engine's state and encodes everything.

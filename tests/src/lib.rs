@@ -863,3 +863,34 @@ impl Drop for PrivatePostgres {
             .status();
     }
 }
+
+/// Runs `tests/py/<script>` with the test Python (`SYNCHRONY_TEST_PYTHON`, which `tests/run.sh`
+/// points at a virtualenv holding `tests/py/requirements.txt`), `input` on its stdin; its stdout.
+/// Panics with the script's stderr when it fails.
+pub fn python_tool(script: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let python = std::env::var("SYNCHRONY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let path = workspace_root().join("tests/py").join(script);
+    let mut child = std::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python}: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .expect("the script reads its input");
+    }
+    let output = child.wait_with_output().expect("the script runs");
+    assert!(
+        output.status.success(),
+        "{python} {} {args:?} failed (pip install -r tests/py/requirements.txt, or set \
+         SYNCHRONY_TEST_PYTHON):\n{}\ninput:\n{input}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("the script prints UTF-8")
+}

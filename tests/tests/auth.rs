@@ -687,38 +687,11 @@ async fn synchrony_token_mints_for_registered_apps_and_configured_keys() {
     }
 }
 
-/// The Python with `tests/py/requirements.txt` installed (`tests/run.sh` makes a virtualenv).
-fn python() -> String {
-    std::env::var("SYNCHRONY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs `tests/py/jwe.py` with `args`, `input` on its stdin; its stdout.
+/// Runs `tests/py/jwe.py` (jwcrypto) with `args`, `input` on its stdin.
 fn jose(args: &[&str], input: &str) -> String {
-    use std::io::Write;
-    let script = synchrony_tests::workspace_root().join("tests/py/jwe.py");
-    let mut child = std::process::Command::new(python())
-        .arg(&script)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", python()));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{} {} failed (pip install -r tests/py/requirements.txt, or set SYNCHRONY_TEST_PYTHON):\n{}",
-        python(),
-        script.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    synchrony_tests::python_tool("jwe.py", args, input)
+        .trim()
+        .to_owned()
 }
 
 /// Confluence's editor tokens: the HS256 token wrapped in a JWE (RSA-OAEP-256, A256GCM, cty

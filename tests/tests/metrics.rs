@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::io::Write;
 
 use synchrony::auth::{mint_hs256, MintClaims};
 use synchrony::gate::unix_now;
@@ -31,29 +30,7 @@ fn token(access: &[(&str, &str)]) -> String {
 
 /// The samples of an exposition, by name and labels, parsed by `prometheus_client`.
 fn parse(text: &str) -> HashMap<(String, String), f64> {
-    let python = std::env::var("SYNCHRONY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = synchrony_tests::workspace_root().join("tests/py/metrics.py");
-    let mut child = std::process::Command::new(&python)
-        .arg(&script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{python}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "the Prometheus parser refused the exposition (pip install -r tests/py/requirements.txt, or set SYNCHRONY_TEST_PYTHON):\n{}\n{text}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .unwrap()
+    synchrony_tests::python_tool("metrics.py", &[], text)
         .lines()
         .map(|line| {
             let (name, labels, value): (String, serde_json::Value, f64) =
