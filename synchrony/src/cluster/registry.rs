@@ -95,6 +95,11 @@ pub(crate) async fn run(cluster: Arc<Cluster>, url: String) {
             _ = every.tick() => {}
             _ = cluster.cancel.cancelled() => return,
         }
+        // A leaving node has removed its entry (`deregister`): renewing it would put it back
+        // until it expired.
+        if cluster.leaving.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if conn.is_none() {
             conn = tokio::time::timeout(DEADLINE, client.get_connection_manager())
                 .await
