@@ -76,6 +76,8 @@ pub struct DocDeps {
     pub memory_max: u64,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// Maintenance locks (`{ctx}/v1/hub-lock-state`): locked documents refuse edits.
+    pub locks: Arc<crate::locks::Locks>,
 }
 
 impl DocDeps {
@@ -97,6 +99,7 @@ impl DocDeps {
             timing: config.timing.clone(),
             compaction: config.compaction.clone(),
             memory_max: config.managed.memory_max,
+            locks: Arc::default(),
             cancel: CancellationToken::new(),
             tracker,
         }
@@ -324,7 +327,14 @@ pub enum DocError {
     /// A change meant for one type of root aimed at a root of another.
     #[error("{0}")]
     WrongRoot(String),
+    /// A maintenance lock holds the document (`{ctx}/v1/hub-lock-state`).
+    #[error("the document is locked for maintenance; edits are refused until the lock ends")]
+    Locked,
 }
+
+/// The permission-denied reason a client's edit to a locked document gets (Synchrony's error
+/// type, then words for people).
+pub const LOCKED_REASON: &str = "hub.error/locked: the document is locked for maintenance";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JoinError {
@@ -633,6 +643,11 @@ struct DocActor {
     stopped: bool,
     /// This document's share of the registry's resident total.
     residency: Residency,
+    /// Changes to the maintenance locks, watched while `refused_locked` is set.
+    locks_rx: watch::Receiver<u64>,
+    /// An edit was refused because the document was locked: when the lock ends, every client
+    /// is sent a sync step 1 so that what it kept comes in.
+    refused_locked: bool,
 }
 
 /// A document's share of the registry's resident total, given back when its actor ends however
@@ -675,6 +690,7 @@ impl DocActor {
             docs: docs.clone(),
             reported: 0,
         };
+        let locks_rx = docs.deps.locks.subscribe();
         Self {
             id,
             generation,
@@ -695,6 +711,8 @@ impl DocActor {
             waiting: Vec::new(),
             stopped: false,
             residency,
+            locks_rx,
+            refused_locked: false,
         }
     }
 
@@ -779,6 +797,7 @@ impl DocActor {
                     None => break,
                 },
                 Ok(()) = self.durable_rx.changed() => self.on_durable(),
+                Ok(()) = self.locks_rx.changed(), if self.refused_locked => self.on_unlocked(),
                 _ = tokio::time::sleep_until(unload_at.unwrap_or_else(Instant::now)), if unload_at.is_some() => {
                     self.prune_closed();
                     let now = Instant::now();
@@ -986,6 +1005,11 @@ impl DocActor {
                 reply,
             } => {
                 let _ = reply.send(self.read(text_root.as_deref(), xml));
+            }
+            DocCommand::Apply { reply, .. } | DocCommand::ResetText { reply, .. }
+                if self.locked() =>
+            {
+                let _ = reply.send(Err(DocError::Locked));
             }
             DocCommand::Apply { update, reply } => match self.apply(&update) {
                 Ok(outcome) => self.publish_and_answer(outcome, reply),
@@ -1210,7 +1234,14 @@ impl DocActor {
 
     async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>) {
         if self.conns.get(&conn_id).is_some_and(|c| c.read_only) {
-            self.refuse_read_only(conn_id, &raw);
+            self.refuse(conn_id, &raw, "read-only access");
+            return;
+        }
+        if self.locked() {
+            if self.refuse(conn_id, &raw, LOCKED_REASON) {
+                self.refused_locked = true;
+                self.locks_rx.mark_unchanged();
+            }
             return;
         }
         match self.apply(&raw) {
@@ -1269,9 +1300,30 @@ impl DocActor {
         }
     }
 
-    /// A read-only client's update is never applied. One that adds nothing (the step 2 every
-    /// client sends after syncing) is ignored; anything else gets the permission-denied message.
-    fn refuse_read_only(&mut self, conn_id: u64, raw: &[u8]) {
+    /// Whether a maintenance lock holds the document still.
+    fn locked(&self) -> bool {
+        self.deps().locks.is_locked(self.id.as_str())
+    }
+
+    /// The locks changed after an edit was refused: once none holds the document, ask every
+    /// client for what it has that the document lacks (the refused edits).
+    fn on_unlocked(&mut self) {
+        if self.locked() {
+            return;
+        }
+        self.refused_locked = false;
+        tracing::debug!("lock ended; asking clients for the edits it refused");
+        let step1 = self.step1();
+        for conn in self.conns.values().filter(|c| !c.read_only) {
+            conn.out.push(&step1);
+        }
+    }
+
+    /// Refuses an update that may not be applied (a read-only client's, or any while the
+    /// document is locked). One that adds nothing (the step 2 every client sends after syncing)
+    /// is ignored; anything else gets the permission-denied message with `reason`. True when
+    /// the update held something.
+    fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> bool {
         let held = self.awareness.doc().transact().state_vector();
         if let Err(error) = self.nesting.check(raw, &held) {
             tracing::warn!(conn_id, %error, "invalid update from a read-only connection; closing it");
@@ -1280,7 +1332,7 @@ impl DocActor {
                 _ => "invalid update",
             };
             self.close(conn_id, CloseCode::INVALID_PAYLOAD, reason);
-            return;
+            return false;
         }
         let adds_nothing = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => {
@@ -1296,12 +1348,12 @@ impl DocActor {
             _ => false,
         };
         if !adds_nothing {
-            tracing::debug!(conn_id, "update from a read-only connection refused");
+            tracing::debug!(conn_id, reason, "update refused");
             if let Some(conn) = self.conns.get(&conn_id) {
-                conn.out
-                    .push(&frame(&Message::Auth(Some("read-only access".into()))));
+                conn.out.push(&frame(&Message::Auth(Some(reason.into()))));
             }
         }
+        !adds_nothing
     }
 
     /// Applies a client's update. `persist` is what goes to the log: the update this

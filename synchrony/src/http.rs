@@ -44,6 +44,13 @@ pub enum ApiError {
     Unavailable(&'static str),
     /// The connection limit is reached.
     Overloaded,
+    /// A maintenance lock holds the document (423, Synchrony's `hub.error/locked`).
+    Locked,
+    Status {
+        status: StatusCode,
+        kind: &'static str,
+        message: String,
+    },
 }
 
 impl IntoResponse for ApiError {
@@ -66,6 +73,16 @@ impl IntoResponse for ApiError {
                 "unavailable",
                 message.to_owned(),
             ),
+            ApiError::Locked => (
+                StatusCode::LOCKED,
+                "hub.error/locked",
+                DocError::Locked.to_string(),
+            ),
+            ApiError::Status {
+                status,
+                kind,
+                message,
+            } => (status, kind, message),
         };
         (status, Json(json!({ "type": kind, "message": message }))).into_response()
     }
@@ -110,6 +127,7 @@ impl From<DocError> for ApiError {
                 kind: "wrong-root-type",
                 message,
             },
+            DocError::Locked => ApiError::Locked,
         }
     }
 }
@@ -133,6 +151,12 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         .route(
             "/v1/apps/secret",
             post(register_app).layer(DefaultBodyLimit::max(REGISTRATION_BODY_BYTES)),
+        )
+        .route(
+            "/v1/hub-lock-state",
+            get(crate::admin::locks)
+                .post(crate::admin::lock)
+                .delete(crate::admin::unlock),
         )
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/owner/{*doc}", get(cluster_owner))
@@ -281,7 +305,7 @@ fn token<'a>(query: Option<&'a str>, headers: &'a HeaderMap) -> Option<&'a str> 
 }
 
 /// The verified principal of a request, from its token (see [`token`]).
-struct Caller(Principal);
+pub(crate) struct Caller(pub(crate) Principal);
 
 impl axum::extract::FromRequestParts<Arc<Engine>> for Caller {
     type Rejection = ApiError;

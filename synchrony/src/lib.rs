@@ -22,6 +22,7 @@
 //!
 //! [`Engine`] ties them together. It is handed an already-bound listener, so tests bind port 0.
 
+mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod http;
 pub mod jwe;
 pub mod keyspace;
 pub mod listen;
+pub mod locks;
 pub mod metrics;
 pub mod nesting;
 pub mod origin;
@@ -140,6 +142,7 @@ impl Engine {
             memory_max: config.managed.memory_max,
             cancel: cancel.clone(),
             tracker: tracker.clone(),
+            locks: Arc::default(),
         });
         let origins = crate::origin::OriginPolicy::new(&config.auth.allowed_origins);
         let metrics = metrics::Metrics::new(gate.refusals.clone(), docs.persister().metrics());
@@ -180,6 +183,7 @@ impl Engine {
             );
         }
         self.probe.set(Ok(()));
+        self.refresh_locks().await;
         self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");
         let (store, flag, cancel) = (self.store.clone(), self.probe.clone(), self.cancel.clone());
@@ -215,6 +219,36 @@ impl Engine {
             }
         });
         Ok(())
+    }
+
+    /// Reads the maintenance locks from storage now, then every [`locks::REFRESH`] (see
+    /// [`crate::locks`]).
+    async fn refresh_locks(self: &Arc<Self>) {
+        async fn once(engine: &Engine) {
+            let locks = &engine.docs.deps().locks;
+            let generation = locks.generation();
+            match engine.store.live_locks().await {
+                Ok(rows) => locks.replace(generation, rows),
+                Err(error) => {
+                    tracing::debug!(%error, "reading the locks failed; keeping those known");
+                    locks.expire();
+                }
+            }
+        }
+        once(self).await;
+        let (engine, cancel) = (Arc::downgrade(self), self.cancel.clone());
+        self.tracker.spawn(async move {
+            let mut every = tokio::time::interval(locks::REFRESH);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let Some(engine) = engine.upgrade() else { return };
+                once(&engine).await;
+            }
+        });
     }
 
     /// Which node owns documents, as seen from here.

@@ -380,6 +380,67 @@ impl Store {
         Ok(updates.rows_affected() + snapshots.rows_affected() > 0)
     }
 
+    /// Records lock `id` over `docs` ([`crate::locks::ALL`] for every document), replacing what
+    /// it held before.
+    pub async fn put_lock(&self, id: &str, docs: &[String], expires_at: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM doc_locks WHERE lock_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        for chunk in docs.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO doc_locks (lock_id, doc_id, expires_at) VALUES {}",
+                values.join(",")
+            );
+            let mut query = sqlx::query(&sql);
+            for doc in chunk {
+                query = query.bind(id).bind(doc.as_str()).bind(expires_at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes lock `id`; true if it was recorded (expired or not).
+    pub async fn delete_lock(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM doc_locks WHERE lock_id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every lock row that has not expired: (lock id, document id, expiry in ms). Expired rows
+    /// are deleted on the way.
+    pub async fn live_locks(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let now = now_millis();
+        let rows = sqlx::query("SELECT lock_id, doc_id, expires_at FROM doc_locks")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut live = Vec::with_capacity(rows.len());
+        let mut expired = false;
+        for row in rows {
+            let expires_at: i64 = row.try_get(2)?;
+            if expires_at <= now {
+                expired = true;
+            } else {
+                live.push((row.try_get(0)?, row.try_get(1)?, expires_at));
+            }
+        }
+        if expired {
+            sqlx::query("DELETE FROM doc_locks WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(live)
+    }
+
     /// Documents whose id starts with `prefix`, after `after` in id order, at most `limit`.
     pub async fn list_docs(
         &self,

@@ -107,6 +107,36 @@ pub async fn forward(
     Ok(response)
 }
 
+/// Sends a copy of a request to every other live member (each runs it as a forwarded request)
+/// and waits for their answers: the members that did not answer with a success, and why.
+pub async fn to_every_member(
+    cluster: &Arc<Cluster>,
+    method: &Method,
+    uri: &Uri,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    let view = cluster.view();
+    let others = view.live.iter().filter(|node| node.as_str() != cluster.me());
+    let calls = others.map(|node| async move {
+        let mut request = Request::new(Body::from(body.to_vec()));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers.clone();
+        let outcome = match forward(cluster, node, request).await {
+            Ok(response) if response.status().is_success() => return None,
+            Ok(response) => format!("answered {}", response.status()),
+            Err(error) => error.to_string(),
+        };
+        Some((node.clone(), outcome))
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// The owner's side: runs a forwarded request through this node's router and answers.
 pub(crate) async fn answer(
     cluster: Arc<Cluster>,
