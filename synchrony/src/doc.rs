@@ -1326,7 +1326,7 @@ impl DocActor {
     fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> bool {
         let held = self.awareness.doc().transact().state_vector();
         if let Err(error) = self.nesting.check(raw, &held) {
-            tracing::warn!(conn_id, %error, "invalid update from a read-only connection; closing it");
+            tracing::warn!(conn_id, %error, "invalid update refused; closing the connection");
             let reason = match Rejection::from(error) {
                 Rejection::TooDeep(_) => "update nests too deeply",
                 _ => "invalid update",
@@ -1339,11 +1339,13 @@ impl DocActor {
                 let txn = self.awareness.doc().transact();
                 let known = txn.state_vector();
                 let deleted = txn.snapshot().delete_set;
-                update
-                    .state_vector()
-                    .iter()
-                    .all(|(client, clock)| known.get(client) >= *clock)
-                    && update.delete_set().diff(&deleted).is_empty()
+                // Every inserted range must already be here. (`Update::state_vector` would not
+                // do: it counts only blocks that start at clock 0, so an edit from a client
+                // that had edited before looked like nothing and was dropped unannounced.)
+                let inserts = update.insertions(true);
+                inserts.iter().all(|(client, ranges)| {
+                    ranges.iter().all(|range| range.end <= known.get(client))
+                }) && update.delete_set().diff(&deleted).is_empty()
             }
             _ => false,
         };

@@ -152,7 +152,7 @@ impl Locks {
             if self.generation.load(Ordering::Acquire) != generation {
                 return false;
             }
-            table.retain(|_, held| held.expires_at > now);
+            // Compared before anything is dropped: a lock that expired is a change too.
             let changed = *table != fresh;
             *table = fresh;
             changed
@@ -219,8 +219,24 @@ mod tests {
             },
         );
         assert!(!locks.is_locked("a/1"), "an expired lock holds nothing");
+        changes.mark_unchanged();
         locks.expire();
         assert!(locks.snapshot().is_empty());
+        assert!(changes.has_changed().unwrap(), "expiry is announced");
+
+        // Expiry noticed by a refresh (storage no longer returns the row) is announced too.
+        let soon = now_millis() + 50;
+        locks.insert(
+            "short",
+            Held {
+                scope: Scope::All,
+                expires_at: soon,
+            },
+        );
+        changes.mark_unchanged();
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        locks.replace(locks.generation(), Vec::new());
+        assert!(changes.has_changed().unwrap(), "a refresh announces an expiry");
     }
 
     #[test]

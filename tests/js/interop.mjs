@@ -361,6 +361,69 @@ const scenarios = {
     const unknown = seen.filter((t) => t > 3)
     if (unknown.length) fail(`stock client received message types ${unknown}`)
     return { types: [...new Set(seen)].sort() }
+  },
+
+  // Maintenance locks with two live editors: a locked page keeps its editors connected and
+  // readable but refuses their edits (permission-denied hub.error/locked, REST 423); what they
+  // typed meanwhile comes in when the lock is released, or when it expires.
+  async locks () {
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const denied = []
+    const warn = console.warn
+    console.warn = (...words) => {
+      const line = words.join(' ')
+      if (line.includes('Permission denied')) denied.push(line)
+      else warn(...words)
+    }
+    const lockUrl = (id) => `${http}/v1/hub-lock-state?lock-id=${id}`
+    const lock = async (id, body) => {
+      const r = await fetch(lockUrl(id), { method: 'POST', body: JSON.stringify(body) })
+      if (r.status !== 200) fail(`lock answered ${r.status}: ${await r.text()}`)
+      return r.json()
+    }
+    const reset = () => fetch(`${http}/v1/data/${docId}?reset=true&name=content`, { method: 'PUT', body: 'reset' })
+    const a = client('ada')
+    const b = client('bob')
+    await waitFor('both synced', () => synced(a) && synced(b))
+    a.text.insert(0, 'before the lock. ')
+    await waitFor('the first edit to converge', () => sameState([a, b]) && b.text.length > 0)
+
+    const first = crypto.randomUUID()
+    const taken = await lock(first, { 'point-list': [docId], 'timeout-ms': 60000 })
+    b.text.insert(b.text.length, 'typed while locked. ')
+    await waitFor('bob to be told the page is locked', () => denied.some((l) => l.includes('hub.error/locked')))
+    const refused = await reset()
+    const refusal = await refused.json()
+    if (refused.status !== 423 || refusal.type !== 'hub.error/locked') fail(`a reset under the lock answered ${refused.status} ${JSON.stringify(refusal)}`)
+    const read = await fetch(`${http}/v1/data/${docId}?format=text&name=content`)
+    const readText = await read.text()
+    if (read.status !== 200 || readText !== 'before the lock. ') fail(`a read under the lock answered ${read.status} ${readText}`)
+    if (a.text.toString().includes('typed while locked')) fail('an edit got through the lock')
+    if (!a.provider.wsconnected || !b.provider.wsconnected) fail('a lock closed an editor')
+    const listed = await (await fetch(`${http}/v1/hub-lock-state`)).json()
+
+    const released = await fetch(lockUrl(first), { method: 'DELETE' })
+    if (released.status !== 200) fail(`unlock answered ${released.status}`)
+    const releasedBody = await released.json()
+    const unlockedAt = Date.now()
+    await waitFor("bob's refused edit to arrive once the lock is released",
+      () => a.text.toString().includes('typed while locked') && sameState([a, b]))
+    const afterRelease = Date.now() - unlockedAt
+
+    // An app-wide lock that nobody releases ends by itself.
+    const deniedBefore = denied.length
+    await lock(crypto.randomUUID(), { 'confluence-all': true, 'timeout-ms': 1500 })
+    a.text.insert(0, 'typed under an app-wide lock. ')
+    await waitFor('ada to be told the app is locked', () => denied.length > deniedBefore)
+    const lockedAt = Date.now()
+    await waitFor("ada's edit to arrive once the lock expires",
+      () => b.text.toString().startsWith('typed under an app-wide lock. ') && sameState([a, b]))
+    const afterExpiry = Date.now() - lockedAt
+    const text = a.text.toString()
+    a.provider.destroy()
+    b.provider.destroy()
+    console.warn = warn
+    return { text, taken, listed, released: releasedBody, refusal, denied: denied.length, afterRelease, afterExpiry }
   }
 }
 

@@ -162,6 +162,26 @@ async fn any_node_serves_any_document_and_all_converge() {
         }
     }
     let other = other.unwrap();
+    // A lock taken through a node that does not own the document holds it on its owner, and
+    // every node refuses a change; released through that node, it lets changes through again.
+    let lock = "/synchrony/v1/hub-lock-state?lock-id=0b7f5c0e-8a57-4a3e-9d0e-3c9f0f0a1b2c";
+    let body = format!("{{\"point-list\":[\"{doc}\"]}}");
+    let taken = synchrony_tests::http(other.port, "POST", lock, &[], body.as_bytes()).await;
+    assert_eq!(taken.status, 200, "{}", taken.text());
+    for node in &nodes {
+        let put = synchrony_tests::http(
+            node.port,
+            "PUT",
+            &format!("/synchrony/v1/data/{doc}?reset=true&name=content"),
+            &[],
+            b"under the lock",
+        )
+        .await;
+        assert_eq!(put.status, 423, "{}", put.text());
+        assert_eq!(put.json()["type"], "hub.error/locked");
+    }
+    let released = synchrony_tests::http(other.port, "DELETE", lock, &[], b"").await;
+    assert_eq!(released.status, 200, "{}", released.text());
     // The client claims it was forwarded already: only a peer link can say so, so it still is.
     let put = synchrony_tests::http(
         other.port,

@@ -1,0 +1,69 @@
+//! Maintenance: document locks (`{ctx}/v1/hub-lock-state`), history eviction and named
+//! versions, with real y-websocket editors connected.
+#![allow(clippy::unwrap_used)]
+
+use synchrony_tests::{node, EngineOptions, EngineProcess, YClient};
+
+#[tokio::test]
+async fn a_locked_page_refuses_edits_keeps_its_editors_and_takes_their_edits_when_unlocked() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/locked-page";
+    let result = node("locks", &engine, doc, &[]).await;
+    assert_eq!(result["taken"]["documents"][0], doc, "{result}");
+    assert_eq!(result["listed"]["locks"][0]["documents"][0], doc, "{result}");
+    assert_eq!(result["released"]["released"], true, "{result}");
+    assert_eq!(result["refusal"]["type"], "hub.error/locked");
+    let text = result["text"].as_str().unwrap();
+    assert_eq!(
+        text, "typed under an app-wide lock. before the lock. typed while locked. ",
+        "every refused edit came in after its lock"
+    );
+    // Storage holds them too, and no lock is left.
+    let reader = YClient::synced(&engine, doc, false).await;
+    assert_eq!(reader.text(), text);
+    let (status, body) = engine.get("/v1/hub-lock-state").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["locks"],
+        serde_json::json!([])
+    );
+    println!(
+        "edits arrived {} ms after the release and {} ms after the expiring lock refused one",
+        result["afterRelease"], result["afterExpiry"]
+    );
+}
+
+#[tokio::test]
+async fn lock_requests_are_checked() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let id = "6f1c1a52-55a4-4f54-9a55-5d0a4d1f1e01";
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("/v1/hub-lock-state", b"{\"confluence-all\":true}", "invalid-lock-id"),
+        ("/v1/hub-lock-state?lock-id=nope", b"{\"confluence-all\":true}", "invalid-lock-id"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{}", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[]}", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"not json", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"a\"],\"confluence-all\":true}", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"confluence-all\":true,\"timeout-ms\":0}", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"confluence-all\":true,\"timeout-ms\":86400001}", "invalid-lock-request"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"../x\"]}", "invalid-document-id"),
+        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"a\"],\"extra\":1}", "invalid-lock-request"),
+    ];
+    for (path, body, kind) in cases {
+        let path = format!("/synchrony{}", path.replace("ID", id));
+        let response = synchrony_tests::http(engine.port, "POST", &path, &[], body).await;
+        assert_eq!(response.status, 400, "{path} {}", response.text());
+        assert_eq!(response.json()["type"], *kind, "{path} {}", response.text());
+    }
+    // Nothing was locked by any of them; releasing an unknown lock is not an error.
+    let response = synchrony_tests::http(
+        engine.port,
+        "DELETE",
+        &format!("/synchrony/v1/hub-lock-state?lock-id={id}"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["released"], false);
+}
