@@ -284,6 +284,12 @@ pub enum DocCommand {
         content: ResetContent,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
+    /// Makes the document hold what `state` (a named version's) holds, in one transaction that
+    /// editors see as an ordinary change; answered once durable.
+    Restore {
+        state: Vec<u8>,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    },
     /// Deletes the document and its history; its clients are closed with 4404.
     Delete {
         reply: oneshot::Sender<Result<(), DocError>>,
@@ -1006,7 +1012,9 @@ impl DocActor {
             } => {
                 let _ = reply.send(self.read(text_root.as_deref(), xml));
             }
-            DocCommand::Apply { reply, .. } | DocCommand::ResetText { reply, .. }
+            DocCommand::Apply { reply, .. }
+            | DocCommand::ResetText { reply, .. }
+            | DocCommand::Restore { reply, .. }
                 if self.locked() =>
             {
                 let _ = reply.send(Err(DocError::Locked));
@@ -1068,7 +1076,7 @@ impl DocActor {
                 // take fewer bytes than the state they delete (XML's markup more than pays for
                 // the element structs); the room is cut to size at once.
                 let bound = size + self.approx_bytes + 1024;
-                let Some(mut reservation) = self.deps().persister.reserve(bound) else {
+                let Some(reservation) = self.deps().persister.reserve(bound) else {
                     let _ = reply.send(Err(DocError::Storage));
                     return;
                 };
@@ -1090,24 +1098,75 @@ impl DocActor {
                 // A root text's content sits at level 1, an XML reset's nodes no deeper than
                 // the limit its parser enforced, and structs still waiting for them hold no
                 // types (see `nesting`): recording cannot fail.
-                if let Err(error) = self.nesting.admit(&update, &before) {
-                    tracing::error!(%error, "a reset failed the nesting check");
-                }
-                reservation.shrink_to(update.len());
-                self.cache = StateCache::default();
-                self.approx_bytes += update.len();
-                let outcome = Applied {
-                    broadcast: Some(update.clone()),
-                    echo: false,
-                    persist: Some((update, reservation)),
+                self.publish_own_change(update, &before, reservation, reply);
+            }
+            DocCommand::Restore { state, reply } => {
+                let version = yrs::Doc::new();
+                let decoded = catch_unwind(|| Update::decode_v1(&state));
+                let applied = match decoded {
+                    Ok(Ok(update)) => version
+                        .transact_mut()
+                        .apply_update(update)
+                        .map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the stored version could not be decoded".to_owned()),
                 };
-                self.publish_and_answer(outcome, reply);
+                if let Err(error) = applied {
+                    tracing::error!(%error, "a stored version is unreadable");
+                    let _ = reply.send(Err(DocError::InvalidUpdate(error)));
+                    return;
+                }
+                if !self.fits(state.len()) {
+                    let _ = reply.send(Err(DocError::TooLarge));
+                    return;
+                }
+                // The change deletes what is here and inserts the version's content: about the
+                // version's size plus the deleted ranges.
+                let bound = state.len() + self.approx_bytes + 1024;
+                let Some(reservation) = self.deps().persister.reserve(bound) else {
+                    let _ = reply.send(Err(DocError::Storage));
+                    return;
+                };
+                let (update, before) = {
+                    let mut txn = self.awareness.doc().transact_mut();
+                    if let Err(message) = crate::roots::restore(&mut txn, &version) {
+                        drop(txn);
+                        let _ = reply.send(Err(DocError::WrongRoot(message)));
+                        return;
+                    }
+                    (txn.encode_update_v1(), txn.before_state().clone())
+                };
+                self.publish_own_change(update, &before, reservation, reply);
             }
             DocCommand::Delete { reply } => {
                 let result = self.delete().await;
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Records, broadcasts and persists a change the actor made itself (a reset, a restore),
+    /// answering `reply` once it is durable. Its content came from a parser or a stored version
+    /// that passed the nesting limit, so recording its nesting cannot fail.
+    fn publish_own_change(
+        &mut self,
+        update: Vec<u8>,
+        before: &StateVector,
+        mut reservation: crate::persist::Reservation,
+        reply: oneshot::Sender<Result<(), DocError>>,
+    ) {
+        if let Err(error) = self.nesting.admit(&update, before) {
+            tracing::error!(%error, "a change made here failed the nesting check");
+        }
+        reservation.shrink_to(update.len());
+        self.cache = StateCache::default();
+        self.approx_bytes += update.len();
+        let outcome = Applied {
+            broadcast: Some(update.clone()),
+            echo: false,
+            persist: Some((update, reservation)),
+        };
+        self.publish_and_answer(outcome, reply);
     }
 
     /// Publishes a REST change and answers its caller once everything up to it is durable.
@@ -1134,35 +1193,13 @@ impl DocActor {
     }
 
     fn read(&mut self, text_root: Option<&str>, xml: bool) -> DocRead {
-        let txn = self.awareness.doc().transact();
-        let text = text_root.map(|name| {
-            let found = if xml {
-                crate::roots::xml(&txn, name)
-            } else {
-                crate::roots::plain_text(&txn, name)
-            };
-            found.ok_or_else(|| {
-                let kind = crate::roots::kind(&txn, name).describe();
-                match xml {
-                    true => format!("root {name:?} is {kind}, not rich text: it has no XML"),
-                    false => format!("root {name:?} is {kind}, not text"),
-                }
-            })
-        });
-        let mut json = serde_json::Map::new();
-        for (name, value) in txn.root_refs() {
-            json.insert(name.to_owned(), root_json(&value, &txn));
-        }
-        DocRead {
-            update: txn.encode_state_as_update_v1(&StateVector::default()),
-            json: serde_json::Value::Object(json),
-            text,
-            sessions: self
-                .conns
-                .values()
-                .filter_map(|c| c.session.clone())
-                .collect(),
-        }
+        let mut read = read_state(self.awareness.doc(), text_root, xml);
+        read.sessions = self
+            .conns
+            .values()
+            .filter_map(|c| c.session.clone())
+            .collect();
+        read
     }
 
     /// Commits what is queued, removes the stored document, then closes every client with 4404.
@@ -1787,6 +1824,36 @@ impl DocActor {
 
 /// JSON for a root type. Roots that arrived only through updates have no declared type yet;
 /// their content decides (a map if it has keys, else text if it reads as text, else an array).
+/// What the REST API shows of a document (no sessions): its state as an update, its roots as
+/// JSON and, when asked, one root's text or XML (or why it has none).
+pub fn read_state(ydoc: &yrs::Doc, text_root: Option<&str>, xml: bool) -> DocRead {
+    let txn = ydoc.transact();
+    let text = text_root.map(|name| {
+        let found = if xml {
+            crate::roots::xml(&txn, name)
+        } else {
+            crate::roots::plain_text(&txn, name)
+        };
+        found.ok_or_else(|| {
+            let kind = crate::roots::kind(&txn, name).describe();
+            match xml {
+                true => format!("root {name:?} is {kind}, not rich text: it has no XML"),
+                false => format!("root {name:?} is {kind}, not text"),
+            }
+        })
+    });
+    let mut json = serde_json::Map::new();
+    for (name, value) in txn.root_refs() {
+        json.insert(name.to_owned(), root_json(&value, &txn));
+    }
+    DocRead {
+        update: txn.encode_state_as_update_v1(&StateVector::default()),
+        json: serde_json::Value::Object(json),
+        text,
+        sessions: Vec::new(),
+    }
+}
+
 fn root_json<T: ReadTxn>(value: &yrs::Out, txn: &T) -> serde_json::Value {
     use yrs::types::ToJson;
     let any = match value {

@@ -164,7 +164,11 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
         .route("/v1/data", get(list_docs))
         .route(
             "/v1/data/{*doc}",
-            get(read_doc).put(write_doc).delete(delete_doc).route_layer(
+            get(read_doc)
+                .put(write_doc)
+                .post(post_doc)
+                .delete(delete_doc)
+                .route_layer(
                 axum::middleware::from_fn_with_state(engine.clone(), route_to_owner),
             ),
         )
@@ -237,8 +241,8 @@ async fn route_to_owner(
     {
         return next.run(request).await;
     }
-    // A bad id is the handler's to refuse.
-    let Ok(id) = DocId::parse(&doc) else {
+    // A bad id is the handler's to refuse; a version belongs to its document's owner.
+    let Ok(id) = DocId::parse(crate::versions::split(&doc).0) else {
         return next.run(request).await;
     };
     match cluster.owner_in(&cluster.view(), id.as_str()) {
@@ -325,14 +329,14 @@ impl axum::extract::FromRequestParts<Arc<Engine>> for Caller {
     }
 }
 
-fn parse_doc(doc: &str) -> Result<DocId, ApiError> {
+pub(crate) fn parse_doc(doc: &str) -> Result<DocId, ApiError> {
     DocId::parse(doc).map_err(|e| ApiError::BadRequest {
         kind: "invalid-document-id",
         message: e.to_string(),
     })
 }
 
-fn require(principal: &Principal, doc: &DocId, need: Access) -> Result<(), ApiError> {
+pub(crate) fn require(principal: &Principal, doc: &DocId, need: Access) -> Result<(), ApiError> {
     match principal.access_to(doc) {
         Some(access) if access >= need => Ok(()),
         _ => Err(ApiError::Auth(AuthError::Forbidden)),
@@ -650,7 +654,7 @@ async fn websocket(
 }
 
 #[derive(Deserialize)]
-struct ReadQuery {
+pub(crate) struct ReadQuery {
     format: Option<String>,
     name: Option<String>,
 }
@@ -661,8 +665,26 @@ async fn read_doc(
     Query(query): Query<ReadQuery>,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
+    if let (base, Some(at)) = crate::versions::split(&doc) {
+        return crate::versions::get(&engine, base, at, &query, &principal).await;
+    }
     let doc = parse_doc(&doc)?;
     require(&principal, &doc, Access::Read)?;
+    let (format, text_root) = read_format(&query)?;
+    let read = engine
+        .docs
+        .request(&doc, |reply| DocCommand::Read {
+            text_root: text_root.clone(),
+            xml: format == "xml",
+            reply,
+        })
+        .await?;
+    let head = head(&engine, &doc).await?;
+    render(&doc, format, read, head)
+}
+
+/// The format a read asks for (`json` by default) and the root it names, if the format needs one.
+pub(crate) fn read_format(query: &ReadQuery) -> Result<(&str, Option<String>), ApiError> {
     let format = query.format.as_deref().unwrap_or("json");
     let text_root = match format {
         "json" | "update" => None,
@@ -677,15 +699,16 @@ async fn read_doc(
             })
         }
     };
-    let read = engine
-        .docs
-        .request(&doc, |reply| DocCommand::Read {
-            text_root: text_root.clone(),
-            xml: format == "xml",
-            reply,
-        })
-        .await?;
-    let head = head(&engine, &doc).await?;
+    Ok((format, text_root))
+}
+
+/// A read's answer in `format`.
+pub(crate) fn render(
+    doc: &DocId,
+    format: &str,
+    read: crate::doc::DocRead,
+    head: u64,
+) -> Result<Response, ApiError> {
     let head_header = [("x-synchrony-head", HeaderValue::from(head))];
     Ok(match (format, read.text) {
         ("update", _) => (
@@ -722,7 +745,7 @@ async fn read_doc(
     })
 }
 
-async fn head(engine: &Engine, doc: &DocId) -> Result<u64, ApiError> {
+pub(crate) async fn head(engine: &Engine, doc: &DocId) -> Result<u64, ApiError> {
     let read = tokio::time::timeout(crate::doc::STORAGE_DEADLINE, engine.store.head(doc));
     match read.await {
         Ok(Ok(head)) => Ok(head),
@@ -752,6 +775,13 @@ async fn write_doc(
     Caller(principal): Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if crate::versions::split(&doc).1.is_some() {
+        return Err(ApiError::Status {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            kind: "method-not-allowed",
+            message: "versions are marked and restored with POST".into(),
+        });
+    }
     let doc = parse_doc(&doc)?;
     require(&principal, &doc, Access::Full)?;
     // A change that cannot be made durable now is refused at once, not applied and left
@@ -837,11 +867,32 @@ async fn write_doc(
     Ok(Json(json!({ "id": doc.as_str(), "head": head })).into_response())
 }
 
+/// `POST {ctx}/v1/data/{doc}/versions[/{id}/restore]` (see [`crate::versions`]).
+async fn post_doc(
+    State(engine): State<Arc<Engine>>,
+    Path(doc): Path<String>,
+    Caller(principal): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (base, Some(at)) = crate::versions::split(&doc) else {
+        return Err(ApiError::Status {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            kind: "method-not-allowed",
+            message: "a document is written with PUT; POST marks (…/versions) or restores (…/versions/{id}/restore) a version".into(),
+        });
+    };
+    let body = body.map_err(|e| ApiError::TooLarge(e.body_text()))?;
+    crate::versions::post(&engine, base, at, &principal, &body).await
+}
+
 async fn delete_doc(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
     Caller(principal): Caller,
 ) -> Result<Response, ApiError> {
+    if let (base, Some(at)) = crate::versions::split(&doc) {
+        return crate::versions::delete(&engine, base, at, &principal).await;
+    }
     let doc = parse_doc(&doc)?;
     if !principal.is_admin() {
         return Err(ApiError::Auth(AuthError::Forbidden));

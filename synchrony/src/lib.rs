@@ -46,6 +46,7 @@ pub mod session;
 pub mod store;
 pub mod supervisor;
 pub mod upgrade;
+pub mod versions;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -100,6 +100,18 @@ pub struct LogEntry {
     pub data: bytes::Bytes,
 }
 
+/// A named version, as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionInfo {
+    pub id: i64,
+    pub label: String,
+    pub user: String,
+    #[serde(rename = "created-at")]
+    pub created_at: i64,
+    /// Size of the stored state.
+    pub bytes: i64,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -365,7 +377,8 @@ impl Store {
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
-    /// Removes a document: its snapshot and every log row. True if there was anything.
+    /// Removes a document: its snapshot, every log row and its named versions. True if there
+    /// was anything.
     pub async fn delete_doc(&self, doc: &DocId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let updates = sqlx::query("DELETE FROM doc_updates WHERE doc_id = $1")
@@ -376,8 +389,83 @@ impl Store {
             .bind(doc.as_str())
             .execute(&mut *tx)
             .await?;
+        let versions = sqlx::query("DELETE FROM doc_versions WHERE doc_id = $1")
+            .bind(doc.as_str())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(updates.rows_affected() + snapshots.rows_affected() > 0)
+        Ok(updates.rows_affected() + snapshots.rows_affected() + versions.rows_affected() > 0)
+    }
+
+    /// Stores `state` as a named version of `doc`; returns its id and creation time.
+    pub async fn add_version(
+        &self,
+        doc: &DocId,
+        label: &str,
+        user: &str,
+        state: &[u8],
+    ) -> Result<VersionInfo, StoreError> {
+        let now = now_millis();
+        let row = sqlx::query(
+            "INSERT INTO doc_versions (doc_id, label, created_by, created_at, data) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(doc.as_str())
+        .bind(label)
+        .bind(user)
+        .bind(now)
+        .bind(state)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(VersionInfo {
+            id: row.try_get(0)?,
+            label: label.to_owned(),
+            user: user.to_owned(),
+            created_at: now,
+            bytes: state.len() as i64,
+        })
+    }
+
+    /// The named versions of `doc`, oldest first.
+    pub async fn versions(&self, doc: &DocId) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, label, created_by, created_at, LENGTH(data) FROM doc_versions \
+             WHERE doc_id = $1 ORDER BY id",
+        )
+        .bind(doc.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(VersionInfo {
+                    id: row.try_get(0)?,
+                    label: row.try_get(1)?,
+                    user: row.try_get(2)?,
+                    created_at: row.try_get(3)?,
+                    bytes: row.try_get::<i64, _>(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// One named version's state.
+    pub async fn version(&self, doc: &DocId, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT data FROM doc_versions WHERE doc_id = $1 AND id = $2")
+            .bind(doc.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Removes one named version; true if it existed.
+    pub async fn delete_version(&self, doc: &DocId, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM doc_versions WHERE doc_id = $1 AND id = $2")
+            .bind(doc.as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Records lock `id` over `docs` ([`crate::locks::ALL`] for every document), replacing what
