@@ -363,6 +363,48 @@ const scenarios = {
     return { types: [...new Set(seen)].sort() }
   },
 
+  // Named versions with two live editors: mark two, read one back, restore the first; both
+  // editors see the restore (formatting and map keys included) as an ordinary change.
+  async versions () {
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const api = async (method, path, body, status = 200) => {
+      const r = await fetch(`${http}/v1/data/${docId}${path}`, { method, body: body && JSON.stringify(body) })
+      if (r.status !== status) fail(`${method} ${path} answered ${r.status}: ${await r.text()}`)
+      return (r.headers.get('content-type') || '').includes('json') ? r.json() : r.text()
+    }
+    const a = client('ada')
+    const b = client('bob')
+    await waitFor('both synced', () => synced(a) && synced(b))
+    a.text.insert(0, 'first draft.')
+    a.text.format(0, 5, { bold: true })
+    a.map.set('title', 'Draft')
+    await waitFor('the first draft to converge', () => sameState([a, b]) && b.map.get('title') === 'Draft')
+    const v1 = (await api('POST', '/versions', { label: 'first', user: 'ada' }, 201)).version
+
+    b.text.delete(0, b.text.length)
+    b.text.insert(0, 'second draft.')
+    b.map.set('title', 'Second')
+    b.map.set('extra', 1)
+    await waitFor('the second draft to converge', () => sameState([a, b]) && a.map.get('extra') === 1)
+    const v2 = (await api('POST', '/versions', { label: 'second' }, 201)).version
+    const list = await api('GET', '/versions')
+    const v1Text = await api('GET', `/versions/${v1.id}?format=text&name=content`)
+    const v1Json = await api('GET', `/versions/${v1.id}`)
+
+    const restored = await api('POST', `/versions/${v1.id}/restore`)
+    const wantDelta = JSON.stringify([{ insert: 'first', attributes: { bold: true } }, { insert: ' draft.' }])
+    await waitFor('both editors to see the restored version',
+      () => [a, b].every((c) => JSON.stringify(c.text.toDelta()) === wantDelta &&
+        c.map.get('title') === 'Draft' && !c.map.has('extra')))
+    // Editing goes on as usual after a restore.
+    a.text.insert(a.text.length, ' Edited after the restore.')
+    await waitFor('an edit after the restore to converge', () => sameState([a, b]) && b.text.toString().endsWith('restore.'))
+    const text = a.text.toString()
+    a.provider.destroy()
+    b.provider.destroy()
+    return { v1, v2, list, v1Text, v1Json, restored, text }
+  },
+
   // Maintenance locks with two live editors: a locked page keeps its editors connected and
   // readable but refuses their edits (permission-denied hub.error/locked, REST 423); what they
   // typed meanwhile comes in when the lock is released, or when it expires.

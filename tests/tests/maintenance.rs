@@ -67,3 +67,53 @@ async fn lock_requests_are_checked() {
     assert_eq!(response.status, 200);
     assert_eq!(response.json()["released"], false);
 }
+
+#[tokio::test]
+async fn versions_are_marked_read_and_restored_while_editors_watch() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/versioned-page";
+    let result = node("versions", &engine, doc, &[]).await;
+    let (v1, v2) = (&result["v1"], &result["v2"]);
+    assert_eq!(v1["label"], "first");
+    assert_eq!(v1["user"], "ada");
+    assert_eq!(v2["label"], "second");
+    assert!(v2["id"].as_i64() > v1["id"].as_i64());
+    let listed: Vec<&str> = result["list"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["first", "second"]);
+    assert_eq!(result["v1Text"], "first draft.");
+    assert_eq!(result["v1Json"]["state"]["meta"]["title"], "Draft");
+    assert_eq!(result["restored"]["restored"], v1["id"]);
+    assert_eq!(result["text"], "first draft. Edited after the restore.");
+    let reader = YClient::synced(&engine, doc, false).await;
+    assert_eq!(reader.text(), "first draft. Edited after the restore.");
+
+    // Bad requests get clear answers and change nothing.
+    let base = format!("/synchrony/v1/data/{doc}/versions");
+    let cases: &[(&str, String, &[u8], u16, &str)] = &[
+        ("POST", base.clone(), b"{\"label\":\"  \"}", 400, "invalid-request"),
+        ("POST", base.clone(), b"{\"name\":\"x\"}", 400, "invalid-request"),
+        ("POST", base.clone(), b"nope", 400, "invalid-request"),
+        ("GET", format!("{base}/999"), b"", 404, "no-such-version"),
+        ("POST", format!("{base}/999/restore"), b"", 404, "no-such-version"),
+        ("DELETE", format!("{base}/999"), b"", 404, "no-such-version"),
+        ("PUT", base.clone(), b"x", 405, "method-not-allowed"),
+        ("POST", format!("/synchrony/v1/data/{doc}"), b"x", 405, "method-not-allowed"),
+    ];
+    for (method, path, body, status, kind) in cases {
+        let response = synchrony_tests::http(engine.port, method, path, &[], body).await;
+        assert_eq!(response.status, *status, "{method} {path}: {}", response.text());
+        assert_eq!(response.json()["type"], *kind, "{method} {path}");
+    }
+    let id = v2["id"].as_i64().unwrap();
+    let response =
+        synchrony_tests::http(engine.port, "DELETE", &format!("{base}/{id}"), &[], b"").await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let (_, body) = engine.get(&format!("/v1/data/{doc}/versions")).await;
+    let left: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(left["versions"].as_array().unwrap().len(), 1, "{left}");
+}
