@@ -209,16 +209,22 @@ impl Outbound {
         let fits = if large {
             oversized == 0 && queued.saturating_sub(oversized) < self.max_bytes
         } else {
-            queued.saturating_sub(oversized) + frame.len() <= self.max_bytes
+            queued.saturating_sub(oversized).saturating_add(frame.len()) <= self.max_bytes
         };
-        if fits && self.tx.try_send(frame.clone()).is_ok() {
+        if fits {
+            // Counted before the frame is in the queue: counted after, the session could take
+            // it (and subtract its length) first, and another producer (a cluster route pushes
+            // beside the actor) would read the wrapped-around count.
             self.state
                 .queued_bytes
                 .fetch_add(frame.len(), Ordering::AcqRel);
             if large {
                 self.state.oversized.store(frame.len(), Ordering::Release);
             }
-            return true;
+            if self.tx.try_send(frame.clone()).is_ok() {
+                return true;
+            }
+            self.state.taken(frame.len());
         }
         self.state.lagged.store(true, Ordering::Release);
         self.state.notify.notify_one();
@@ -1901,6 +1907,51 @@ mod tests {
         let (dir, store) = crate::store::temp_sqlite().await;
         let config = crate::config::ServeConfig::default();
         (dir, Docs::new(DocDeps::standalone(store, &config)))
+    }
+
+    /// A cluster route pushes into a client's queue beside the document actor. The count of
+    /// queued bytes must never wrap around while the session takes frames: it did when frames
+    /// were counted after they were queued, and the next push overflowed (a panic in the actor,
+    /// the client closed with 1011).
+    #[test]
+    fn two_producers_and_a_consumer_keep_the_queue_count_exact() {
+        let config = crate::config::ServeConfig::default();
+        let (out, mut rx, state) = Outbound::new(&config.limits);
+        let producers: Vec<_> = (0..2)
+            .map(|_| {
+                let out = out.clone();
+                std::thread::spawn(move || {
+                    let frame = Bytes::from(vec![7u8; 100]);
+                    let mut sent = 0;
+                    while sent < 300_000 {
+                        if out.push(&frame) {
+                            sent += 1;
+                        } else {
+                            std::thread::yield_now();
+                            out.state.lagged.store(false, Ordering::Release);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let consumer = std::thread::spawn(move || {
+            let mut taken = 0;
+            while taken < 600_000 {
+                match rx.try_recv() {
+                    Ok(frame) => {
+                        state.taken(frame.len());
+                        taken += 1;
+                    }
+                    Err(_) => std::thread::yield_now(),
+                }
+            }
+            state
+        });
+        for producer in producers {
+            producer.join().expect("no producer panicked");
+        }
+        let state = consumer.join().expect("the consumer finished");
+        assert_eq!(state.queued_bytes.load(Ordering::Acquire), 0);
     }
 
     #[tokio::test]

@@ -92,6 +92,29 @@ impl EngineOptions {
     }
 }
 
+/// When a test fails, the engines it ran say what they logged at WARN and above (a panic
+/// inside the engine shows up to the test only as a closed connection).
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = read(&self.log_path);
+        let serious: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+            .collect();
+        let from = serious.len().saturating_sub(40);
+        eprintln!(
+            "--- engine on port {} logged {} WARN/ERROR lines; the last {}:\n{}",
+            self.port,
+            serious.len(),
+            serious.len() - from,
+            serious[from..].join("\n")
+        );
+    }
+}
+
 impl EngineProcess {
     pub async fn start(options: &EngineOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -415,6 +438,8 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A WebSocket client that sends arbitrary frames.
 pub struct RawClient {
     pub ws: Socket,
+    /// The close frame the engine sent, once one came (for failure messages).
+    pub closed: Option<String>,
 }
 
 /// What [`RawClient::next_event`] saw.
@@ -441,11 +466,16 @@ pub enum Ended {
 impl RawClient {
     pub async fn connect(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Self { ws })
+        Ok(Self { ws, closed: None })
     }
 
     pub async fn send(&mut self, bytes: Vec<u8>) {
-        self.ws.send(WsMessage::Binary(bytes.into())).await.unwrap();
+        if let Err(error) = self.ws.send(WsMessage::Binary(bytes.into())).await {
+            panic!(
+                "sending failed ({error}); the engine had closed the connection with {:?}",
+                self.closed
+            );
+        }
     }
 
     pub async fn send_message(&mut self, message: &Message) {
@@ -470,7 +500,8 @@ impl RawClient {
                 Ok(Some(Ok(WsMessage::Text(_)))) => continue,
                 Err(_) => return Next::Quiet,
                 Ok(Some(Ok(WsMessage::Close(frame)))) => {
-                    return Next::Ended(frame.map(|f| u16::from(f.code)))
+                    self.closed = Some(format!("{frame:?}"));
+                    return Next::Ended(frame.map(|f| u16::from(f.code)));
                 }
                 Ok(Some(Err(_)) | None) => return Next::Ended(None),
             }
