@@ -131,8 +131,12 @@ async fn tell_members(
     let Some(cluster) = engine.cluster.get() else {
         return Ok(());
     };
-    let missing =
-        crate::cluster::rest::to_every_member(cluster, &method, &uri.0, headers, body).await;
+    let missing: Vec<(String, String)> =
+        crate::cluster::rest::to_every_member(cluster, &method, &uri.0, headers, body)
+            .await
+            .into_iter()
+            .filter_map(|(node, answer)| answer.err().map(|why| (node, why)))
+            .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -235,4 +239,116 @@ pub(crate) async fn locks(
         .map(|(id, held)| describe(id, held))
         .collect();
     Ok(Json(json!({ "locks": locks })).into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EvictQuery {
+    #[serde(rename = "threshold-hours")]
+    threshold_hours: Option<f64>,
+    delete: Option<bool>,
+    limit: Option<u32>,
+}
+
+/// `POST {ctx}/v1/history/evict/{soft|hard}`: runs an eviction job now, on every node (each
+/// evicts what it owns); the answer sums what they did.
+pub(crate) async fn evict(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path(job): axum::extract::Path<String>,
+    Query(query): Query<EvictQuery>,
+    caller: Caller,
+    uri: OriginalUri,
+    request: axum::http::request::Parts,
+) -> Result<Response, ApiError> {
+    use crate::eviction::{Job, Report, Run};
+    require_admin(&caller)?;
+    let job = match job.as_str() {
+        "soft" => Job::Soft,
+        "hard" => Job::Hard,
+        other => {
+            return Err(ApiError::NotFound {
+                kind: "no-such-job",
+                message: format!("{other:?} is not an eviction job: soft or hard"),
+            })
+        }
+    };
+    let mut run = Run::configured(&engine.config.eviction, job);
+    if let Some(hours) = query.threshold_hours {
+        if !hours.is_finite() || !(0.0..=1e6).contains(&hours) {
+            return Err(bad(
+                "invalid-request",
+                "threshold-hours must be a number of hours from 0 to 1000000",
+            ));
+        }
+        run.threshold = std::time::Duration::from_secs_f64(hours * 3600.0);
+    }
+    if let Some(delete) = query.delete {
+        run.delete = delete;
+    }
+    if let Some(limit) = query.limit {
+        if limit == 0 {
+            return Err(bad("invalid-request", "limit must be at least 1"));
+        }
+        run.limit = limit;
+    }
+    let mut report = crate::eviction::run(&engine, run).await.map_err(|error| {
+        tracing::error!(%error, "eviction failed");
+        ApiError::Unavailable("storage unavailable")
+    })?;
+    let mut nodes = 1;
+    let mut missing = Vec::new();
+    if let (Some(cluster), false) = (engine.cluster.get(), forwarded(&request.extensions)) {
+        for (node, answer) in crate::cluster::rest::to_every_member(
+            cluster,
+            &Method::POST,
+            &uri.0,
+            &request.headers,
+            &[],
+        )
+        .await
+        {
+            match answer.map(|body| serde_json::from_slice::<Report>(&body)) {
+                Ok(Ok(theirs)) => {
+                    report.add(&theirs);
+                    nodes += 1;
+                }
+                Ok(Err(error)) => missing.push(format!("{node} ({error})")),
+                Err(why) => missing.push(format!("{node} ({why})")),
+            }
+        }
+    }
+    if forwarded(&request.extensions) {
+        return Ok(Json(report).into_response());
+    }
+    Ok(Json(json!({ "job": job, "nodes": nodes, "unreached": missing, "report": report }))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CountQuery {
+    doc: Option<String>,
+}
+
+/// `GET {ctx}/v1/history/count?doc=`: a document's stored rows.
+pub(crate) async fn count(
+    State(engine): State<Arc<Engine>>,
+    Query(query): Query<CountQuery>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    require_admin(&caller)?;
+    let doc = query
+        .doc
+        .as_deref()
+        .ok_or_else(|| bad("invalid-request", "doc=<document id> is required"))?;
+    let doc = DocId::parse(doc).map_err(|e| bad("invalid-document-id", e.to_string()))?;
+    let counts = engine.store.history_counts(&doc).await.map_err(|error| {
+        tracing::error!(%error, "counting a document's rows failed");
+        ApiError::Unavailable("storage unavailable")
+    })?;
+    Ok(Json(json!({
+        "id": doc.as_str(),
+        "updates": counts.0,
+        "snapshots": counts.1,
+        "versions": counts.2,
+    }))
+    .into_response())
 }

@@ -474,6 +474,9 @@ pub struct ServeConfig {
     pub compaction: CompactionConfig,
 
     #[command(flatten)]
+    pub eviction: crate::eviction::EvictionConfig,
+
+    #[command(flatten)]
     pub managed: ManagedConfig,
 
     #[command(flatten)]

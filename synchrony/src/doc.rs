@@ -78,6 +78,31 @@ pub struct DocDeps {
     pub tracker: TaskTracker,
     /// Maintenance locks (`{ctx}/v1/hub-lock-state`): locked documents refuse edits.
     pub locks: Arc<crate::locks::Locks>,
+    pub metrics: Arc<DocMetrics>,
+}
+
+/// What documents count for `GET {ctx}/metrics`.
+pub struct DocMetrics {
+    /// Seconds to load a document from storage.
+    pub load_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Seconds from an update's frame arriving to its broadcast being queued for every other
+    /// client (mailbox wait, checks, integration and fan-out).
+    pub broadcast_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Full states sent to clients that fell behind (or whose route moved).
+    pub resyncs: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for DocMetrics {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        Self {
+            // 0.5 ms to about 8 s.
+            load_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            // 50 µs to about 1.6 s.
+            broadcast_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            resyncs: Default::default(),
+        }
+    }
 }
 
 impl DocDeps {
@@ -100,6 +125,7 @@ impl DocDeps {
             compaction: config.compaction.clone(),
             memory_max: config.managed.memory_max,
             locks: Arc::default(),
+            metrics: Arc::default(),
             cancel: CancellationToken::new(),
             tracker,
         }
@@ -254,10 +280,11 @@ pub enum DocCommand {
         request: JoinRequest,
         reply: oneshot::Sender<Result<(), JoinError>>,
     },
-    /// A decoded message from a connection.
+    /// A decoded message from a connection, and when its frame arrived.
     Message {
         conn_id: u64,
         message: Message,
+        received: std::time::Instant,
     },
     /// The connection's session emptied its queue after lagging: send it the full state.
     Resync {
@@ -296,8 +323,11 @@ pub enum DocCommand {
         state: Vec<u8>,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
-    /// Deletes the document and its history; its clients are closed with 4404.
+    /// Deletes the document and its history (with `versions`, its named versions too); its
+    /// clients are closed with 4404 and `reason`.
     Delete {
+        versions: bool,
+        reason: &'static str,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
 }
@@ -425,6 +455,14 @@ impl Docs {
     /// What documents run with.
     pub fn deps(&self) -> &DocDeps {
         &self.deps
+    }
+
+    /// Whether `doc` is loaded here (someone has it open, or had it lately).
+    pub fn is_loaded(&self, doc: &DocId) -> bool {
+        self.loaded
+            .lock()
+            .map(|m| m.get(doc).is_some_and(|h| !h.tx.is_closed()))
+            .unwrap_or(false)
     }
 
     pub fn loaded_count(&self) -> usize {
@@ -779,7 +817,13 @@ impl DocActor {
 
     #[tracing::instrument(name = "doc", skip_all, fields(doc_id = %self.id))]
     async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
-        if let Err(error) = self.load().await {
+        let loading = Instant::now();
+        let loaded = self.load().await;
+        self.deps()
+            .metrics
+            .load_seconds
+            .observe(loading.elapsed().as_secs_f64());
+        if let Err(error) = loaded {
             tracing::error!(%error, "loading failed");
             self.docs.forget(&self.id, self.generation);
             rx.close();
@@ -1003,7 +1047,11 @@ impl DocActor {
                     }
                 }
             }
-            DocCommand::Message { conn_id, message } => self.on_message(conn_id, message).await,
+            DocCommand::Message {
+                conn_id,
+                message,
+                received,
+            } => self.on_message(conn_id, message, received).await,
             DocCommand::Resync { conn_id } => self.resync(conn_id),
             DocCommand::Quiet { conn_id } => {
                 if let Some(conn) = self.conns.get_mut(&conn_id) {
@@ -1144,8 +1192,12 @@ impl DocActor {
                 };
                 self.publish_own_change(update, &before, reservation, reply);
             }
-            DocCommand::Delete { reply } => {
-                let result = self.delete().await;
+            DocCommand::Delete {
+                versions,
+                reason,
+                reply,
+            } => {
+                let result = self.delete(versions, reason).await;
                 let _ = reply.send(result);
             }
         }
@@ -1211,12 +1263,12 @@ impl DocActor {
     /// Commits what is queued, removes the stored document, then closes every client with 4404.
     /// Until storage has deleted it, nobody is told it is gone: a failed delete leaves the
     /// document and its editors as they were.
-    async fn delete(&mut self) -> Result<(), DocError> {
+    async fn delete(&mut self, versions: bool, reason: &str) -> Result<(), DocError> {
         if !self.flush_within_deadline().await {
             return Err(DocError::Storage);
         }
         let deleted =
-            tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id));
+            tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id, versions));
         match deleted.await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
@@ -1236,7 +1288,7 @@ impl DocActor {
         for (_, conn) in self.conns.drain() {
             conn.out
                 .state
-                .request_close(CloseCode::DOCUMENT_DELETED, "document deleted");
+                .request_close(CloseCode::DOCUMENT_DELETED, reason);
         }
         for (_, reply) in self.waiting.drain(..) {
             let _ = reply.send(Ok(()));
@@ -1244,7 +1296,7 @@ impl DocActor {
         Ok(())
     }
 
-    async fn on_message(&mut self, conn_id: u64, message: Message) {
+    async fn on_message(&mut self, conn_id: u64, message: Message, received: std::time::Instant) {
         if !self.conns.contains_key(&conn_id) {
             return;
         }
@@ -1259,7 +1311,7 @@ impl DocActor {
             }
             Message::Sync(SyncMessage::SyncStep2(update))
             | Message::Sync(SyncMessage::Update(update)) => {
-                self.on_update(conn_id, update).await;
+                self.on_update(conn_id, update, received).await;
             }
             Message::Awareness(update) => self.on_awareness(conn_id, update),
             Message::AwarenessQuery => {
@@ -1275,7 +1327,7 @@ impl DocActor {
         }
     }
 
-    async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>) {
+    async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>, received: std::time::Instant) {
         if self.conns.get(&conn_id).is_some_and(|c| c.read_only) {
             self.refuse(conn_id, &raw, "read-only access");
             return;
@@ -1289,7 +1341,14 @@ impl DocActor {
         }
         match self.apply(&raw) {
             Ok(outcome) => {
+                let broadcast = outcome.broadcast.is_some();
                 self.publish(outcome, Some(conn_id));
+                if broadcast {
+                    self.deps()
+                        .metrics
+                        .broadcast_seconds
+                        .observe(received.elapsed().as_secs_f64());
+                }
                 let submitted = self.submitted;
                 if let Some(conn) = self.conns.get_mut(&conn_id) {
                     conn.received += 1;
@@ -1708,6 +1767,7 @@ impl DocActor {
             return;
         }
         conn.resyncs.push_back(now);
+        self.deps().metrics.resyncs.inc();
         tracing::debug!(conn_id, "resyncing a lagging client");
         let full = self.full_state();
         let step1 = self.step1();

@@ -175,6 +175,7 @@ pub fn session(data: &[u8]) {
                     .send(DocCommand::Message {
                         conn_id: bad_id,
                         message,
+                        received: std::time::Instant::now(),
                     })
                     .await
                 {
@@ -196,6 +197,7 @@ pub fn session(data: &[u8]) {
             good.send(DocCommand::Message {
                 conn_id: good_id,
                 message,
+                received: std::time::Instant::now(),
             })
             .await,
             "the document went away under the honest client"

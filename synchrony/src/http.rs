@@ -158,6 +158,8 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
                 .post(crate::admin::lock)
                 .delete(crate::admin::unlock),
         )
+        .route("/v1/history/evict/{job}", post(crate::admin::evict))
+        .route("/v1/history/count", get(crate::admin::count))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/owner/{*doc}", get(cluster_owner))
         .route("/v1/ws/{*doc}", get(websocket))
@@ -899,7 +901,11 @@ async fn delete_doc(
     }
     engine
         .docs
-        .request(&doc, |reply| DocCommand::Delete { reply })
+        .request(&doc, |reply| DocCommand::Delete {
+            versions: true,
+            reason: "document deleted",
+            reply,
+        })
         .await??;
     Ok(Json(json!({ "id": doc.as_str(), "deleted": true })).into_response())
 }

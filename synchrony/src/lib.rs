@@ -27,6 +27,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod eviction;
 pub mod doc;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -144,9 +145,14 @@ impl Engine {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             locks: Arc::default(),
+            metrics: Arc::default(),
         });
         let origins = crate::origin::OriginPolicy::new(&config.auth.allowed_origins);
-        let metrics = metrics::Metrics::new(gate.refusals.clone(), docs.persister().metrics());
+        let metrics = metrics::Metrics::new(
+            gate.refusals.clone(),
+            docs.persister().metrics(),
+            &docs.deps().metrics,
+        );
         Ok(Arc::new(Self {
             config,
             store,
@@ -185,6 +191,7 @@ impl Engine {
         }
         self.probe.set(Ok(()));
         self.refresh_locks().await;
+        eviction::schedule(self);
         self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");
         let (store, flag, cancel) = (self.store.clone(), self.probe.clone(), self.cancel.clone());
@@ -296,6 +303,7 @@ impl Engine {
             self.connections.clone(),
             self.cancel.clone(),
             self.tracker.clone(),
+            self.metrics.links.clone(),
         );
         let ctx = self.config.normalized_context_path()?;
         let _ = cluster.router.set(http::router(self.clone(), &ctx));

@@ -27,12 +27,33 @@ pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+/// Each peer link's traffic, counted by the link's reader and writer (kept across reconnects).
+#[derive(Clone, Default)]
+pub struct LinkMetrics {
+    pub messages_sent: Family<PeerLabel, Counter>,
+    pub bytes_sent: Family<PeerLabel, Counter>,
+    pub messages_received: Family<PeerLabel, Counter>,
+    pub bytes_received: Family<PeerLabel, Counter>,
+    /// Times a link to the peer came up.
+    pub ups: Family<PeerLabel, Counter>,
+}
+
 /// Every metric the engine exports.
 pub struct Metrics {
     registry: Registry,
     /// Update-bearing messages (sync step 2 and update) received from clients.
     pub updates_received: Counter,
     pub update_bytes_received: Counter,
+    /// Frames and bytes written to clients.
+    pub frames_sent: Counter,
+    pub bytes_sent: Counter,
+    /// Times a client's queue overflowed (it was then resynced).
+    pub lagged: Counter,
     /// WebSocket connections closed by the engine, by close code.
     pub closes: Family<CodeLabel, Counter>,
     /// Tokens refused, by error type (`jwt/expired`, `forbidden`, ...).
@@ -47,6 +68,9 @@ pub struct Metrics {
     ready: Gauge,
     cluster_members: Family<StateLabel, Gauge>,
     cluster_epoch: Gauge,
+    /// 1 for each peer a link is up to (read at scrape time).
+    cluster_links: Family<PeerLabel, Gauge>,
+    pub links: LinkMetrics,
 }
 
 /// Registers the persister's figures.
@@ -73,10 +97,14 @@ impl Metrics {
     pub fn new(
         auth_refusals: Family<TypeLabel, Counter>,
         commits: &crate::persist::CommitMetrics,
+        docs: &crate::doc::DocMetrics,
     ) -> Self {
         let mut m = Metrics {
             updates_received: Counter::default(),
             update_bytes_received: Counter::default(),
+            frames_sent: Counter::default(),
+            bytes_sent: Counter::default(),
+            lagged: Counter::default(),
             closes: Family::default(),
             auth_refusals,
             connections: Gauge::default(),
@@ -89,10 +117,42 @@ impl Metrics {
             ready: Gauge::default(),
             cluster_members: Family::default(),
             cluster_epoch: Gauge::default(),
+            cluster_links: Family::default(),
+            links: LinkMetrics::default(),
             registry: Registry::with_prefix("synchrony"),
         };
         let r = &mut m.registry;
         register_commits(r, commits);
+        r.register(
+            "document_load_seconds",
+            "Seconds to load a document from storage",
+            docs.load_seconds.clone(),
+        );
+        r.register(
+            "broadcast_seconds",
+            "Seconds from an update's arrival to its broadcast being queued for every other client",
+            docs.broadcast_seconds.clone(),
+        );
+        r.register(
+            "resyncs",
+            "Full states sent to clients that fell behind or whose route moved",
+            docs.resyncs.clone(),
+        );
+        r.register(
+            "frames_sent",
+            "WebSocket messages written to clients",
+            m.frames_sent.clone(),
+        );
+        r.register(
+            "bytes_sent",
+            "Bytes of WebSocket messages written to clients",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "lagged_clients",
+            "Times a client's outbound queue overflowed (it was resynced)",
+            m.lagged.clone(),
+        );
         r.register(
             "updates_received",
             "Updates received from clients",
@@ -155,6 +215,36 @@ impl Metrics {
             m.cluster_members.clone(),
         );
         r.register(
+            "cluster_link_up",
+            "1 for each peer this node has a link to",
+            m.cluster_links.clone(),
+        );
+        r.register(
+            "cluster_link_messages_sent",
+            "Messages written to each peer",
+            m.links.messages_sent.clone(),
+        );
+        r.register(
+            "cluster_link_bytes_sent",
+            "Bytes written to each peer",
+            m.links.bytes_sent.clone(),
+        );
+        r.register(
+            "cluster_link_messages_received",
+            "Messages read from each peer",
+            m.links.messages_received.clone(),
+        );
+        r.register(
+            "cluster_link_bytes_received",
+            "Bytes read from each peer",
+            m.links.bytes_received.clone(),
+        );
+        r.register(
+            "cluster_link_ups",
+            "Times a link to each peer came up",
+            m.links.ups.clone(),
+        );
+        r.register(
             "cluster_epoch",
             "This node's view epoch (bumped at each change of the live set)",
             m.cluster_epoch.clone(),
@@ -206,6 +296,10 @@ impl Metrics {
                 );
             }
             gauge(&self.cluster_epoch, cluster.view().epoch);
+            self.cluster_links.clear();
+            for peer in cluster.linked_peers() {
+                self.cluster_links.get_or_create(&PeerLabel { peer }).set(1);
+            }
         }
         let mut text = String::new();
         // Writing into a String cannot fail.

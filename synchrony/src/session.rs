@@ -193,6 +193,7 @@ pub async fn run(
                     break Some(close);
                 }
                 if state.take_lagged() {
+                    engine.metrics.lagged.inc();
                     // Drop the stale queue; the resync brings the full state instead.
                     while let Ok(f) = out_rx.try_recv() {
                         state.taken(f.len());
@@ -218,18 +219,22 @@ pub async fn run(
                 // Whatever else is already queued goes out with it: one write for a backlog
                 // instead of one per frame (sends dominate the engine's CPU under load).
                 let batch = async {
-                    let mut bytes = frame.len();
+                    let (mut frames, mut bytes) = (1, frame.len());
                     feed_binary(&mut sink, frame).await?;
                     while bytes < WRITE_BATCH_BYTES {
                         let Ok(next) = out_rx.try_recv() else { break };
                         state.taken(next.len());
+                        frames += 1;
                         bytes += next.len();
                         feed_binary(&mut sink, next).await?;
                     }
-                    sink.flush().await
+                    sink.flush().await.map(|()| (frames, bytes))
                 };
                 match timeout(write_timeout, batch).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok((frames, bytes))) => {
+                        engine.metrics.frames_sent.inc_by(frames);
+                        engine.metrics.bytes_sent.inc_by(bytes as u64);
+                    }
                     Ok(Err(_)) => break None,
                     Err(_) => {
                         tracing::info!("client accepts no data; dropping the connection");
@@ -250,7 +255,8 @@ pub async fn run(
                                 engine.metrics.updates_received.inc();
                                 engine.metrics.update_bytes_received.inc_by(update.len() as u64);
                             }
-                            if !forward(&link, &mut pending, DocCommand::Message { conn_id, message }) {
+                            let command = DocCommand::Message { conn_id, message, received: std::time::Instant::now() };
+                            if !forward(&link, &mut pending, command) {
                                 break Some((CloseCode::SERVICE_RESTART, "document closed".into()));
                             }
                         }

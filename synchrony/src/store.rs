@@ -377,9 +377,9 @@ impl Store {
         Ok(row.try_get::<i64, _>(0)?.max(0) as u64)
     }
 
-    /// Removes a document: its snapshot, every log row and its named versions. True if there
-    /// was anything.
-    pub async fn delete_doc(&self, doc: &DocId) -> Result<bool, StoreError> {
+    /// Removes a document: its snapshot, every log row and, with `versions`, its named
+    /// versions. True if there was anything.
+    pub async fn delete_doc(&self, doc: &DocId, versions: bool) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let updates = sqlx::query("DELETE FROM doc_updates WHERE doc_id = $1")
             .bind(doc.as_str())
@@ -389,12 +389,76 @@ impl Store {
             .bind(doc.as_str())
             .execute(&mut *tx)
             .await?;
-        let versions = sqlx::query("DELETE FROM doc_versions WHERE doc_id = $1")
-            .bind(doc.as_str())
-            .execute(&mut *tx)
-            .await?;
+        let mut removed = updates.rows_affected() + snapshots.rows_affected();
+        if versions {
+            removed += sqlx::query("DELETE FROM doc_versions WHERE doc_id = $1")
+                .bind(doc.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
         tx.commit().await?;
-        Ok(updates.rows_affected() + snapshots.rows_affected() + versions.rows_affected() > 0)
+        Ok(removed > 0)
+    }
+
+    /// Documents nobody has changed after `before_ms` (newest log row and snapshot no newer), after
+    /// `after` in id order, at most `limit`; with `with_log`, only those that have log rows.
+    pub async fn idle_docs(
+        &self,
+        before_ms: i64,
+        with_log: bool,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT doc_id FROM ( \
+               SELECT doc_id, created_at AS changed, 1 AS logged FROM doc_updates \
+               UNION ALL SELECT doc_id, updated_at AS changed, 0 AS logged FROM doc_snapshots \
+             ) docs WHERE doc_id > $1 \
+             GROUP BY doc_id HAVING MAX(changed) <= $2 AND SUM(logged) >= $3 \
+             ORDER BY doc_id LIMIT $4",
+        )
+        .bind(after)
+        .bind(before_ms)
+        .bind(i64::from(with_log))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Documents with log rows written at or before `before_ms`, after `after` in id order, at most
+    /// `limit`.
+    pub async fn docs_with_log_before(
+        &self,
+        before_ms: i64,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT doc_id FROM doc_updates WHERE created_at <= $1 AND doc_id > $2 \
+             ORDER BY doc_id LIMIT $3",
+        )
+        .bind(before_ms)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// A document's stored rows: (log rows, snapshots, named versions).
+    pub async fn history_counts(&self, doc: &DocId) -> Result<(u64, u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM doc_updates WHERE doc_id = $1), \
+                    (SELECT COUNT(*) FROM doc_snapshots WHERE doc_id = $1), \
+                    (SELECT COUNT(*) FROM doc_versions WHERE doc_id = $1)",
+        )
+        .bind(doc.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let count = |i: usize| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(i)?.max(0) as u64) };
+        Ok((count(0)?, count(1)?, count(2)?))
     }
 
     /// Stores `state` as a named version of `doc`; returns its id and creation time.
@@ -863,9 +927,9 @@ mod tests {
                 .is_empty(),
             "_ is literal"
         );
-        assert!(store.delete_doc(&doc).await.expect("delete"));
+        assert!(store.delete_doc(&doc, true).await.expect("delete"));
         assert!(store.load(&doc).await.expect("load").is_empty());
-        assert!(!store.delete_doc(&doc).await.expect("delete"));
+        assert!(!store.delete_doc(&doc, true).await.expect("delete"));
 
         assert_eq!(store.app_count().await.expect("count"), 0);
         store

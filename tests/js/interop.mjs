@@ -405,6 +405,57 @@ const scenarios = {
     return { v1, v2, list, v1Text, v1Json, restored, text }
   },
 
+  // History eviction with two live editors: the hard job (content kept) compacts the page's
+  // log under them and they edit on; the soft job passes an open page over; eviction that
+  // deletes closes them with 4404 and keeps the named version.
+  async eviction () {
+    const http = serviceUrl.replace(/^ws/, 'http')
+    const call = async (method, path, body) => {
+      const r = await fetch(`${http}${path}`, { method, body: body && JSON.stringify(body) })
+      if (r.status >= 300) fail(`${method} ${path} answered ${r.status}: ${await r.text()}`)
+      return r.json()
+    }
+    const count = () => call('GET', `/v1/history/count?doc=${docId}`)
+    const a = client('ada')
+    const b = client('bob')
+    const closes = { ada: [], bob: [] }
+    for (const c of [a, b]) {
+      c.provider.on('connection-close', (event) => {
+        closes[c.name].push(event?.code)
+        if (event?.code >= 4400 && event?.code < 4500) c.provider.destroy()
+      })
+    }
+    await waitFor('both synced', () => synced(a) && synced(b))
+    for (let i = 0; i < 30; i++) {
+      a.text.insert(a.text.length, `a${i} `)
+      if (i % 3 === 0 && b.text.length > 0) b.text.delete(0, 1)
+      await new Promise((resolve) => setTimeout(resolve, 2))
+    }
+    await waitFor('the edits to converge', () => sameState([a, b]) && a.text.toString().includes('a29'))
+    await call('POST', `/v1/data/${docId}/versions`, { label: 'before eviction' })
+    const before = await count()
+
+    const hard = await call('POST', '/v1/history/evict/hard?threshold-hours=0')
+    const afterHard = await count()
+    b.text.insert(0, 'after eviction: ')
+    await waitFor('an edit after the eviction to converge', () => sameState([a, b]) && a.text.toString().startsWith('after eviction: '))
+    const text = a.text.toString()
+
+    // Once the edit is stored, the page has history again; the soft job must pass it over
+    // because it is open.
+    const stored = Date.now()
+    while ((await count()).updates === 0) {
+      if (Date.now() - stored > WAIT_MS) fail('the edit after the eviction was never stored')
+      await new Promise((resolve) => setTimeout(resolve, 20))
+    }
+    const soft = await call('POST', '/v1/history/evict/soft?threshold-hours=0')
+    const deleting = await call('POST', '/v1/history/evict/hard?threshold-hours=0&delete=true')
+    await waitFor('both editors closed with 4404', () => closes.ada.includes(4404) && closes.bob.includes(4404))
+    const afterDelete = await count()
+    const version = await call('GET', `/v1/data/${docId}/versions`)
+    return { before, hard, afterHard, text, soft, deleting, afterDelete, versions: version.versions.length }
+  },
+
   // Maintenance locks with two live editors: a locked page keeps its editors connected and
   // readable but refuses their edits (permission-denied hub.error/locked, REST 423); what they
   // typed meanwhile comes in when the lock is released, or when it expires.

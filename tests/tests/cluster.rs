@@ -203,6 +203,18 @@ async fn any_node_serves_any_document_and_all_converge() {
         assert_eq!(node.get(&read).await.1, "replaced through a non-owner");
     }
 
+    // Each node's metrics show its links to the two others, with traffic on them.
+    let (status, text) = nodes[0].get("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let up = |l: &&str| l.starts_with("synchrony_cluster_link_up{") && l.ends_with(" 1");
+    assert_eq!(text.lines().filter(up).count(), 2, "{text}");
+    for name in ["synchrony_cluster_link_bytes_sent_total{", "synchrony_cluster_link_messages_received_total{"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name) && !l.ends_with(" 0")),
+            "no traffic counted in {name}: {text}"
+        );
+    }
+
     // Many documents, one client per node each.
     for d in 0..10 {
         let doc = format!("many/{d}");

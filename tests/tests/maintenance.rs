@@ -117,3 +117,109 @@ async fn versions_are_marked_read_and_restored_while_editors_watch() {
     let left: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(left["versions"].as_array().unwrap().len(), 1, "{left}");
 }
+
+#[tokio::test]
+async fn eviction_compacts_under_live_editors_and_deletes_when_asked() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/evicted-page";
+    let result = node("eviction", &engine, doc, &[]).await;
+    assert!(result["before"]["updates"].as_u64().unwrap() > 0, "{result}");
+    assert_eq!(result["hard"]["report"]["compacted"], 1, "{result}");
+    assert!(result["hard"]["report"]["rows-removed"].as_u64().unwrap() > 0);
+    assert_eq!(result["afterHard"]["updates"], 0, "{result}");
+    assert_eq!(result["afterHard"]["snapshots"], 1, "{result}");
+    assert_eq!(result["soft"]["report"]["documents"], 0, "an open page is passed over");
+    assert!(result["soft"]["report"]["skipped"].as_u64().unwrap() >= 1);
+    assert_eq!(result["deleting"]["report"]["deleted"], 1, "{result}");
+    assert_eq!(result["afterDelete"]["updates"], 0);
+    assert_eq!(result["afterDelete"]["snapshots"], 0);
+    assert_eq!(result["afterDelete"]["versions"], 1, "named versions survive eviction");
+    assert_eq!(result["versions"], 1);
+    assert!(result["text"].as_str().unwrap().starts_with("after eviction: "));
+}
+
+/// Documents left with a log by a killed engine (never unloaded, so never compacted) are what
+/// the soft job finds; content is kept unless deletion is asked for. On SQLite and PostgreSQL.
+#[tokio::test]
+async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = synchrony_tests::PgDatabase::create().await;
+    for options in [EngineOptions::sqlite(dir.path()), EngineOptions::postgres(&db.url)] {
+        let mut engine = EngineProcess::start(&options).await;
+        let mut writer = YClient::synced(&engine, "app/left-behind", true).await;
+        for i in 0..20 {
+            writer.append(&format!("line {i}\n")).await;
+        }
+        writer
+            .wait_until("every edit acknowledged", |c| c.acked_edits() == 20)
+            .await;
+        let want = writer.text();
+        let marked = synchrony_tests::http(
+            engine.port,
+            "POST",
+            "/synchrony/v1/data/app/left-behind/versions",
+            &[],
+            br#"{"label":"kept"}"#,
+        )
+        .await;
+        assert_eq!(marked.status, 201, "{}", marked.text());
+        drop(writer);
+        engine.kill9().await;
+        let engine = EngineProcess::start(&options).await;
+        let count = |engine: &EngineProcess| {
+            let port = engine.port;
+            async move {
+                let r = synchrony_tests::http(
+                    port,
+                    "GET",
+                    "/synchrony/v1/history/count?doc=app/left-behind",
+                    &[],
+                    b"",
+                )
+                .await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()
+            }
+        };
+        assert_eq!(count(&engine).await["updates"], 20, "the killed engine left its log");
+        let evict = |path: &'static str| {
+            let port = engine.port;
+            async move {
+                let r = synchrony_tests::http(port, "POST", path, &[], b"").await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()
+            }
+        };
+        // Not idle long enough under the configured 72 hours.
+        let untouched = evict("/synchrony/v1/history/evict/soft").await;
+        assert_eq!(untouched["report"]["documents"], 0, "{untouched}");
+        let soft = evict("/synchrony/v1/history/evict/soft?threshold-hours=0").await;
+        assert_eq!(soft["report"]["compacted"], 1, "{soft}");
+        assert_eq!(soft["report"]["rows-removed"], 20, "{soft}");
+        let counts = count(&engine).await;
+        assert_eq!(
+            (&counts["updates"], &counts["snapshots"], &counts["versions"]),
+            (&serde_json::json!(0), &serde_json::json!(1), &serde_json::json!(1)),
+            "{counts}"
+        );
+        let reader = YClient::synced(&engine, "app/left-behind", false).await;
+        assert_eq!(reader.text(), want, "eviction kept the content");
+        drop(reader);
+        // Open (loaded) documents are passed over by the soft job, even when deleting.
+        let skipped = evict("/synchrony/v1/history/evict/soft?threshold-hours=0&delete=true").await;
+        assert_eq!(skipped["report"]["deleted"], 0, "{skipped}");
+        // A bad request changes nothing.
+        for (path, status) in [
+            ("/synchrony/v1/history/evict/medium", 404),
+            ("/synchrony/v1/history/evict/soft?threshold-hours=-1", 400),
+            ("/synchrony/v1/history/evict/soft?limit=0", 400),
+            ("/synchrony/v1/history/count", 400),
+        ] {
+            let method = if path.contains("count") { "GET" } else { "POST" };
+            let r = synchrony_tests::http(engine.port, method, path, &[], b"").await;
+            assert_eq!(r.status, status, "{path}: {}", r.text());
+        }
+        let version = engine.get("/v1/data/app/left-behind/versions/1?format=text&name=content").await;
+        assert_eq!(version, (200, want.clone()), "the version survived");
+    }
+}

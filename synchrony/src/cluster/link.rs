@@ -176,6 +176,20 @@ pub struct Links {
 }
 
 impl Links {
+    /// The nodes a link is up to.
+    pub(crate) fn nodes(&self) -> Vec<String> {
+        let Ok(map) = self.by_node.lock() else {
+            return Vec::new();
+        };
+        let mut nodes: Vec<String> = map
+            .iter()
+            .filter(|(_, l)| !l.closed.is_cancelled())
+            .map(|(node, _)| node.clone())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
     pub(crate) fn get(&self, node: &str) -> Option<Arc<Link>> {
         self.by_node
             .lock()
@@ -533,6 +547,13 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
         return;
     }
     tracing::info!(peer = %hello.node, addr = %hello.peer_addr, we_dialed, "peer link up");
+    cluster
+        .link_metrics
+        .ups
+        .get_or_create(&crate::metrics::PeerLabel {
+            peer: hello.node.clone(),
+        })
+        .inc();
     let info = link.info.clone();
     cluster.update_membership(|m, now| m.linked(&hello.node, info, now));
     let (sink, stream) = wire.split();
@@ -557,6 +578,13 @@ async fn write_loop(
     mut rx: mpsc::Receiver<PeerMessage>,
 ) {
     let timeouts = cluster.settings.timeouts;
+    let peer = crate::metrics::PeerLabel {
+        peer: link.node.clone(),
+    };
+    let (messages_sent, bytes_sent) = (
+        cluster.link_metrics.messages_sent.get_or_create(&peer).clone(),
+        cluster.link_metrics.bytes_sent.get_or_create(&peer).clone(),
+    );
     let mut beat = tokio::time::interval(timeouts.heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -576,13 +604,19 @@ async fn write_loop(
             _ = beat.tick() => vec![heartbeat(&cluster)],
         };
         let write = async {
+            let mut bytes = 0;
             for message in &batch {
-                sink.feed(Bytes::from(message.encode())).await?;
+                let encoded = Bytes::from(message.encode());
+                bytes += encoded.len();
+                sink.feed(encoded).await?;
             }
-            sink.flush().await
+            sink.flush().await.map(|()| bytes)
         };
         match timeout(timeouts.failure, write).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(bytes)) => {
+                messages_sent.inc_by(batch.len() as u64);
+                bytes_sent.inc_by(bytes as u64);
+            }
             Ok(Err(error)) => {
                 tracing::debug!(peer = %link.node, %error, "peer link write failed");
                 break;
@@ -598,6 +632,13 @@ async fn write_loop(
 
 async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitStream<Wire>) {
     let failure = cluster.settings.timeouts.failure;
+    let peer = crate::metrics::PeerLabel {
+        peer: link.node.clone(),
+    };
+    let (messages_received, bytes_received) = (
+        cluster.link_metrics.messages_received.get_or_create(&peer).clone(),
+        cluster.link_metrics.bytes_received.get_or_create(&peer).clone(),
+    );
     loop {
         let next = tokio::select! {
             _ = link.closed.cancelled() => return,
@@ -615,6 +656,8 @@ async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitSt
             }
             Ok(Some(Ok(body))) => body,
         };
+        messages_received.inc();
+        bytes_received.inc_by(body.len() as u64);
         let message = match PeerMessage::decode(&body) {
             Ok(message) => message,
             Err(error) => {

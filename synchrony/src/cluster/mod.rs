@@ -98,6 +98,8 @@ pub struct View {
 
 pub struct Cluster {
     pub settings: ClusterSettings,
+    /// Each link's traffic, for `GET {ctx}/metrics`.
+    pub(crate) link_metrics: crate::metrics::LinkMetrics,
     membership: Mutex<Membership>,
     view: watch::Sender<View>,
     links: link::Links,
@@ -126,6 +128,7 @@ impl Cluster {
         connections: Arc<AtomicU64>,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        link_metrics: crate::metrics::LinkMetrics,
     ) -> Arc<Self> {
         let membership = Membership::new(
             settings.node_id.clone(),
@@ -155,7 +158,13 @@ impl Cluster {
             router: std::sync::OnceLock::new(),
             leaving: std::sync::atomic::AtomicBool::new(false),
             epoch: AtomicU64::new(1),
+            link_metrics,
         })
+    }
+
+    /// The peers this node has a link up to.
+    pub fn linked_peers(&self) -> Vec<String> {
+        self.links.nodes()
     }
 
     pub fn me(&self) -> &str {

@@ -144,7 +144,8 @@ pub(crate) async fn serve(
             event = events.recv() => match event {
                 Some(ServedEvent::Frame(frame)) => match decode_frame(&frame) {
                     Ok(message) => {
-                        if !doc_link.send(DocCommand::Message { conn_id, message }).await {
+                        let command = DocCommand::Message { conn_id, message, received: std::time::Instant::now() };
+                        if !doc_link.send(command).await {
                             link.send(closing(CloseCode::SERVICE_RESTART, "document closed".into())).await;
                             break;
                         }
@@ -377,7 +378,15 @@ async fn send_resync(attached: &mut Attached, conn_id: u64) -> bool {
 
 async fn forward(attached: &mut Attached, conn_id: u64, message: Message) -> bool {
     match &attached.target {
-        Target::Local { link, .. } => link.send(DocCommand::Message { conn_id, message }).await,
+        Target::Local { link, .. } => {
+            let received = std::time::Instant::now();
+            link.send(DocCommand::Message {
+                conn_id,
+                message,
+                received,
+            })
+            .await
+        }
         Target::Remote { link, stream, .. } => {
             link.send(PeerMessage::Data {
                 stream: *stream,

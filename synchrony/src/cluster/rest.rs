@@ -108,14 +108,14 @@ pub async fn forward(
 }
 
 /// Sends a copy of a request to every other live member (each runs it as a forwarded request)
-/// and waits for their answers: the members that did not answer with a success, and why.
+/// and waits for their answers: each member's response body, or why it did not succeed.
 pub async fn to_every_member(
     cluster: &Arc<Cluster>,
     method: &Method,
     uri: &Uri,
     headers: &axum::http::HeaderMap,
     body: &[u8],
-) -> Vec<(String, String)> {
+) -> Vec<(String, Result<Vec<u8>, String>)> {
     let view = cluster.view();
     let others = view.live.iter().filter(|node| node.as_str() != cluster.me());
     let calls = others.map(|node| async move {
@@ -124,17 +124,18 @@ pub async fn to_every_member(
         *request.uri_mut() = uri.clone();
         *request.headers_mut() = headers.clone();
         let outcome = match forward(cluster, node, request).await {
-            Ok(response) if response.status().is_success() => return None,
-            Ok(response) => format!("answered {}", response.status()),
-            Err(error) => error.to_string(),
+            Ok(response) if response.status().is_success() => {
+                axum::body::to_bytes(response.into_body(), max_response(cluster))
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(|e| e.to_string())
+            }
+            Ok(response) => Err(format!("answered {}", response.status())),
+            Err(error) => Err(error.to_string()),
         };
-        Some((node.clone(), outcome))
+        (node.clone(), outcome)
     });
-    futures_util::future::join_all(calls)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    futures_util::future::join_all(calls).await
 }
 
 /// The owner's side: runs a forwarded request through this node's router and answers.
