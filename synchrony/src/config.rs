@@ -454,6 +454,9 @@ pub struct ServeConfig {
     )]
     pub metrics_access: MetricsAccess,
 
+    #[command(flatten)]
+    pub statsd: StatsdConfig,
+
     /// Serve the demo editor page at `{ctx}/demo/`.
     #[arg(long = "demo-enabled", env = "SYNCHRONY_DEMO_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo_enabled: bool,
@@ -481,6 +484,31 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub cluster: ClusterConfig,
+}
+
+/// Where metrics are pushed, if anywhere.
+#[derive(Debug, Clone, Args)]
+pub struct StatsdConfig {
+    /// statsD server to push the metrics to (unset: no push).
+    #[arg(long = "metrics-statsd-host", env = "SYNCHRONY_METRICS_STATSD_HOST")]
+    pub statsd_host: Option<String>,
+
+    /// Its UDP port.
+    #[arg(long = "metrics-statsd-port", env = "SYNCHRONY_METRICS_STATSD_PORT", default_value_t = 8125)]
+    pub statsd_port: u16,
+
+    /// Prefix of every key pushed.
+    #[arg(long = "metrics-statsd-prefix", env = "SYNCHRONY_METRICS_STATSD_PREFIX", default_value = "synchrony")]
+    pub statsd_prefix: String,
+
+    /// Seconds between pushes.
+    #[arg(
+        long = "metrics-statsd-interval-secs",
+        env = "SYNCHRONY_METRICS_STATSD_INTERVAL_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub statsd_interval_secs: u64,
 }
 
 /// Who may read the metrics.

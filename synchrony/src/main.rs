@@ -545,6 +545,11 @@ async fn serve(config: ServeConfig) -> ExitCode {
             EngineError::Store(_) => exit::STORAGE,
         });
     }
+    if let Err(error) = synchrony::metrics::push_statsd(&engine) {
+        tracing::error!(%error, "cannot push metrics to statsD (synchrony.metrics.statsd.*)");
+        engine.shutdown().await;
+        return ExitCode::from(exit::CONFIG);
+    }
     // Join the cluster once storage is ready: peers route clients here from then on.
     if engine.clustered() {
         let peer = engine.config.cluster.peer_bind(&engine.config);

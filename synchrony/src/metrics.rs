@@ -307,3 +307,137 @@ impl Metrics {
         text
     }
 }
+
+/// Pushes everything `GET {ctx}/metrics` shows to a statsD server every
+/// `synchrony.metrics.statsd.interval.secs`, over UDP with the `cadence` client, when
+/// `synchrony.metrics.statsd.host` is set. A sample `synchrony_name{label="v"}` becomes
+/// `<prefix>.name.v`; counters (`_total`) and histogram counts (`_count`) go as statsD counts of
+/// what they grew by since the last push, everything else (gauges, histogram sums) as gauges;
+/// histogram buckets are left out.
+pub fn push_statsd(engine: &std::sync::Arc<crate::Engine>) -> Result<(), String> {
+    use cadence::prelude::*;
+    use std::net::ToSocketAddrs;
+    let config = &engine.config.statsd;
+    let Some(host) = config.statsd_host.clone() else {
+        return Ok(());
+    };
+    let target = (host.as_str(), config.statsd_port)
+        .to_socket_addrs()
+        .map_err(|e| format!("synchrony.metrics.statsd.host {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("synchrony.metrics.statsd.host {host:?} resolves to nothing"))?;
+    let local = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let socket = std::net::UdpSocket::bind(local).map_err(|e| format!("statsD socket: {e}"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("statsD socket: {e}"))?;
+    let sink = cadence::BufferedUdpMetricSink::from(target, socket)
+        .map_err(|e| format!("statsD sink: {e}"))?;
+    let client = cadence::StatsdClient::from_sink(&config.statsd_prefix, sink);
+    let every = std::time::Duration::from_secs(config.statsd_interval_secs);
+    let (weak, cancel) = (std::sync::Arc::downgrade(engine), engine.cancel.clone());
+    tracing::info!(%target, ?every, "pushing metrics to statsD");
+    engine.tracker.spawn(async move {
+        let mut last: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            let Some(engine) = weak.upgrade() else { return };
+            let text = engine.metrics.render(&engine);
+            drop(engine);
+            let mut result = Ok(());
+            for (key, value, counter) in statsd_samples(&text) {
+                let sent = if counter {
+                    let before = last.insert(key.clone(), value).unwrap_or(0.0);
+                    // A counter that went down was reset (it never does here): count it anew.
+                    let grew = if value >= before { value - before } else { value };
+                    client.count(&key, grew.round() as i64).map(|_| ())
+                } else {
+                    client.gauge(&key, value).map(|_| ())
+                };
+                result = result.and(sent);
+            }
+            let result = result.and(client.flush());
+            match (result, failing) {
+                (Err(error), false) => {
+                    tracing::warn!(%error, "pushing metrics to statsD failed; will keep trying");
+                    failing = true;
+                }
+                (Ok(()), true) => {
+                    tracing::info!("pushing metrics to statsD works again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The samples of an exposition as statsD keys: (key, value, is a counter).
+fn statsd_samples(text: &str) -> Vec<(String, f64, bool)> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+            .collect()
+    };
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if name.ends_with("_bucket") || name.ends_with("_created") {
+            continue;
+        }
+        let mut key = clean(name.strip_prefix("synchrony_").unwrap_or(name));
+        // Label values in order: `a="x",b="y"` → `.x.y` (values hold no `",` here).
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            if let Some((_, v)) = pair.split_once('=') {
+                key.push('.');
+                key.push_str(&clean(v.trim_matches('"')));
+            }
+        }
+        let counter = name.ends_with("_total") || name.ends_with("_count");
+        samples.push((key, value, counter));
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lines_become_statsd_keys() {
+        let text = "# TYPE synchrony_connections gauge\n\
+                    synchrony_connections 3\n\
+                    synchrony_connection_closes_total{code=\"1003\"} 2\n\
+                    synchrony_commit_seconds_sum 0.25\n\
+                    synchrony_commit_seconds_count 4\n\
+                    synchrony_commit_seconds_bucket{le=\"0.001\"} 1\n\
+                    synchrony_cluster_link_up{peer=\"node-a.1\"} 1\n\
+                    # EOF\n";
+        assert_eq!(
+            statsd_samples(text),
+            vec![
+                ("connections".to_owned(), 3.0, false),
+                ("connection_closes_total.1003".to_owned(), 2.0, true),
+                ("commit_seconds_sum".to_owned(), 0.25, false),
+                ("commit_seconds_count".to_owned(), 4.0, true),
+                ("cluster_link_up.node-a_1".to_owned(), 1.0, false),
+            ]
+        );
+    }
+}

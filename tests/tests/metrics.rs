@@ -182,3 +182,54 @@ async fn every_request_has_an_id_that_is_echoed_and_logged() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// With `synchrony.metrics.statsd.host` set, the metrics are pushed over UDP in the statsD line
+/// format: counters as what they grew by, gauges as values.
+#[tokio::test]
+async fn metrics_are_pushed_to_statsd() {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let engine = EngineProcess::start(
+        &EngineOptions::default()
+            .arg("--metrics-statsd-host", "127.0.0.1")
+            .arg("--metrics-statsd-port", port)
+            .arg("--metrics-statsd-prefix", "wiki.synchrony")
+            .arg("--metrics-statsd-interval-secs", 1),
+    )
+    .await;
+    let mut editor = YClient::synced(&engine, "ops/statsd", true).await;
+    editor.append("pushed").await;
+    editor
+        .wait_until("the edit to be durable", |c| c.acked_edits() == 1)
+        .await;
+    // Counts arrive as increments: their sum over the pushes is the total the endpoint shows
+    // (the client's sync step 2 and its edit).
+    let (_, text) = engine.get("/metrics").await;
+    let total: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("synchrony_updates_received_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no updates_received_total in {text}"));
+    assert!(total >= 1);
+    let mut updates = 0;
+    let mut connections_seen = false;
+    let mut buffer = [0u8; 65_536];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while updates < total || !connections_seen {
+        let received = tokio::time::timeout_at(deadline, socket.recv(&mut buffer))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no statsD lines for updates and connections within {WAIT:?}; engine log:\n{}", engine.log())
+            })
+            .unwrap();
+        for line in String::from_utf8_lossy(&buffer[..received]).lines() {
+            if let Some(n) = line.strip_prefix("wiki.synchrony.updates_received_total:") {
+                updates += n.trim_end_matches("|c").parse::<u64>().unwrap();
+            }
+            if line == "wiki.synchrony.connections:1|g" {
+                connections_seen = true;
+            }
+        }
+    }
+    assert_eq!(updates, total);
+}
