@@ -402,11 +402,12 @@ async fn metrics(
 /// (every 2 s) and the last group commit found, so a flood of health requests costs nothing.
 async fn health(State(engine): State<Arc<Engine>>) -> Response {
     let problem = engine.storage_problem();
-    let healthy = problem.is_none() && engine.is_ready();
+    let panic = engine.strangers.problem();
+    let healthy = problem.is_none() && panic.is_none() && engine.is_ready();
     let (queued_updates, queued_bytes) = engine.docs.persister().queued();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
-        "reason": if !engine.is_ready() { Some("not ready".to_owned()) } else { problem.clone() },
+        "reason": if !engine.is_ready() { Some("not ready".to_owned()) } else { problem.clone().or(panic) },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": engine.started.elapsed().as_secs(),
         "ready": engine.is_ready(),
@@ -448,8 +449,9 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
 /// `GET {ctx}/v1/cluster`: this node's view of the cluster. Open like the health endpoint: it
 /// names nodes and their addresses, nothing about documents' content.
 async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
+    let strangers = engine.strangers.list();
     let Some(cluster) = engine.cluster.get() else {
-        return Json(json!({ "clustered": false, "self": null, "epoch": 0, "members": [] }))
+        return Json(json!({ "clustered": false, "self": null, "epoch": 0, "members": [], "strangers": strangers }))
             .into_response();
     };
     let view = cluster.view();
@@ -475,6 +477,7 @@ async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
         "epoch": view.epoch,
         "live": *view.live,
         "members": members,
+        "strangers": strangers,
     }))
     .into_response()
 }

@@ -45,6 +45,7 @@ pub mod placement;
 pub mod roots;
 pub mod session;
 pub mod store;
+pub mod strangers;
 pub mod supervisor;
 pub mod upgrade;
 pub mod versions;
@@ -91,6 +92,8 @@ pub struct Engine {
     pub connections: Arc<AtomicU64>,
     /// What `GET {ctx}/metrics` exports.
     pub metrics: metrics::Metrics,
+    /// Engines sharing this database but not this cluster (cluster panic).
+    pub strangers: strangers::Strangers,
     /// HTTP connections being served (each ends once its request is answered after shutdown).
     pub http_connections: TaskTracker,
     pub started: Instant,
@@ -165,6 +168,7 @@ impl Engine {
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
             metrics,
+            strangers: strangers::Strangers::default(),
             http_connections: TaskTracker::new(),
             started: Instant::now(),
             ready: AtomicBool::new(false),

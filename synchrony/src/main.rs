@@ -582,6 +582,11 @@ async fn serve(config: ServeConfig) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{ready}").and_then(|()| out.flush());
     }
+    let node = match engine.cluster.get() {
+        Some(cluster) => cluster.me().to_owned(),
+        None => format!("standalone-{}", uuid::Uuid::new_v4()),
+    };
+    synchrony::strangers::start(&engine, node, url.clone());
     match &demo {
         Some(demo) => tracing::info!(%url, %demo, "ready"),
         None => tracing::info!(%url, "ready"),

@@ -68,6 +68,8 @@ pub struct Metrics {
     ready: Gauge,
     cluster_members: Family<StateLabel, Gauge>,
     cluster_epoch: Gauge,
+    /// Engines sharing this database but not this cluster.
+    cluster_strangers: Gauge,
     /// 1 for each peer a link is up to (read at scrape time).
     cluster_links: Family<PeerLabel, Gauge>,
     pub links: LinkMetrics,
@@ -117,6 +119,7 @@ impl Metrics {
             ready: Gauge::default(),
             cluster_members: Family::default(),
             cluster_epoch: Gauge::default(),
+            cluster_strangers: Gauge::default(),
             cluster_links: Family::default(),
             links: LinkMetrics::default(),
             registry: Registry::with_prefix("synchrony"),
@@ -215,6 +218,11 @@ impl Metrics {
             m.cluster_members.clone(),
         );
         r.register(
+            "cluster_strangers",
+            "Engines that share this database but not this cluster (cluster panic)",
+            m.cluster_strangers.clone(),
+        );
+        r.register(
             "cluster_link_up",
             "1 for each peer this node has a link to",
             m.cluster_links.clone(),
@@ -275,6 +283,7 @@ impl Metrics {
             u64::from(engine.storage_problem().is_none()),
         );
         gauge(&self.ready, u64::from(engine.is_ready()));
+        gauge(&self.cluster_strangers, engine.strangers.list().len() as u64);
         if let Some(cluster) = engine.cluster.get() {
             let mut counts = std::collections::HashMap::new();
             for member in cluster.members() {

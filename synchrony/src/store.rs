@@ -532,6 +532,63 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Writes this node's heartbeat row (see [`crate::strangers`]).
+    pub async fn beat(
+        &self,
+        node: &str,
+        cluster: &str,
+        http_url: &str,
+        peer_addr: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO node_heartbeats (node_id, cluster, http_url, peer_addr, beat_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (node_id) DO UPDATE SET cluster = excluded.cluster, \
+             http_url = excluded.http_url, peer_addr = excluded.peer_addr, beat_at = excluded.beat_at",
+        )
+        .bind(node)
+        .bind(cluster)
+        .bind(http_url)
+        .bind(peer_addr)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Heartbeat rows written since `since` (ms): (node, cluster, http url, peer address, time).
+    /// Rows gone stale for an hour are deleted on the way.
+    #[allow(clippy::type_complexity)]
+    pub async fn heartbeats(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
+        sqlx::query("DELETE FROM node_heartbeats WHERE beat_at < $1")
+            .bind(since - 3_600_000)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT node_id, cluster, http_url, peer_addr, beat_at FROM node_heartbeats \
+             WHERE beat_at >= $1 ORDER BY node_id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?)))
+            .collect()
+    }
+
+    /// Removes this node's heartbeat row (a clean stop).
+    pub async fn forget_beat(&self, node: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM node_heartbeats WHERE node_id = $1")
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records lock `id` over `docs` ([`crate::locks::ALL`] for every document), replacing what
     /// it held before.
     pub async fn put_lock(&self, id: &str, docs: &[String], expires_at: i64) -> Result<(), StoreError> {

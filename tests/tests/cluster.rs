@@ -346,6 +346,61 @@ async fn strangers_are_refused_and_say_why() {
         let view = cluster_json(node).await;
         assert_eq!(view["live"].as_array().unwrap().len(), 1, "{view}");
     }
+
+    // Cluster panic: they share the database, so each finds the other two through their
+    // heartbeat rows and says so, loudly, while all keep serving.
+    let started = tokio::time::Instant::now();
+    let deadline = started + WAIT;
+    for node in [&member, &wrong_secret, &other_cluster] {
+        loop {
+            let view = cluster_json(node).await;
+            if view["strangers"].as_array().is_some_and(|s| s.len() == 2) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "strangers not reported within {WAIT:?}: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let health = node.health().await;
+        assert_eq!(health["status"], "degraded", "{health}");
+        assert!(
+            health["reason"].as_str().unwrap().contains("cluster panic"),
+            "{health}"
+        );
+        assert!(node.log().contains("cluster panic"), "no ERROR line");
+        let (status, _) = node.get("/heartbeat").await;
+        assert_eq!(status, 200, "a node in cluster panic keeps serving");
+    }
+    println!("cluster panic reported on all three within {:?}", started.elapsed());
+    let view = cluster_json(&member).await;
+    let clusters: Vec<&str> = view["strangers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cluster"].as_str().unwrap())
+        .collect();
+    assert!(clusters.contains(&"staging"), "{view}");
+
+    // Nothing is lost while it lasts: each side owns the page and appends its edits to the one
+    // log, which holds them all.
+    let doc = "panic/page";
+    let mut a = YClient::synced(&member, doc, true).await;
+    let mut b = YClient::synced(&wrong_secret, doc, true).await;
+    for i in 0..5 {
+        a.append(&format!("<a{i}>")).await;
+        b.append(&format!("<b{i}>")).await;
+    }
+    for client in [&mut a, &mut b] {
+        client
+            .wait_until("every edit durable", |c| c.acked_edits() == 5)
+            .await;
+    }
+    let (stored, _) = stored_text(&db.url, doc).await;
+    for i in 0..5 {
+        assert!(stored.contains(&format!("<a{i}>")) && stored.contains(&format!("<b{i}>")), "{stored}");
+    }
 }
 
 #[tokio::test]
