@@ -455,11 +455,14 @@ async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
             .into_response();
     };
     let view = cluster.view();
+    let linked = cluster.linked_peers();
     let members: Vec<_> = cluster
         .members()
         .into_iter()
         .map(|m| {
             json!({
+                // Whether this node has a link up to it (null for this node itself).
+                "link": (m.id != cluster.me()).then(|| linked.contains(&m.id)),
                 "id": m.id,
                 "peer_address": m.info.peer_addr,
                 "http_url": m.info.http_url,

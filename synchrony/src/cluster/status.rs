@@ -46,46 +46,17 @@ pub async fn fetch(base: &str) -> Result<Value, String> {
     serde_json::from_slice(&body).map_err(|e| format!("{url} did not answer JSON: {e}"))
 }
 
-/// The status as a table: one line per member, this node marked with `*`.
-pub fn render(status: &Value) -> String {
-    if status["clustered"] != Value::Bool(true) {
-        return "this node is not in a cluster (cluster.join.type is not set)\n".into();
-    }
-    let me = status["self"].as_str().unwrap_or_default();
-    let mut out = format!(
-        "cluster {}  view epoch {}  live {}\n",
-        status["name"].as_str().unwrap_or("?"),
-        status["epoch"],
-        status["live"].as_array().map_or(0, Vec::len),
-    );
-    let rows: Vec<[String; 7]> = status["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            let id = m["id"].as_str().unwrap_or_default();
-            [
-                format!("{}{}", if id == me { "*" } else { " " }, id),
-                m["state"].as_str().unwrap_or_default().to_owned(),
-                m["peer_address"].as_str().unwrap_or_default().to_owned(),
-                m["http_url"].as_str().unwrap_or_default().to_owned(),
-                m["documents"].to_string(),
-                m["connections"].to_string(),
-                m["uptime_seconds"].to_string(),
-            ]
-        })
-        .collect();
-    let header = [
-        " NODE", "STATE", "PEER", "HTTP", "DOCS", "CONNS", "UPTIME_S",
-    ]
-    .map(String::from);
+/// Lays out rows under a header, each column as wide as its widest cell.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let header = header.map(String::from);
     let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
@@ -94,6 +65,79 @@ pub fn render(status: &Value) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    out
+}
+
+/// Engines sharing the database but not the cluster, if any (cluster panic).
+fn strangers(status: &Value) -> String {
+    let rows: Vec<[String; 4]> = status["strangers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            [
+                s["node"].as_str().unwrap_or_default().to_owned(),
+                match s["cluster"].as_str().unwrap_or_default() {
+                    "" => "(standalone)".to_owned(),
+                    name => name.to_owned(),
+                },
+                s["http_url"].as_str().unwrap_or_default().to_owned(),
+                s["last_beat_ms_ago"].to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nCLUSTER PANIC: {} node(s) share this database without sharing this cluster; all keep serving\n{}",
+        rows.len(),
+        table(["NODE", "CLUSTER", "HTTP", "LAST_BEAT_MS"], &rows)
+    )
+}
+
+/// The status as a table: one line per member, this node marked with `*`; then the strangers.
+pub fn render(status: &Value) -> String {
+    if status["clustered"] != Value::Bool(true) {
+        return format!(
+            "this node is not in a cluster (cluster.join.type is not set)\n{}",
+            strangers(status)
+        );
+    }
+    let me = status["self"].as_str().unwrap_or_default();
+    let mut out = format!(
+        "cluster {}  view epoch {}  live {}\n",
+        status["name"].as_str().unwrap_or("?"),
+        status["epoch"],
+        status["live"].as_array().map_or(0, Vec::len),
+    );
+    let rows: Vec<[String; 8]> = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let id = m["id"].as_str().unwrap_or_default();
+            [
+                format!("{}{}", if id == me { "*" } else { " " }, id),
+                m["state"].as_str().unwrap_or_default().to_owned(),
+                match m["link"] {
+                    Value::Bool(true) => "up".to_owned(),
+                    Value::Bool(false) => "DOWN".to_owned(),
+                    _ => "-".to_owned(),
+                },
+                m["peer_address"].as_str().unwrap_or_default().to_owned(),
+                m["http_url"].as_str().unwrap_or_default().to_owned(),
+                m["documents"].to_string(),
+                m["connections"].to_string(),
+                m["uptime_seconds"].to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        [" NODE", "STATE", "LINK", "PEER", "HTTP", "DOCS", "CONNS", "UPTIME_S"],
+        &rows,
+    ));
+    out.push_str(&strangers(status));
     out
 }
 
@@ -108,19 +152,23 @@ mod tests {
             "members": [
                 {"id": "b", "state": "alive", "peer_address": "10.0.0.2:25500",
                  "http_url": "http://10.0.0.2:8091/synchrony", "documents": 3, "connections": 10, "uptime_seconds": 60},
-                {"id": "a", "state": "suspect", "peer_address": "10.0.0.1:25500",
+                {"id": "a", "state": "suspect", "link": false, "peer_address": "10.0.0.1:25500",
                  "http_url": "http://10.0.0.1:8091/synchrony", "documents": 1, "connections": 0, "uptime_seconds": 5},
-            ]
+            ],
+            "strangers": [{"node": "x", "cluster": "staging", "http_url": "http://10.0.0.9:8091/synchrony",
+                           "peer_addr": "10.0.0.9:25500", "last_beat_ms_ago": 700}]
         });
         let table = render(&status);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "cluster prod  view epoch 4  live 2");
         assert!(lines[1].starts_with(" NODE  STATE"), "{table}");
         assert!(
-            lines[2].starts_with("*b     alive    10.0.0.2:25500"),
+            lines[2].starts_with("*b     alive    -     10.0.0.2:25500"),
             "{table}"
         );
-        assert!(lines[3].starts_with(" a     suspect"), "{table}");
+        assert!(lines[3].starts_with(" a     suspect  DOWN"), "{table}");
+        assert!(lines[5].starts_with("CLUSTER PANIC: 1 node(s)"), "{table}");
+        assert!(lines[7].starts_with("x     staging"), "{table}");
         assert!(render(&serde_json::json!({"clustered": false})).contains("not in a cluster"));
     }
 }
