@@ -482,6 +482,14 @@ impl RawClient {
         self.send(encode_message(message)).await;
     }
 
+    /// Sends unless the connection is gone; false when it is.
+    pub async fn try_send(&mut self, message: &Message) -> bool {
+        self.ws
+            .send(WsMessage::Binary(encode_message(message).into()))
+            .await
+            .is_ok()
+    }
+
     /// The next binary frame, or None on close, error or timeout.
     pub async fn next_binary(&mut self, within: Duration) -> Option<Vec<u8>> {
         match self.next_event(within).await {
@@ -611,6 +619,47 @@ impl YClient {
         };
         self.edits += 1;
         self.send_update(update).await;
+    }
+
+    /// Like [`YClient::append`], for a connection that may have been closed meanwhile: the edit
+    /// is made either way (as in an editor) and sent if it can be; false when it could not
+    /// ([`YClient::reconnect`] then brings it).
+    pub async fn try_append(&mut self, s: &str) -> bool {
+        let text = self.doc.get_or_insert_text("content");
+        let update = {
+            let mut txn = self.doc.transact_mut();
+            let len = text.len(&txn);
+            text.insert(&mut txn, len, s);
+            txn.encode_update_v1()
+        };
+        self.edits += 1;
+        let sent = self
+            .raw
+            .try_send(&Message::Sync(SyncMessage::Update(update)))
+            .await;
+        if sent {
+            self.record_sent();
+        }
+        sent
+    }
+
+    /// Opens a new connection to `doc` on `engine` keeping this client's document, as an editor
+    /// does after its socket closed, and waits for the sync: the server's step 1 is answered with
+    /// everything it lacks (edits the old connection never got acknowledged included), so
+    /// acknowledgements count anew from that answer.
+    pub async fn reconnect(&mut self, engine: &EngineProcess, doc: &str, ack: bool) {
+        let url = engine.ws_url(doc, if ack { "ack=persisted" } else { "" });
+        self.raw = RawClient::connect(&url).await.unwrap();
+        self.sent = 0;
+        self.edits_at.clear();
+        self.acked = 0;
+        self.synced = false;
+        let sv = self.doc.transact().state_vector();
+        self.raw
+            .send_message(&Message::Sync(SyncMessage::SyncStep1(sv)))
+            .await;
+        self.wait_until("the sync after reconnecting", |c| c.synced)
+            .await;
     }
 
     pub async fn send_update(&mut self, update: Vec<u8>) {
