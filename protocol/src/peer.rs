@@ -18,8 +18,20 @@
 use yrs::encoding::read::{Cursor, Read};
 use yrs::encoding::write::Write;
 
-/// The version this build speaks; the handshake refuses another.
+/// The version this build speaks. A release that changes the peer protocol bumps it and keeps
+/// speaking the version before (what it adds is sent only on links of the new version), so
+/// nodes one version apart interoperate and a cluster upgrades one node at a time; the
+/// handshake refuses peers further apart. The [`Hello`] encoding never changes.
 pub const PEER_PROTOCOL_VERSION: u32 = 1;
+
+/// The first version there was.
+pub const PEER_PROTOCOL_FIRST: u32 = 1;
+
+/// The version a link between nodes speaking `a` and `b` uses: the lower one, when they are at
+/// most one version apart; None when they cannot talk.
+pub fn link_version(a: u32, b: u32) -> Option<u32> {
+    (a.abs_diff(b) <= 1 && a.min(b) >= PEER_PROTOCOL_FIRST).then(|| a.min(b))
+}
 
 /// Length of the random nonce in a [`Hello`].
 pub const NONCE_BYTES: usize = 32;

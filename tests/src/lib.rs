@@ -70,6 +70,8 @@ pub struct EngineOptions {
     pub data_dir: Option<PathBuf>,
     /// Extra `serve` arguments.
     pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl EngineOptions {
@@ -88,6 +90,11 @@ impl EngineOptions {
     pub fn arg(mut self, flag: &str, value: impl ToString) -> Self {
         self.args.push(flag.to_owned());
         self.args.push(value.to_string());
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: impl ToString) -> Self {
+        self.env.push((name.to_owned(), value.to_string()));
         self
     }
 }
@@ -131,6 +138,7 @@ impl EngineProcess {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&options.args)
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .env("SYNCHRONY_LOG", "info,synchrony=debug")
             .env_remove("SYNCHRONY_DATABASE_URL")
             .stdin(Stdio::null())

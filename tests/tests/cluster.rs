@@ -1118,3 +1118,50 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         round
     );
 }
+
+/// Nodes one peer protocol version apart link (at the lower version) and serve together, as
+/// during an upgrade; a node two versions apart is refused, and both sides say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(3);
+    let current = synchrony_protocol::peer::PEER_PROTOCOL_VERSION;
+    let version = "SYNCHRONY_TEST_PEER_PROTOCOL_VERSION";
+    let old = EngineProcess::start(&node_options(&db.url, &addrs[0], &addrs[..2], SECRET, "test"))
+        .await;
+    let next = EngineProcess::start(
+        &node_options(&db.url, &addrs[1], &addrs[..2], SECRET, "test").env(version, current + 1),
+    )
+    .await;
+    wait_for_live(&old, 2).await;
+    wait_for_live(&next, 2).await;
+    assert!(
+        old.log().contains(&format!("version={current}")),
+        "the link speaks the lower version:\n{}",
+        old.log()
+    );
+    let doc = "upgrade/page";
+    let mut clients = vec![
+        YClient::synced(&old, doc, true).await,
+        YClient::synced(&next, doc, true).await,
+    ];
+    let mut markers = Vec::new();
+    type_rounds(&mut clients, 0..5, &mut markers).await;
+    converge(&mut clients, &markers).await;
+
+    let far = EngineProcess::start(
+        &node_options(&db.url, &addrs[2], &addrs[..1], SECRET, "test").env(version, current + 2),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(old.log().contains("one version apart") && far.log().contains("one version apart")) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refusal is not logged on both sides:\n{}\n{}",
+            old.log(),
+            far.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cluster_json(&old).await["live"].as_array().unwrap().len(), 2);
+}

@@ -18,7 +18,17 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use synchrony_protocol::peer::{Hello, NONCE_BYTES, PEER_PROTOCOL_VERSION};
+use synchrony_protocol::peer::{link_version, Hello, NONCE_BYTES, PEER_PROTOCOL_VERSION};
+
+/// The peer protocol version this node announces: the build's, unless
+/// `SYNCHRONY_TEST_PEER_PROTOCOL_VERSION` stands in for another build's (the cluster tests use
+/// it to start nodes one and two versions apart).
+pub fn announced_version() -> u32 {
+    std::env::var("SYNCHRONY_TEST_PEER_PROTOCOL_VERSION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PEER_PROTOCOL_VERSION)
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -72,10 +82,11 @@ pub fn verify(
 
 /// Checks the other side's hello against ours; the error is the reason given in `Refuse`.
 pub fn check_hello(mine: &Hello, theirs: &Hello) -> Result<(), String> {
-    if theirs.version != PEER_PROTOCOL_VERSION {
+    if link_version(mine.version, theirs.version).is_none() {
         return Err(format!(
-            "peer protocol version {} is not this node's {PEER_PROTOCOL_VERSION}",
-            theirs.version
+            "peer protocol version {} cannot link with this node's {}: nodes interoperate only \
+             one version apart (upgrade one release at a time)",
+            theirs.version, mine.version
         ));
     }
     if theirs.cluster != mine.cluster {
@@ -148,6 +159,14 @@ mod tests {
         let mut old = hello("b", "prod");
         old.version = 0;
         assert!(check_hello(&mine, &old).unwrap_err().contains("version"));
+        // One version apart links (at the lower); two apart does not.
+        let mut next = hello("b", "prod");
+        next.version = PEER_PROTOCOL_VERSION + 1;
+        assert_eq!(check_hello(&mine, &next), Ok(()));
+        assert_eq!(check_hello(&next, &mine), Ok(()));
+        assert_eq!(link_version(next.version, mine.version), Some(PEER_PROTOCOL_VERSION));
+        next.version = PEER_PROTOCOL_VERSION + 2;
+        assert!(check_hello(&mine, &next).unwrap_err().contains("one version apart"));
         assert!(check_hello(&mine, &hello("a", "prod"))
             .unwrap_err()
             .contains("itself"));

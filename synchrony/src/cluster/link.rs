@@ -64,6 +64,10 @@ pub(crate) enum ServedEvent {
 
 pub struct Link {
     pub node: String,
+    /// The peer protocol version this link speaks: the lower of the two nodes' (see
+    /// `protocol::peer::link_version`). A message a later version adds goes only on links of
+    /// that version or above.
+    pub version: u32,
     pub info: MemberInfo,
     /// Node id of the side that dialed.
     dialer: String,
@@ -522,8 +526,14 @@ fn heartbeat(cluster: &Cluster) -> PeerMessage {
 async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bool) {
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let me = cluster.me().to_owned();
+    let version = synchrony_protocol::peer::link_version(
+        super::handshake::announced_version(),
+        hello.version,
+    )
+    .unwrap_or(synchrony_protocol::peer::PEER_PROTOCOL_FIRST);
     let link = Arc::new(Link {
         node: hello.node.clone(),
+        version,
         info: MemberInfo {
             peer_addr: hello.peer_addr.clone(),
             http_url: hello.http_url.clone(),
@@ -546,7 +556,7 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
         tracing::debug!(peer = %hello.node, "a link to this member exists already; closing the duplicate");
         return;
     }
-    tracing::info!(peer = %hello.node, addr = %hello.peer_addr, we_dialed, "peer link up");
+    tracing::info!(peer = %hello.node, addr = %hello.peer_addr, we_dialed, version, "peer link up");
     cluster
         .link_metrics
         .ups

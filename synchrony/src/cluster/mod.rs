@@ -59,7 +59,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use synchrony_protocol::peer::{Hello, NodeStats, NONCE_BYTES, PEER_PROTOCOL_VERSION};
+use synchrony_protocol::peer::{Hello, NodeStats, NONCE_BYTES};
 use synchrony_protocol::DocId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -248,7 +248,7 @@ impl Cluster {
         let mut nonce = vec![0u8; NONCE_BYTES];
         rand::fill(&mut nonce[..]);
         Hello {
-            version: PEER_PROTOCOL_VERSION,
+            version: handshake::announced_version(),
             node: self.settings.node_id.clone(),
             cluster: self.settings.name.clone(),
             nonce,
