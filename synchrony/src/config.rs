@@ -648,12 +648,20 @@ pub struct ClusterConfig {
     /// Members for `tcpip`, comma-separated host[:port].
     #[arg(long = "cluster-join-tcpip-members", env = "CLUSTER_JOIN_TCPIP_MEMBERS", value_delimiter = ',', value_parser = parse_member)]
     pub tcpip_members: Vec<String>,
-    /// Multicast group for `multicast`.
+    /// Multicast group for `multicast` (default 224.2.2.3, Hazelcast's).
     #[arg(
         long = "cluster-join-multicast-group",
         env = "CLUSTER_JOIN_MULTICAST_GROUP"
     )]
     pub multicast_group: Option<IpAddr>,
+    /// Time-to-live of the multicast announcements (1: the local network).
+    #[arg(
+        long = "cluster-join-multicast-ttl",
+        env = "CLUSTER_JOIN_MULTICAST_TTL",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=255)
+    )]
+    pub multicast_ttl: u32,
     /// Multicast port for `multicast` (Synchrony's managed default).
     #[arg(
         long = "cluster-join-multicast-port",
@@ -671,6 +679,34 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// The multicast settings from `cluster.join.multicast.*` and `cluster.interfaces`.
+    pub fn multicast(&self) -> Result<crate::cluster::multicast::MulticastSettings, ConfigError> {
+        let group = match self.multicast_group {
+            None => std::net::Ipv4Addr::new(224, 2, 2, 3),
+            Some(IpAddr::V4(group)) if group.is_multicast() => group,
+            Some(other) => {
+                return Err(ConfigError::Cluster(format!(
+                    "cluster.join.multicast.group {other} is not an IPv4 multicast address (224.0.0.0/4)"
+                )))
+            }
+        };
+        let interface = match self.interfaces {
+            None => std::net::Ipv4Addr::UNSPECIFIED,
+            Some(IpAddr::V4(address)) => address,
+            Some(other) => {
+                return Err(ConfigError::Cluster(format!(
+                    "cluster.interfaces {other} is not an IPv4 address (multicast membership is IPv4)"
+                )))
+            }
+        };
+        Ok(crate::cluster::multicast::MulticastSettings {
+            group,
+            port: self.multicast_port,
+            ttl: self.multicast_ttl,
+            interface,
+        })
+    }
+
     /// Cross-key checks: a join type needs its own keys, a secret when authentication is on.
     /// A blank secret counts as unset; a set one must be long enough.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
@@ -700,9 +736,12 @@ impl ClusterConfig {
                     )));
                 }
             }
+            Some(JoinType::Multicast) => {
+                self.multicast()?;
+            }
             Some(other) => {
                 return Err(ConfigError::Cluster(format!(
-                    "cluster.join.type {} is not supported yet; use tcpip or redis",
+                    "cluster.join.type {} is not supported yet; use tcpip, redis or multicast",
                     format!("{other:?}").to_lowercase()
                 )))
             }
@@ -793,6 +832,10 @@ impl ClusterConfig {
             timeouts: crate::cluster::membership::Timeouts::default(),
             redis_url: match self.join_type {
                 Some(JoinType::Redis) => self.redis_url.clone(),
+                _ => None,
+            },
+            multicast: match self.join_type {
+                Some(JoinType::Multicast) => Some(self.multicast()?),
                 _ => None,
             },
         })

@@ -72,6 +72,9 @@ pub struct EngineOptions {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// A network namespace to run the engine in (`ip netns exec`); its HTTP port is then
+    /// reachable only from inside it.
+    pub netns: Option<String>,
 }
 
 impl EngineOptions {
@@ -131,7 +134,14 @@ impl EngineProcess {
             .unwrap_or_else(|| dir.path().join("data"));
         let log_path = dir.path().join("engine.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut command = Command::new(engine_binary());
+        let mut command = match &options.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(engine_binary());
+                c
+            }
+            None => Command::new(engine_binary()),
+        };
         command
             .arg("serve")
             .args(["--port", "0", "--bind", "127.0.0.1"])

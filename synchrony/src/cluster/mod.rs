@@ -49,6 +49,7 @@ pub mod handshake;
 pub mod hub;
 pub mod link;
 pub mod membership;
+pub mod multicast;
 pub mod registry;
 pub mod relay;
 pub mod rest;
@@ -87,6 +88,8 @@ pub struct ClusterSettings {
     pub timeouts: Timeouts,
     /// The Redis registry, for `cluster.join.type=redis`.
     pub redis_url: Option<String>,
+    /// Announcements, for `cluster.join.type=multicast`.
+    pub multicast: Option<multicast::MulticastSettings>,
 }
 
 /// A node's view of the cluster: the live members, and a counter bumped at each change.
@@ -270,6 +273,11 @@ impl Cluster {
             let me = self.clone();
             self.tracker
                 .spawn(async move { registry::run(me, url).await });
+        }
+        if let Some(settings) = self.settings.multicast.clone() {
+            let me = self.clone();
+            self.tracker
+                .spawn(async move { multicast::run(me, settings).await });
         }
         let me = self.clone();
         self.tracker.spawn(async move {
