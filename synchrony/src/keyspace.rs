@@ -101,6 +101,7 @@ const RENAMED: &[(&str, &str)] = &[
         "cluster.join.multicast.group",
     ),
     ("cluster-join-multicast-port", "cluster.join.multicast.port"),
+    ("cluster-join-multicast-ttl", "cluster.join.multicast.ttl"),
     ("cluster-join-redis-url", "cluster.join.redis.url"),
 ];
 
