@@ -601,6 +601,10 @@ struct Conn {
     pending_acks: VecDeque<(u64, u64)>,
     /// The last acknowledgement queued; re-sent on resync since the queue may have dropped it.
     last_acked: u64,
+    /// The count of the first update refused while the document was locked: no
+    /// acknowledgement reaches it (the client would take its edit for stored) until a sync
+    /// step 2 from the client, which holds everything it has that the document lacks, is in.
+    acks_held_from: Option<u64>,
     resyncs: VecDeque<Instant>,
     /// Receives broadcasts (others' updates and awareness). A cluster route turns it off once
     /// its node's subscription carries them (see `cluster::relay`).
@@ -613,10 +617,11 @@ impl Conn {
     /// Acknowledges, in one message, every update of this connection durable at `durable`.
     fn ack_through(&mut self, durable: u64) {
         let mut acked = None;
+        let held = self.acks_held_from;
         while self
             .pending_acks
             .front()
-            .is_some_and(|(seq, _)| *seq <= durable)
+            .is_some_and(|(seq, n)| *seq <= durable && held.is_none_or(|h| *n < h))
         {
             acked = self.pending_acks.pop_front().map(|(_, n)| n);
         }
@@ -1027,6 +1032,7 @@ impl DocActor {
                     received: 0,
                     pending_acks: VecDeque::new(),
                     last_acked: 0,
+                    acks_held_from: None,
                     resyncs: VecDeque::new(),
                     broadcasts: true,
                     broadcast_to: request.broadcast_to,
@@ -1309,9 +1315,11 @@ impl DocActor {
                     let _ = conn.out.push(&diff) && conn.out.push(&step1);
                 }
             }
-            Message::Sync(SyncMessage::SyncStep2(update))
-            | Message::Sync(SyncMessage::Update(update)) => {
-                self.on_update(conn_id, update, received).await;
+            Message::Sync(SyncMessage::SyncStep2(update)) => {
+                self.on_update(conn_id, update, received, true).await;
+            }
+            Message::Sync(SyncMessage::Update(update)) => {
+                self.on_update(conn_id, update, received, false).await;
             }
             Message::Awareness(update) => self.on_awareness(conn_id, update),
             Message::AwarenessQuery => {
@@ -1327,17 +1335,45 @@ impl DocActor {
         }
     }
 
-    async fn on_update(&mut self, conn_id: u64, raw: Vec<u8>, received: std::time::Instant) {
+    async fn on_update(
+        &mut self,
+        conn_id: u64,
+        raw: Vec<u8>,
+        received: std::time::Instant,
+        step2: bool,
+    ) {
         if self.conns.get(&conn_id).is_some_and(|c| c.read_only) {
             self.refuse(conn_id, &raw, "read-only access");
             return;
         }
+        // Marked before the lock is looked at, so that a release landing during the refusal
+        // still wakes the actor (a release already pending is not marked away).
+        if !self.refused_locked {
+            self.locks_rx.mark_unchanged();
+        }
         if self.locked() {
-            if self.refuse(conn_id, &raw, LOCKED_REASON) {
-                self.refused_locked = true;
-                self.locks_rx.mark_unchanged();
+            let Some(holds) = self.refuse(conn_id, &raw, LOCKED_REASON) else {
+                return;
+            };
+            self.refused_locked |= holds;
+            // Counted like any update-bearing message, so that the client's count of its
+            // messages and the engine's agree; an ack may cover it only if it held nothing.
+            let submitted = self.submitted;
+            if let Some(conn) = self.conns.get_mut(&conn_id) {
+                conn.received += 1;
+                if holds {
+                    conn.acks_held_from.get_or_insert(conn.received);
+                }
+                if conn.wants_ack {
+                    conn.pending_acks.push_back((submitted, conn.received));
+                }
             }
+            self.on_durable();
             return;
+        }
+        if self.refused_locked {
+            // The lock ended and the actor has not heard yet.
+            self.on_unlocked();
         }
         match self.apply(&raw) {
             Ok(outcome) => {
@@ -1354,6 +1390,11 @@ impl DocActor {
                     conn.received += 1;
                     if conn.wants_ack {
                         conn.pending_acks.push_back((submitted, conn.received));
+                    }
+                    // The client's sync step 2 brings what was refused under a lock: once it
+                    // is durable, acknowledgements may cover the refused updates again.
+                    if step2 {
+                        conn.acks_held_from = None;
                     }
                 }
                 self.on_durable();
@@ -1423,18 +1464,23 @@ impl DocActor {
 
     /// Refuses an update that may not be applied (a read-only client's, or any while the
     /// document is locked). One that adds nothing (the step 2 every client sends after syncing)
-    /// is ignored; anything else gets the permission-denied message with `reason`. True when
-    /// the update held something.
-    fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> bool {
+    /// is ignored; anything else gets the permission-denied message with `reason`. Some(true)
+    /// when the update held something; None when it was invalid and the client was closed.
+    fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> Option<bool> {
         let held = self.awareness.doc().transact().state_vector();
         if let Err(error) = self.nesting.check(raw, &held) {
-            tracing::warn!(conn_id, %error, "invalid update refused; closing the connection");
             let reason = match Rejection::from(error) {
-                Rejection::TooDeep(_) => "update nests too deeply",
-                _ => "invalid update",
+                // Valid, but built on content the document lacks (an earlier refused edit):
+                // refused like any other.
+                Rejection::Unanchored(_) => None,
+                Rejection::TooDeep(_) => Some("update nests too deeply"),
+                _ => Some("invalid update"),
             };
-            self.close(conn_id, CloseCode::INVALID_PAYLOAD, reason);
-            return false;
+            if let Some(why) = reason {
+                tracing::warn!(conn_id, why, "invalid update refused; closing the connection");
+                self.close(conn_id, CloseCode::INVALID_PAYLOAD, why);
+                return None;
+            }
         }
         let adds_nothing = match catch_unwind(|| Update::decode_v1(raw)) {
             Ok(Ok(update)) => {
@@ -1457,7 +1503,7 @@ impl DocActor {
                 conn.out.push(&frame(&Message::Auth(Some(reason.into()))));
             }
         }
-        !adds_nothing
+        Some(!adds_nothing)
     }
 
     /// Applies a client's update. `persist` is what goes to the log: the update this

@@ -9,7 +9,8 @@
 //! - the **soft job** (`synchrony.eviction.soft.job.*`, on by default) takes documents nobody has
 //!   changed for `threshold.hours` (72) and nobody holds open on this node;
 //! - the **hard job** (`synchrony.eviction.hard.job.*`, off by default) takes documents with log
-//!   rows older than its threshold (360 hours), open or not.
+//!   rows older than its threshold (360 hours), open or not; when deleting, documents nobody
+//!   has changed for that long, open or not.
 //!
 //! Unlike Synchrony, eviction keeps each document's current state: its log is merged into a
 //! compacted snapshot (deleted content dropped), so editors never lose content and a client
@@ -177,7 +178,9 @@ const PAGE: u32 = 200;
 
 /// Runs one eviction job on this node.
 pub async fn run(engine: &Arc<Engine>, run: Run) -> Result<Report, StoreError> {
-    let cutoff = crate::store::now_millis() - run.threshold.as_millis() as i64;
+    // A huge threshold ("never") must not wrap into a cutoff in the future.
+    let threshold = i64::try_from(run.threshold.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = crate::store::now_millis().saturating_sub(threshold);
     let mut report = Report::default();
     let mut after = String::new();
     'pages: loop {

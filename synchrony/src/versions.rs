@@ -32,6 +32,17 @@ use crate::doc::DocCommand;
 use crate::http::{parse_doc, require, ApiError, ReadQuery};
 use crate::Engine;
 
+/// How long a version read waits for a decoding slot.
+const DECODE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Version reads decoding at once: one per core.
+fn decode_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    })
+}
+
 /// Versions one document may have.
 pub const MAX_VERSIONS: usize = 1000;
 /// Longest label and user name, in characters.
@@ -106,6 +117,23 @@ pub(crate) async fn get(
         At::One(id) => {
             let (format, text_root) = crate::http::read_format(query)?;
             let state = stored(engine, &doc, id).await?;
+            if format == "update" {
+                // The stored bytes are the answer: nothing to decode.
+                let mut response = (
+                    [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                    state,
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert("x-synchrony-version", HeaderValue::from(id));
+                return Ok(response);
+            }
+            // Decoding holds a copy of the document in memory: a few at a time.
+            let _slot = tokio::time::timeout(DECODE_WAIT, decode_slots().acquire())
+                .await
+                .map_err(|_| ApiError::Unavailable("too many versions being read; try again"))?
+                .map_err(|_| ApiError::Unavailable("shutting down"))?;
             let xml = format == "xml";
             // Decoding a large state is CPU work: off the connection threads.
             let read = tokio::task::spawn_blocking(move || {

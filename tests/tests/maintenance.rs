@@ -223,3 +223,38 @@ async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
         assert_eq!(version, (200, want.clone()), "the version survived");
     }
 }
+
+/// An editor that asked for persisted acknowledgements is never told that an edit refused under
+/// a lock is stored: acknowledgements stop short of it until the lock ends and the editor's
+/// answer to the engine's step 1 has brought it in.
+#[tokio::test]
+async fn acknowledgements_never_cover_an_edit_refused_under_a_lock() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/acked-lock";
+    let mut editor = YClient::synced(&engine, doc, true).await;
+    editor.append("before ").await;
+    editor
+        .wait_until("the first edit acknowledged", |c| c.acked_edits() == 1)
+        .await;
+    let lock = "/synchrony/v1/hub-lock-state?lock-id=2b7f5c0e-8a57-4a3e-9d0e-3c9f0f0a1b2c";
+    let body = format!("{{\"point-list\":[\"{doc}\"]}}");
+    let taken = synchrony_tests::http(engine.port, "POST", lock, &[], body.as_bytes()).await;
+    assert_eq!(taken.status, 200, "{}", taken.text());
+    editor.append("refused ").await;
+    editor.append("twice ").await;
+    let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+    while engine.log().matches("update refused").count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no refusal:\n{}", engine.log());
+        editor.drain(std::time::Duration::from_millis(20)).await;
+    }
+    // Whatever arrives meanwhile, no acknowledgement covers the refused edits.
+    editor.drain(std::time::Duration::from_millis(300)).await;
+    assert_eq!(editor.acked_edits(), 1, "an edit refused under the lock was acknowledged");
+    let released = synchrony_tests::http(engine.port, "DELETE", lock, &[], b"").await;
+    assert_eq!(released.status, 200);
+    editor
+        .wait_until("every edit acknowledged after the lock", |c| c.acked_edits() == 3)
+        .await;
+    let reader = YClient::synced(&engine, doc, false).await;
+    assert_eq!(reader.text(), "before refused twice ");
+}
