@@ -11,6 +11,8 @@
 //! - [`node`]: runs `tests/js/interop.mjs` scenarios with the real `yjs`/`y-websocket` packages.
 #![allow(clippy::unwrap_used)]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -55,6 +57,8 @@ pub fn engine_binary() -> PathBuf {
 /// A `synchrony serve` process.
 pub struct EngineProcess {
     child: Child,
+    /// The address its HTTP port answers on (127.0.0.1 unless it runs in a namespace).
+    pub host: String,
     pub port: u16,
     pub pid: u32,
     log_path: PathBuf,
@@ -73,8 +77,10 @@ pub struct EngineOptions {
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
     /// A network namespace to run the engine in (`ip netns exec`); its HTTP port is then
-    /// reachable only from inside it.
+    /// reachable only from inside it, unless it binds `host`.
     pub netns: Option<String>,
+    /// The address its HTTP port is reached at (with `--bind` set to it): 127.0.0.1 if unset.
+    pub host: Option<String>,
 }
 
 impl EngineOptions {
@@ -144,7 +150,7 @@ impl EngineProcess {
         };
         command
             .arg("serve")
-            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .args(["--port", "0", "--bind", options.host.as_deref().unwrap_or("127.0.0.1")])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&options.args)
@@ -177,6 +183,7 @@ impl EngineProcess {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             pid: child.id().unwrap(),
+            host: options.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
             port: ready["port"].as_u64().unwrap() as u16,
             child,
             log_path,
@@ -185,11 +192,11 @@ impl EngineProcess {
     }
 
     pub fn ws_base(&self) -> String {
-        format!("ws://127.0.0.1:{}/synchrony", self.port)
+        format!("ws://{}:{}/synchrony", self.host, self.port)
     }
 
     pub fn http_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/synchrony{path}", self.port)
+        format!("http://{}:{}/synchrony{path}", self.host, self.port)
     }
 
     pub fn ws_url(&self, doc: &str, query: &str) -> String {
@@ -204,7 +211,7 @@ impl EngineProcess {
 
     /// GET over plain HTTP/1.1; returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = http(self.port, "GET", &format!("/synchrony{path}"), &[], &[]).await;
+        let response = http_to(&self.host, self.port, "GET", &format!("/synchrony{path}"), &[], &[]).await;
         (response.status, response.text())
     }
 
@@ -221,7 +228,8 @@ impl EngineProcess {
             .iter()
             .map(|b| ("Authorization", b.as_str()))
             .collect();
-        http(
+        http_to(
+            &self.host,
             self.port,
             method,
             &format!("/synchrony{path}"),
@@ -349,8 +357,20 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
+    http_to("127.0.0.1", port, method, path, headers, body).await
+}
+
+/// [`http`] to another address than 127.0.0.1 (an engine in a test's network namespace).
+pub async fn http_to(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut stream = TcpStream::connect((host, port)).await.unwrap();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
