@@ -601,8 +601,11 @@ impl Store {
             let values: Vec<String> = (0..chunk.len())
                 .map(|i| format!("(${}, ${}, ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3))
                 .collect();
+            // Two renewals of one lock at once both delete, then both insert: the second
+            // waits for the first and updates its rows instead of failing on the key.
             let sql = format!(
-                "INSERT INTO doc_locks (lock_id, doc_id, expires_at) VALUES {}",
+                "INSERT INTO doc_locks (lock_id, doc_id, expires_at) VALUES {} \
+                 ON CONFLICT (lock_id, doc_id) DO UPDATE SET expires_at = excluded.expires_at",
                 values.join(",")
             );
             let mut query = sqlx::query(&sql);
@@ -857,6 +860,30 @@ pub(crate) async fn temp_sqlite() -> (tempfile::TempDir, Store) {
 mod tests {
     use super::*;
     use yrs::{GetString, Text};
+
+    #[tokio::test]
+    async fn a_lock_is_renewed_in_place_and_expired_rows_go() {
+        let (_dir, store) = temp_sqlite().await;
+        let later = now_millis() + 60_000;
+        let docs = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        store.put_lock("l", &docs(&["a", "b"]), later).await.expect("lock");
+        // Renewed with another scope: only the new rows remain.
+        store.put_lock("l", &docs(&["b", "c"]), later + 1).await.expect("renew");
+        let mut rows = store.live_locks().await.expect("read");
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                ("l".to_owned(), "b".to_owned(), later + 1),
+                ("l".to_owned(), "c".to_owned(), later + 1)
+            ]
+        );
+        store.put_lock("old", &docs(&["x"]), now_millis() - 1).await.expect("lock");
+        assert_eq!(store.live_locks().await.expect("read").len(), 2, "expired rows are not live");
+        assert!(!store.delete_lock("old").await.expect("delete"), "and were deleted on the way");
+        assert!(store.delete_lock("l").await.expect("delete"));
+        assert!(store.live_locks().await.expect("read").is_empty());
+    }
 
     fn update_inserting(client: u64, prefix: &[u8], text: &str) -> Vec<u8> {
         let doc = yrs::Doc::with_client_id(client);
