@@ -807,6 +807,13 @@ impl ClusterConfig {
         } else {
             bound.ip()
         };
+        if self.join_type == Some(JoinType::Multicast) && advertised_ip.is_loopback() {
+            return Err(ConfigError::Cluster(format!(
+                "cluster.join.type is multicast but this node would announce the loopback address \
+                 {advertised_ip}: set synchrony.cluster.bind (or cluster.interfaces) to the address \
+                 other nodes reach this one at"
+            )));
+        }
         let peer_addr = std::net::SocketAddr::new(advertised_ip, bound.port()).to_string();
         let host = match &serve.managed.host {
             Some(host) => format!("{host}:{}", http.port()),

@@ -21,8 +21,6 @@ use synchrony_protocol::DocId;
 use yrs::updates::decoder::Decode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Rows per INSERT statement in a group commit; keeps far below SQLite's bind-parameter limit.
 const ROWS_PER_INSERT: usize = 500;
@@ -202,10 +200,14 @@ impl Store {
 
     /// Runs the migrations of this backend's dialect.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
-        }
+        // A database a newer release migrated further still opens: during a rolling upgrade
+        // an old node may restart (its tables are all there; the newer ones it ignores).
+        let mut migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await?;
         Ok(())
     }
 
@@ -860,6 +862,21 @@ pub(crate) async fn temp_sqlite() -> (tempfile::TempDir, Store) {
 mod tests {
     use super::*;
     use yrs::{GetString, Text};
+
+    /// During a rolling upgrade an old node may restart on a database a newer one migrated
+    /// further: it still opens.
+    #[tokio::test]
+    async fn a_database_migrated_by_a_newer_release_still_opens() {
+        let (_dir, store) = temp_sqlite().await;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (9999, 'from a newer release', TRUE, X'00', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("record a newer migration");
+        store.migrate().await.expect("an older release still migrates");
+    }
 
     #[tokio::test]
     async fn a_lock_is_renewed_in_place_and_expired_rows_go() {

@@ -125,21 +125,33 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
                 _ = cancel.cancelled() => break,
             }
             let Some(engine) = weak.upgrade() else { break };
+            // A node leaving the cluster is no stranger to anyone: its row goes now.
+            if engine.cluster.get().is_some_and(|c| c.is_leaving()) {
+                break;
+            }
             let (cluster, peer_addr) = match engine.cluster.get() {
                 Some(c) => (c.settings.name.clone(), c.settings.peer_addr.clone()),
                 None => (String::new(), String::new()),
             };
             let now = now_millis();
-            let beat = store
-                .beat(&node, &cluster, &http_url, &peer_addr, now)
-                .await
-                .and(store.heartbeats(now - FRESH.as_millis() as i64).await);
-            let rows = match beat {
-                Ok(rows) => rows,
-                Err(error) => {
-                    tracing::debug!(%error, "node heartbeat failed; trying again");
-                    continue;
-                }
+            // Bounded, and given up at shutdown: storage that hangs must not hold a stop.
+            let beat = async {
+                store.beat(&node, &cluster, &http_url, &peer_addr, now).await?;
+                store.heartbeats(now - FRESH.as_millis() as i64).await
+            };
+            let rows = tokio::select! {
+                result = tokio::time::timeout(BEAT, beat) => match result {
+                    Ok(Ok(rows)) => rows,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "node heartbeat failed; trying again");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::debug!("node heartbeat took longer than a beat; trying again");
+                        continue;
+                    }
+                },
+                _ = cancel.cancelled() => break,
             };
             let live: Vec<String> = engine
                 .cluster
@@ -178,8 +190,10 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
             }
         }
         // A clean stop: the others need not wait for the row to go stale.
-        if let Err(error) = store.forget_beat(&node).await {
-            tracing::debug!(%error, "removing this node's heartbeat failed");
+        match tokio::time::timeout(BEAT, store.forget_beat(&node)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "removing this node's heartbeat failed"),
+            Err(_) => tracing::debug!("removing this node's heartbeat took too long; it goes stale"),
         }
     });
 }

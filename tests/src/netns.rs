@@ -31,7 +31,10 @@ pub struct Network {
 
 impl Network {
     pub fn build(subnet: u8, nodes: usize, host_link: bool) -> Result<Self, String> {
-        let tag = format!("{:05x}", rand::random::<u32>() & 0xfffff);
+        sweep();
+        // The test process's id, so that a later run can tell (and remove) what a killed one
+        // left behind; a random letter, so that two networks of one process differ.
+        let tag = format!("{:x}{}", std::process::id(), (b'a' + rand::random::<u8>() % 26) as char);
         let mut net = Network {
             tag: tag.clone(),
             subnet,
@@ -93,6 +96,23 @@ impl Network {
     pub fn heal(&self, a: usize, b: usize) -> Result<(), String> {
         ip(&["-n", &self.node(a), "route", "del", "blackhole", &self.address(b)])?;
         ip(&["-n", &self.node(b), "route", "del", "blackhole", &self.address(a)])
+    }
+}
+
+/// Removes namespaces a test process that no longer runs left behind (it was killed before its
+/// [`Network`] dropped).
+fn sweep() {
+    let Ok(output) = std::process::Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else { continue };
+        let Some(rest) = name.strip_prefix("snt-") else { continue };
+        let tag = rest.rsplit('-').next().unwrap_or_default();
+        let pid = u32::from_str_radix(tag.get(..tag.len().saturating_sub(1)).unwrap_or(""), 16);
+        if pid.is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = ip(&["netns", "del", name]);
+        }
     }
 }
 

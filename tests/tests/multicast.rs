@@ -64,6 +64,15 @@ async fn nodes_find_each_other_by_multicast_and_strangers_are_not_let_in() {
     for n in &nodes {
         assert!(n.log().contains("announcing on multicast"), "{}", n.log());
     }
+    // It has heard the members' announcements and ignored them, and nobody linked to it.
+    while !outsider.log().contains("is not a member's announcement ignored") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outsider heard no announcement:\n{}",
+            outsider.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !outsider.log().contains("peer link up"),
         "a node with another secret linked:\n{}",

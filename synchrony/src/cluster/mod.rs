@@ -165,6 +165,11 @@ impl Cluster {
         })
     }
 
+    /// Whether this node is leaving the cluster (a clean stop has begun).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The peers this node has a link up to.
     pub fn linked_peers(&self) -> Vec<String> {
         self.links.nodes()

@@ -119,11 +119,17 @@ fn open(settings: &MulticastSettings) -> std::io::Result<tokio::net::UdpSocket> 
 
 /// Announces this node and dials the members it hears, until the node stops.
 pub(crate) async fn run(cluster: Arc<Cluster>, settings: MulticastSettings) {
-    let socket = match open(&settings) {
-        Ok(socket) => socket,
-        Err(error) => {
-            tracing::error!(%error, group = %settings.group, port = settings.port, "cannot join the multicast group (cluster.join.multicast.*); multicast membership is off");
-            return;
+    // The interface may not be up yet at boot: keep trying.
+    let socket = loop {
+        match open(&settings) {
+            Ok(socket) => break socket,
+            Err(error) => {
+                tracing::warn!(%error, group = %settings.group, port = settings.port, "cannot join the multicast group (cluster.join.multicast.*, cluster.interfaces); retrying in 5 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = cluster.cancel.cancelled() => return,
+                }
+            }
         }
     };
     tracing::info!(group = %settings.group, port = settings.port, ttl = settings.ttl, interface = %settings.interface, "announcing on multicast");
@@ -132,6 +138,7 @@ pub(crate) async fn run(cluster: Arc<Cluster>, settings: MulticastSettings) {
     let mut every = tokio::time::interval(ANNOUNCE);
     let mut buffer = vec![0u8; MAX_DATAGRAM];
     let mut warned = false;
+    let mut warned_own_addr = false;
     loop {
         tokio::select! {
             _ = cluster.cancel.cancelled() => return,
@@ -165,6 +172,12 @@ pub(crate) async fn run(cluster: Arc<Cluster>, settings: MulticastSettings) {
                     continue;
                 }
                 if heard.node != cluster.me() {
+                    if heard.peer_addr == cluster.settings.peer_addr {
+                        if !std::mem::replace(&mut warned_own_addr, true) {
+                            tracing::warn!(node = %heard.node, addr = %heard.peer_addr, "another member announces this node's own peer address; set cluster.bind to each node's network address");
+                        }
+                        continue;
+                    }
                     cluster.dial(heard.peer_addr);
                 }
             }
