@@ -92,7 +92,10 @@ fn parse_lock(body: &[u8]) -> Result<(Scope, u64), ApiError> {
             let mut docs = BTreeSet::new();
             for point in points {
                 let doc = DocId::parse(&point).map_err(|e| {
-                    bad("invalid-document-id", format!("point-list entry {point:?}: {e}"))
+                    bad(
+                        "invalid-document-id",
+                        format!("point-list entry {point:?}: {e}"),
+                    )
                 })?;
                 docs.insert(doc.as_str().to_owned());
             }
@@ -111,7 +114,9 @@ fn parse_lock(body: &[u8]) -> Result<(Scope, u64), ApiError> {
 fn describe(id: &str, held: &Held) -> serde_json::Value {
     match &held.scope {
         Scope::All => json!({ "lock-id": id, "expires-at": held.expires_at, "app-wide": true }),
-        Scope::Docs(docs) => json!({ "lock-id": id, "expires-at": held.expires_at, "documents": docs }),
+        Scope::Docs(docs) => {
+            json!({ "lock-id": id, "expires-at": held.expires_at, "documents": docs })
+        }
     }
 }
 
@@ -319,8 +324,10 @@ pub(crate) async fn evict(
     if forwarded(&request.extensions) {
         return Ok(Json(report).into_response());
     }
-    Ok(Json(json!({ "job": job, "nodes": nodes, "unreached": missing, "report": report }))
-        .into_response())
+    Ok(
+        Json(json!({ "job": job, "nodes": nodes, "unreached": missing, "report": report }))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]

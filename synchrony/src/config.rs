@@ -494,11 +494,19 @@ pub struct StatsdConfig {
     pub statsd_host: Option<String>,
 
     /// Its UDP port.
-    #[arg(long = "metrics-statsd-port", env = "SYNCHRONY_METRICS_STATSD_PORT", default_value_t = 8125)]
+    #[arg(
+        long = "metrics-statsd-port",
+        env = "SYNCHRONY_METRICS_STATSD_PORT",
+        default_value_t = 8125
+    )]
     pub statsd_port: u16,
 
     /// Prefix of every key pushed.
-    #[arg(long = "metrics-statsd-prefix", env = "SYNCHRONY_METRICS_STATSD_PREFIX", default_value = "synchrony")]
+    #[arg(
+        long = "metrics-statsd-prefix",
+        env = "SYNCHRONY_METRICS_STATSD_PREFIX",
+        default_value = "synchrony"
+    )]
     pub statsd_prefix: String,
 
     /// Seconds between pushes.
@@ -693,11 +701,9 @@ impl ClusterConfig {
         let interface = match self.interfaces {
             None => std::net::Ipv4Addr::UNSPECIFIED,
             Some(IpAddr::V4(address)) => address,
-            Some(other) => {
-                return Err(ConfigError::Cluster(format!(
-                    "cluster.interfaces {other} is not an IPv4 address (multicast membership is IPv4)"
-                )))
-            }
+            Some(other) => return Err(ConfigError::Cluster(format!(
+                "cluster.interfaces {other} is not an IPv4 address (multicast membership is IPv4)"
+            ))),
         };
         Ok(crate::cluster::multicast::MulticastSettings {
             group,

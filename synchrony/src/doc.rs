@@ -1273,8 +1273,10 @@ impl DocActor {
         if !self.flush_within_deadline().await {
             return Err(DocError::Storage);
         }
-        let deleted =
-            tokio::time::timeout(STORAGE_DEADLINE, self.deps().store.delete_doc(&self.id, versions));
+        let deleted = tokio::time::timeout(
+            STORAGE_DEADLINE,
+            self.deps().store.delete_doc(&self.id, versions),
+        );
         match deleted.await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
@@ -1477,7 +1479,11 @@ impl DocActor {
                 _ => Some("invalid update"),
             };
             if let Some(why) = reason {
-                tracing::warn!(conn_id, why, "invalid update refused; closing the connection");
+                tracing::warn!(
+                    conn_id,
+                    why,
+                    "invalid update refused; closing the connection"
+                );
                 self.close(conn_id, CloseCode::INVALID_PAYLOAD, why);
                 return None;
             }

@@ -187,9 +187,17 @@ pub async fn run(engine: &Arc<Engine>, run: Run) -> Result<Report, StoreError> {
         let page = match (run.job, run.delete) {
             // Idle documents; with content kept, only those that have history to remove.
             (Job::Soft, delete) | (Job::Hard, delete @ true) => {
-                engine.store.idle_docs(cutoff, !delete, &after, PAGE).await?
+                engine
+                    .store
+                    .idle_docs(cutoff, !delete, &after, PAGE)
+                    .await?
             }
-            (Job::Hard, false) => engine.store.docs_with_log_before(cutoff, &after, PAGE).await?,
+            (Job::Hard, false) => {
+                engine
+                    .store
+                    .docs_with_log_before(cutoff, &after, PAGE)
+                    .await?
+            }
         };
         let Some(last) = page.last() else { break };
         after = last.clone();
@@ -270,7 +278,10 @@ pub fn schedule(engine: &Arc<Engine>) {
                 _ = cancel.cancelled() => return,
             }
             let Some(engine) = weak.upgrade() else { return };
-            for (enabled, job) in [(config.soft_enabled, Job::Soft), (config.hard_enabled, Job::Hard)] {
+            for (enabled, job) in [
+                (config.soft_enabled, Job::Soft),
+                (config.hard_enabled, Job::Hard),
+            ] {
                 if !enabled {
                     continue;
                 }

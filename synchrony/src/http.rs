@@ -170,9 +170,10 @@ pub fn router(engine: Arc<Engine>, context_path: &str) -> Router {
                 .put(write_doc)
                 .post(post_doc)
                 .delete(delete_doc)
-                .route_layer(
-                axum::middleware::from_fn_with_state(engine.clone(), route_to_owner),
-            ),
+                .route_layer(axum::middleware::from_fn_with_state(
+                    engine.clone(),
+                    route_to_owner,
+                )),
         )
         .layer(DefaultBodyLimit::max(body_limit));
     let inner = if engine.config.demo_enabled {

@@ -27,8 +27,8 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
-pub mod eviction;
 pub mod doc;
+pub mod eviction;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod gate;
@@ -257,7 +257,9 @@ impl Engine {
                     _ = every.tick() => {}
                     _ = cancel.cancelled() => return,
                 }
-                let Some(engine) = engine.upgrade() else { return };
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
                 once(&engine).await;
             }
         });

@@ -236,7 +236,10 @@ mod tests {
         changes.mark_unchanged();
         std::thread::sleep(std::time::Duration::from_millis(60));
         locks.replace(locks.generation(), Vec::new());
-        assert!(changes.has_changed().unwrap(), "a refresh announces an expiry");
+        assert!(
+            changes.has_changed().unwrap(),
+            "a refresh announces an expiry"
+        );
     }
 
     #[test]

@@ -283,7 +283,10 @@ impl Metrics {
             u64::from(engine.storage_problem().is_none()),
         );
         gauge(&self.ready, u64::from(engine.is_ready()));
-        gauge(&self.cluster_strangers, engine.strangers.list().len() as u64);
+        gauge(
+            &self.cluster_strangers,
+            engine.strangers.list().len() as u64,
+        );
         if let Some(cluster) = engine.cluster.get() {
             let mut counts = std::collections::HashMap::new();
             for member in cluster.members() {
@@ -335,7 +338,11 @@ pub fn push_statsd(engine: &std::sync::Arc<crate::Engine>) -> Result<(), String>
         .map_err(|e| format!("synchrony.metrics.statsd.host {host:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("synchrony.metrics.statsd.host {host:?} resolves to nothing"))?;
-    let local = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let local = if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
     let socket = std::net::UdpSocket::bind(local).map_err(|e| format!("statsD socket: {e}"))?;
     socket
         .set_nonblocking(true)
@@ -364,7 +371,11 @@ pub fn push_statsd(engine: &std::sync::Arc<crate::Engine>) -> Result<(), String>
                 let sent = if counter {
                     let before = last.insert(key.clone(), value).unwrap_or(0.0);
                     // A counter that went down was reset (it never does here): count it anew.
-                    let grew = if value >= before { value - before } else { value };
+                    let grew = if value >= before {
+                        value - before
+                    } else {
+                        value
+                    };
                     client.count(&key, grew.round() as i64).map(|_| ())
                 } else {
                     client.gauge(&key, value).map(|_| ())
@@ -392,11 +403,20 @@ pub fn push_statsd(engine: &std::sync::Arc<crate::Engine>) -> Result<(), String>
 fn statsd_samples(text: &str) -> Vec<(String, f64, bool)> {
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     };
     let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };

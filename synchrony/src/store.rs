@@ -21,7 +21,6 @@ use synchrony_protocol::DocId;
 use yrs::updates::decoder::Decode;
 use yrs::{ReadTxn, StateVector, Transact, Update};
 
-
 /// Rows per INSERT statement in a group commit; keeps far below SQLite's bind-parameter limit.
 const ROWS_PER_INSERT: usize = 500;
 
@@ -459,7 +458,8 @@ impl Store {
         .bind(doc.as_str())
         .fetch_one(&self.pool)
         .await?;
-        let count = |i: usize| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(i)?.max(0) as u64) };
+        let count =
+            |i: usize| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(i)?.max(0) as u64) };
         Ok((count(0)?, count(1)?, count(2)?))
     }
 
@@ -578,7 +578,15 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?)))
+            .map(|r| {
+                Ok((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                ))
+            })
             .collect()
     }
 
@@ -593,7 +601,12 @@ impl Store {
 
     /// Records lock `id` over `docs` ([`crate::locks::ALL`] for every document), replacing what
     /// it held before.
-    pub async fn put_lock(&self, id: &str, docs: &[String], expires_at: i64) -> Result<(), StoreError> {
+    pub async fn put_lock(
+        &self,
+        id: &str,
+        docs: &[String],
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM doc_locks WHERE lock_id = $1")
             .bind(id)
@@ -875,7 +888,10 @@ mod tests {
         .execute(&store.pool)
         .await
         .expect("record a newer migration");
-        store.migrate().await.expect("an older release still migrates");
+        store
+            .migrate()
+            .await
+            .expect("an older release still migrates");
     }
 
     #[tokio::test]
@@ -883,9 +899,15 @@ mod tests {
         let (_dir, store) = temp_sqlite().await;
         let later = now_millis() + 60_000;
         let docs = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        store.put_lock("l", &docs(&["a", "b"]), later).await.expect("lock");
+        store
+            .put_lock("l", &docs(&["a", "b"]), later)
+            .await
+            .expect("lock");
         // Renewed with another scope: only the new rows remain.
-        store.put_lock("l", &docs(&["b", "c"]), later + 1).await.expect("renew");
+        store
+            .put_lock("l", &docs(&["b", "c"]), later + 1)
+            .await
+            .expect("renew");
         let mut rows = store.live_locks().await.expect("read");
         rows.sort();
         assert_eq!(
@@ -895,9 +917,19 @@ mod tests {
                 ("l".to_owned(), "c".to_owned(), later + 1)
             ]
         );
-        store.put_lock("old", &docs(&["x"]), now_millis() - 1).await.expect("lock");
-        assert_eq!(store.live_locks().await.expect("read").len(), 2, "expired rows are not live");
-        assert!(!store.delete_lock("old").await.expect("delete"), "and were deleted on the way");
+        store
+            .put_lock("old", &docs(&["x"]), now_millis() - 1)
+            .await
+            .expect("lock");
+        assert_eq!(
+            store.live_locks().await.expect("read").len(),
+            2,
+            "expired rows are not live"
+        );
+        assert!(
+            !store.delete_lock("old").await.expect("delete"),
+            "and were deleted on the way"
+        );
         assert!(store.delete_lock("l").await.expect("delete"));
         assert!(store.live_locks().await.expect("read").is_empty());
     }

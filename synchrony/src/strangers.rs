@@ -97,7 +97,10 @@ impl Strangers {
         outside.retain(|node, _| seen.contains(node));
         strangers.sort_by(|a, b| a.node.cmp(&b.node));
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = list.iter().map(|s| &s.node).ne(strangers.iter().map(|s| &s.node));
+        let changed = list
+            .iter()
+            .map(|s| &s.node)
+            .ne(strangers.iter().map(|s| &s.node));
         *list = strangers;
         changed
     }
@@ -136,7 +139,9 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
             let now = now_millis();
             // Bounded, and given up at shutdown: storage that hangs must not hold a stop.
             let beat = async {
-                store.beat(&node, &cluster, &http_url, &peer_addr, now).await?;
+                store
+                    .beat(&node, &cluster, &http_url, &peer_addr, now)
+                    .await?;
                 store.heartbeats(now - FRESH.as_millis() as i64).await
             };
             let rows = tokio::select! {
@@ -176,9 +181,7 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
             let strangers = &engine.strangers;
             let changed = strangers.update(others, Instant::now());
             match strangers.problem() {
-                Some(problem)
-                    if changed || last_error.is_none_or(|at| at.elapsed() >= REPEAT) =>
-                {
+                Some(problem) if changed || last_error.is_none_or(|at| at.elapsed() >= REPEAT) => {
                     tracing::error!("{problem}");
                     last_error = Some(Instant::now());
                 }
@@ -193,7 +196,9 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
         match tokio::time::timeout(BEAT, store.forget_beat(&node)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "removing this node's heartbeat failed"),
-            Err(_) => tracing::debug!("removing this node's heartbeat took too long; it goes stale"),
+            Err(_) => {
+                tracing::debug!("removing this node's heartbeat took too long; it goes stale")
+            }
         }
     });
 }
@@ -218,8 +223,14 @@ mod tests {
         let t0 = Instant::now();
         assert!(!s.update(vec![(node("a"), false, 100), (node("b"), true, 100)], t0));
         // Its row moves: it is alive, and the grace starts.
-        assert!(!s.update(vec![(node("a"), false, 200), (node("b"), true, 200)], t0 + BEAT));
-        assert!(s.problem().is_none(), "within the grace: joining members are not strangers");
+        assert!(!s.update(
+            vec![(node("a"), false, 200), (node("b"), true, 200)],
+            t0 + BEAT
+        ));
+        assert!(
+            s.problem().is_none(),
+            "within the grace: joining members are not strangers"
+        );
         assert!(s.update(vec![(node("a"), false, 300)], t0 + BEAT + GRACE));
         assert_eq!(s.list(), vec![node("a")]);
         assert!(s.problem().unwrap().contains("a (cluster \"c\""));

@@ -71,7 +71,14 @@ pub fn split(path: &str) -> (&str, Option<At>) {
     if let Some((before, id)) = rest.rsplit_once('/') {
         if let (Some(doc), Ok(id)) = (before.strip_suffix("/versions"), id.parse::<i64>()) {
             if id > 0 {
-                return (doc, Some(if restore { At::Restore(id) } else { At::One(id) }));
+                return (
+                    doc,
+                    Some(if restore {
+                        At::Restore(id)
+                    } else {
+                        At::One(id)
+                    }),
+                );
             }
         }
     }
@@ -184,10 +191,11 @@ pub(crate) async fn post(
     require(principal, &doc, Access::Full)?;
     match at {
         At::List => {
-            let new: NewVersion = serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
-                kind: "invalid-request",
-                message: format!("expected {{\"label\": \"…\", \"user\": \"…\"}}: {e}"),
-            })?;
+            let new: NewVersion =
+                serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
+                    kind: "invalid-request",
+                    message: format!("expected {{\"label\": \"…\", \"user\": \"…\"}}: {e}"),
+                })?;
             let label = new.label.trim();
             let user = new
                 .user
@@ -227,7 +235,10 @@ pub(crate) async fn post(
                 .await
                 .map_err(storage)?;
             tracing::info!(%doc, version = info.id, label, "version marked");
-            Ok((StatusCode::CREATED, Json(json!({ "id": doc.as_str(), "version": info })))
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({ "id": doc.as_str(), "version": info })),
+            )
                 .into_response())
         }
         At::Restore(id) => {
@@ -246,7 +257,8 @@ pub(crate) async fn post(
         At::One(_) => Err(ApiError::Status {
             status: StatusCode::METHOD_NOT_ALLOWED,
             kind: "method-not-allowed",
-            message: "POST …/versions to mark one, or …/versions/{id}/restore to restore one".into(),
+            message: "POST …/versions to mark one, or …/versions/{id}/restore to restore one"
+                .into(),
         }),
     }
 }
@@ -269,7 +281,12 @@ pub(crate) async fn delete(
             message: "DELETE …/versions/{id} removes one version".into(),
         });
     };
-    if !engine.store.delete_version(&doc, id).await.map_err(storage)? {
+    if !engine
+        .store
+        .delete_version(&doc, id)
+        .await
+        .map_err(storage)?
+    {
         return Err(no_such(&doc, id));
     }
     Ok(Json(json!({ "id": doc.as_str(), "version": id, "deleted": true })).into_response())
@@ -282,7 +299,10 @@ mod tests {
     #[test]
     fn version_paths_are_told_from_document_ids() {
         assert_eq!(split("app/page/versions"), ("app/page", Some(At::List)));
-        assert_eq!(split("app/page/versions/12"), ("app/page", Some(At::One(12))));
+        assert_eq!(
+            split("app/page/versions/12"),
+            ("app/page", Some(At::One(12)))
+        );
         assert_eq!(
             split("app/page/versions/12/restore"),
             ("app/page", Some(At::Restore(12)))

@@ -150,7 +150,12 @@ impl EngineProcess {
         };
         command
             .arg("serve")
-            .args(["--port", "0", "--bind", options.host.as_deref().unwrap_or("127.0.0.1")])
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                options.host.as_deref().unwrap_or("127.0.0.1"),
+            ])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&options.args)
@@ -211,7 +216,15 @@ impl EngineProcess {
 
     /// GET over plain HTTP/1.1; returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let response = http_to(&self.host, self.port, "GET", &format!("/synchrony{path}"), &[], &[]).await;
+        let response = http_to(
+            &self.host,
+            self.port,
+            "GET",
+            &format!("/synchrony{path}"),
+            &[],
+            &[],
+        )
+        .await;
         (response.status, response.text())
     }
 

@@ -34,7 +34,11 @@ impl Network {
         sweep();
         // The test process's id, so that a later run can tell (and remove) what a killed one
         // left behind; a random letter, so that two networks of one process differ.
-        let tag = format!("{:x}{}", std::process::id(), (b'a' + rand::random::<u8>() % 26) as char);
+        let tag = format!(
+            "{:x}{}",
+            std::process::id(),
+            (b'a' + rand::random::<u8>() % 26) as char
+        );
         let mut net = Network {
             tag: tag.clone(),
             subnet,
@@ -50,7 +54,9 @@ impl Network {
             ip(&["netns", "add", &ns])?;
             net.namespaces.push(ns.clone());
             let (inner, outer) = (format!("ni{i}{tag}"), format!("no{i}{tag}"));
-            ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer])?;
+            ip(&[
+                "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ])?;
             ip(&["link", "set", &inner, "netns", &ns])?;
             ip(&["link", "set", &outer, "netns", &bridge])?;
             ip(&["-n", &bridge, "link", "set", &outer, "master", "br0", "up"])?;
@@ -65,7 +71,13 @@ impl Network {
             ip(&["link", "add", &host, "type", "veth", "peer", "name", &outer])?;
             ip(&["link", "set", &outer, "netns", &bridge])?;
             ip(&["-n", &bridge, "link", "set", &outer, "master", "br0", "up"])?;
-            ip(&["addr", "add", &format!("10.213.{subnet}.254/24"), "dev", &host])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.213.{subnet}.254/24"),
+                "dev",
+                &host,
+            ])?;
             ip(&["link", "set", &host, "up"])?;
         }
         Ok(net)
@@ -88,26 +100,61 @@ impl Network {
     /// Cuts node `a` and node `b` apart (each drops what is meant for the other), leaving
     /// both reachable from everywhere else.
     pub fn cut(&self, a: usize, b: usize) -> Result<(), String> {
-        ip(&["-n", &self.node(a), "route", "add", "blackhole", &self.address(b)])?;
-        ip(&["-n", &self.node(b), "route", "add", "blackhole", &self.address(a)])
+        ip(&[
+            "-n",
+            &self.node(a),
+            "route",
+            "add",
+            "blackhole",
+            &self.address(b),
+        ])?;
+        ip(&[
+            "-n",
+            &self.node(b),
+            "route",
+            "add",
+            "blackhole",
+            &self.address(a),
+        ])
     }
 
     /// Undoes [`Network::cut`].
     pub fn heal(&self, a: usize, b: usize) -> Result<(), String> {
-        ip(&["-n", &self.node(a), "route", "del", "blackhole", &self.address(b)])?;
-        ip(&["-n", &self.node(b), "route", "del", "blackhole", &self.address(a)])
+        ip(&[
+            "-n",
+            &self.node(a),
+            "route",
+            "del",
+            "blackhole",
+            &self.address(b),
+        ])?;
+        ip(&[
+            "-n",
+            &self.node(b),
+            "route",
+            "del",
+            "blackhole",
+            &self.address(a),
+        ])
     }
 }
 
 /// Removes namespaces a test process that no longer runs left behind (it was killed before its
 /// [`Network`] dropped).
 fn sweep() {
-    let Ok(output) = std::process::Command::new("ip").args(["netns", "list"]).output() else {
+    let Ok(output) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    else {
         return;
     };
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix("snt-") else { continue };
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("snt-") else {
+            continue;
+        };
         let tag = rest.rsplit('-').next().unwrap_or_default();
         let pid = u32::from_str_radix(tag.get(..tag.len().saturating_sub(1)).unwrap_or(""), 16);
         if pid.is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {

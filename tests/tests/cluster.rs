@@ -208,9 +208,13 @@ async fn any_node_serves_any_document_and_all_converge() {
     assert_eq!(status, 200, "{text}");
     let up = |l: &&str| l.starts_with("synchrony_cluster_link_up{") && l.ends_with(" 1");
     assert_eq!(text.lines().filter(up).count(), 2, "{text}");
-    for name in ["synchrony_cluster_link_bytes_sent_total{", "synchrony_cluster_link_messages_received_total{"] {
+    for name in [
+        "synchrony_cluster_link_bytes_sent_total{",
+        "synchrony_cluster_link_messages_received_total{",
+    ] {
         assert!(
-            text.lines().any(|l| l.starts_with(name) && !l.ends_with(" 0")),
+            text.lines()
+                .any(|l| l.starts_with(name) && !l.ends_with(" 0")),
             "no traffic counted in {name}: {text}"
         );
     }
@@ -373,7 +377,10 @@ async fn strangers_are_refused_and_say_why() {
         let (status, _) = node.get("/heartbeat").await;
         assert_eq!(status, 200, "a node in cluster panic keeps serving");
     }
-    println!("cluster panic reported on all three within {:?}", started.elapsed());
+    println!(
+        "cluster panic reported on all three within {:?}",
+        started.elapsed()
+    );
     let view = cluster_json(&member).await;
     let clusters: Vec<&str> = view["strangers"]
         .as_array()
@@ -399,7 +406,10 @@ async fn strangers_are_refused_and_say_why() {
     }
     let (stored, _) = stored_text(&db.url, doc).await;
     for i in 0..5 {
-        assert!(stored.contains(&format!("<a{i}>")) && stored.contains(&format!("<b{i}>")), "{stored}");
+        assert!(
+            stored.contains(&format!("<a{i}>")) && stored.contains(&format!("<b{i}>")),
+            "{stored}"
+        );
     }
 }
 
@@ -1066,13 +1076,20 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
                     }
                 }
                 assert!(
-                    client.raw.closed.as_deref().is_some_and(|f| f.contains("Restart")),
+                    client
+                        .raw
+                        .closed
+                        .as_deref()
+                        .is_some_and(|f| f.contains("Restart")),
                     "client {c} closed with {:?}",
                     client.raw.closed
                 );
                 down[c] = true;
             } else {
-                assert!(!down[c], "client {c} of a node that kept running was disconnected");
+                assert!(
+                    !down[c],
+                    "client {c} of a node that kept running was disconnected"
+                );
             }
         }
         let started = tokio::time::Instant::now();
@@ -1093,7 +1110,10 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         type_round_tolerant(&mut clients, &mut down, round, &mut markers).await;
         round += 1;
     }
-    assert!(down.iter().all(|d| !d), "every client is up at the end: {down:?}");
+    assert!(
+        down.iter().all(|d| !d),
+        "every client is up at the end: {down:?}"
+    );
     for (d, doc) in docs.iter().enumerate() {
         let page = &mut clients[3 * d..3 * d + 3];
         let mine: Vec<String> = markers
@@ -1110,7 +1130,10 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         }
         let (stored, _) = stored_text(&db.url, doc).await;
         for marker in &mine {
-            assert!(stored.contains(marker.as_str()), "{marker} missing from storage");
+            assert!(
+                stored.contains(marker.as_str()),
+                "{marker} missing from storage"
+            );
         }
     }
     println!(
@@ -1127,8 +1150,14 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
     let addrs = peer_addresses(3);
     let current = synchrony_protocol::peer::PEER_PROTOCOL_VERSION;
     let version = "SYNCHRONY_TEST_PEER_PROTOCOL_VERSION";
-    let old = EngineProcess::start(&node_options(&db.url, &addrs[0], &addrs[..2], SECRET, "test"))
-        .await;
+    let old = EngineProcess::start(&node_options(
+        &db.url,
+        &addrs[0],
+        &addrs[..2],
+        SECRET,
+        "test",
+    ))
+    .await;
     let next = EngineProcess::start(
         &node_options(&db.url, &addrs[1], &addrs[..2], SECRET, "test").env(version, current + 1),
     )
@@ -1163,5 +1192,8 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(cluster_json(&old).await["live"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        cluster_json(&old).await["live"].as_array().unwrap().len(),
+        2
+    );
 }

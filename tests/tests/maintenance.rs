@@ -10,7 +10,10 @@ async fn a_locked_page_refuses_edits_keeps_its_editors_and_takes_their_edits_whe
     let doc = "app/locked-page";
     let result = node("locks", &engine, doc, &[]).await;
     assert_eq!(result["taken"]["documents"][0], doc, "{result}");
-    assert_eq!(result["listed"]["locks"][0]["documents"][0], doc, "{result}");
+    assert_eq!(
+        result["listed"]["locks"][0]["documents"][0], doc,
+        "{result}"
+    );
     assert_eq!(result["released"]["released"], true, "{result}");
     assert_eq!(result["refusal"]["type"], "hub.error/locked");
     let text = result["text"].as_str().unwrap();
@@ -38,16 +41,56 @@ async fn lock_requests_are_checked() {
     let engine = EngineProcess::start(&EngineOptions::default()).await;
     let id = "6f1c1a52-55a4-4f54-9a55-5d0a4d1f1e01";
     let cases: &[(&str, &[u8], &str)] = &[
-        ("/v1/hub-lock-state", b"{\"confluence-all\":true}", "invalid-lock-id"),
-        ("/v1/hub-lock-state?lock-id=nope", b"{\"confluence-all\":true}", "invalid-lock-id"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{}", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[]}", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"not json", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"a\"],\"confluence-all\":true}", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"confluence-all\":true,\"timeout-ms\":0}", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"confluence-all\":true,\"timeout-ms\":86400001}", "invalid-lock-request"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"../x\"]}", "invalid-document-id"),
-        ("/v1/hub-lock-state?lock-id=ID", b"{\"point-list\":[\"a\"],\"extra\":1}", "invalid-lock-request"),
+        (
+            "/v1/hub-lock-state",
+            b"{\"confluence-all\":true}",
+            "invalid-lock-id",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=nope",
+            b"{\"confluence-all\":true}",
+            "invalid-lock-id",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{}",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"point-list\":[]}",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"not json",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"point-list\":[\"a\"],\"confluence-all\":true}",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"confluence-all\":true,\"timeout-ms\":0}",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"confluence-all\":true,\"timeout-ms\":86400001}",
+            "invalid-lock-request",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"point-list\":[\"../x\"]}",
+            "invalid-document-id",
+        ),
+        (
+            "/v1/hub-lock-state?lock-id=ID",
+            b"{\"point-list\":[\"a\"],\"extra\":1}",
+            "invalid-lock-request",
+        ),
     ];
     for (path, body, kind) in cases {
         let path = format!("/synchrony{}", path.replace("ID", id));
@@ -95,18 +138,47 @@ async fn versions_are_marked_read_and_restored_while_editors_watch() {
     // Bad requests get clear answers and change nothing.
     let base = format!("/synchrony/v1/data/{doc}/versions");
     let cases: &[(&str, String, &[u8], u16, &str)] = &[
-        ("POST", base.clone(), b"{\"label\":\"  \"}", 400, "invalid-request"),
-        ("POST", base.clone(), b"{\"name\":\"x\"}", 400, "invalid-request"),
+        (
+            "POST",
+            base.clone(),
+            b"{\"label\":\"  \"}",
+            400,
+            "invalid-request",
+        ),
+        (
+            "POST",
+            base.clone(),
+            b"{\"name\":\"x\"}",
+            400,
+            "invalid-request",
+        ),
         ("POST", base.clone(), b"nope", 400, "invalid-request"),
         ("GET", format!("{base}/999"), b"", 404, "no-such-version"),
-        ("POST", format!("{base}/999/restore"), b"", 404, "no-such-version"),
+        (
+            "POST",
+            format!("{base}/999/restore"),
+            b"",
+            404,
+            "no-such-version",
+        ),
         ("DELETE", format!("{base}/999"), b"", 404, "no-such-version"),
         ("PUT", base.clone(), b"x", 405, "method-not-allowed"),
-        ("POST", format!("/synchrony/v1/data/{doc}"), b"x", 405, "method-not-allowed"),
+        (
+            "POST",
+            format!("/synchrony/v1/data/{doc}"),
+            b"x",
+            405,
+            "method-not-allowed",
+        ),
     ];
     for (method, path, body, status, kind) in cases {
         let response = synchrony_tests::http(engine.port, method, path, &[], body).await;
-        assert_eq!(response.status, *status, "{method} {path}: {}", response.text());
+        assert_eq!(
+            response.status,
+            *status,
+            "{method} {path}: {}",
+            response.text()
+        );
         assert_eq!(response.json()["type"], *kind, "{method} {path}");
     }
     let id = v2["id"].as_i64().unwrap();
@@ -123,19 +195,31 @@ async fn eviction_compacts_under_live_editors_and_deletes_when_asked() {
     let engine = EngineProcess::start(&EngineOptions::default()).await;
     let doc = "app/evicted-page";
     let result = node("eviction", &engine, doc, &[]).await;
-    assert!(result["before"]["updates"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        result["before"]["updates"].as_u64().unwrap() > 0,
+        "{result}"
+    );
     assert_eq!(result["hard"]["report"]["compacted"], 1, "{result}");
     assert!(result["hard"]["report"]["rows-removed"].as_u64().unwrap() > 0);
     assert_eq!(result["afterHard"]["updates"], 0, "{result}");
     assert_eq!(result["afterHard"]["snapshots"], 1, "{result}");
-    assert_eq!(result["soft"]["report"]["documents"], 0, "an open page is passed over");
+    assert_eq!(
+        result["soft"]["report"]["documents"], 0,
+        "an open page is passed over"
+    );
     assert!(result["soft"]["report"]["skipped"].as_u64().unwrap() >= 1);
     assert_eq!(result["deleting"]["report"]["deleted"], 1, "{result}");
     assert_eq!(result["afterDelete"]["updates"], 0);
     assert_eq!(result["afterDelete"]["snapshots"], 0);
-    assert_eq!(result["afterDelete"]["versions"], 1, "named versions survive eviction");
+    assert_eq!(
+        result["afterDelete"]["versions"], 1,
+        "named versions survive eviction"
+    );
     assert_eq!(result["versions"], 1);
-    assert!(result["text"].as_str().unwrap().starts_with("after eviction: "));
+    assert!(result["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("after eviction: "));
 }
 
 /// Documents left with a log by a killed engine (never unloaded, so never compacted) are what
@@ -144,7 +228,10 @@ async fn eviction_compacts_under_live_editors_and_deletes_when_asked() {
 async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
     let dir = tempfile::tempdir().unwrap();
     let db = synchrony_tests::PgDatabase::create().await;
-    for options in [EngineOptions::sqlite(dir.path()), EngineOptions::postgres(&db.url)] {
+    for options in [
+        EngineOptions::sqlite(dir.path()),
+        EngineOptions::postgres(&db.url),
+    ] {
         let mut engine = EngineProcess::start(&options).await;
         let mut writer = YClient::synced(&engine, "app/left-behind", true).await;
         for i in 0..20 {
@@ -181,7 +268,11 @@ async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
                 r.json()
             }
         };
-        assert_eq!(count(&engine).await["updates"], 20, "the killed engine left its log");
+        assert_eq!(
+            count(&engine).await["updates"],
+            20,
+            "the killed engine left its log"
+        );
         let evict = |path: &'static str| {
             let port = engine.port;
             async move {
@@ -198,8 +289,16 @@ async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
         assert_eq!(soft["report"]["rows-removed"], 20, "{soft}");
         let counts = count(&engine).await;
         assert_eq!(
-            (&counts["updates"], &counts["snapshots"], &counts["versions"]),
-            (&serde_json::json!(0), &serde_json::json!(1), &serde_json::json!(1)),
+            (
+                &counts["updates"],
+                &counts["snapshots"],
+                &counts["versions"]
+            ),
+            (
+                &serde_json::json!(0),
+                &serde_json::json!(1),
+                &serde_json::json!(1)
+            ),
             "{counts}"
         );
         let reader = YClient::synced(&engine, "app/left-behind", false).await;
@@ -215,11 +314,17 @@ async fn the_soft_job_compacts_what_a_killed_engine_left_and_keeps_versions() {
             ("/synchrony/v1/history/evict/soft?limit=0", 400),
             ("/synchrony/v1/history/count", 400),
         ] {
-            let method = if path.contains("count") { "GET" } else { "POST" };
+            let method = if path.contains("count") {
+                "GET"
+            } else {
+                "POST"
+            };
             let r = synchrony_tests::http(engine.port, method, path, &[], b"").await;
             assert_eq!(r.status, status, "{path}: {}", r.text());
         }
-        let version = engine.get("/v1/data/app/left-behind/versions/1?format=text&name=content").await;
+        let version = engine
+            .get("/v1/data/app/left-behind/versions/1?format=text&name=content")
+            .await;
         assert_eq!(version, (200, want.clone()), "the version survived");
     }
 }
@@ -244,16 +349,26 @@ async fn acknowledgements_never_cover_an_edit_refused_under_a_lock() {
     editor.append("twice ").await;
     let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
     while engine.log().matches("update refused").count() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "no refusal:\n{}", engine.log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal:\n{}",
+            engine.log()
+        );
         editor.drain(std::time::Duration::from_millis(20)).await;
     }
     // Whatever arrives meanwhile, no acknowledgement covers the refused edits.
     editor.drain(std::time::Duration::from_millis(300)).await;
-    assert_eq!(editor.acked_edits(), 1, "an edit refused under the lock was acknowledged");
+    assert_eq!(
+        editor.acked_edits(),
+        1,
+        "an edit refused under the lock was acknowledged"
+    );
     let released = synchrony_tests::http(engine.port, "DELETE", lock, &[], b"").await;
     assert_eq!(released.status, 200);
     editor
-        .wait_until("every edit acknowledged after the lock", |c| c.acked_edits() == 3)
+        .wait_until("every edit acknowledged after the lock", |c| {
+            c.acked_edits() == 3
+        })
         .await;
     let reader = YClient::synced(&engine, doc, false).await;
     assert_eq!(reader.text(), "before refused twice ");

@@ -104,12 +104,18 @@ async fn metrics_show_what_happened_and_follow_the_access_setting() {
     // The document's load and the edit's way to the other clients were timed; what went out
     // was counted, and nobody fell behind.
     assert!(sample(&samples, "synchrony_document_load_seconds_count", "{}") >= 1.0);
-    assert_eq!(sample(&samples, "synchrony_broadcast_seconds_count", "{}"), 1.0);
+    assert_eq!(
+        sample(&samples, "synchrony_broadcast_seconds_count", "{}"),
+        1.0
+    );
     assert!(sample(&samples, "synchrony_broadcast_seconds_sum", "{}") > 0.0);
     assert!(sample(&samples, "synchrony_frames_sent_total", "{}") >= 2.0);
     assert!(sample(&samples, "synchrony_bytes_sent_total", "{}") >= 5.0);
     assert_eq!(sample(&samples, "synchrony_resyncs_total", "{}"), 0.0);
-    assert_eq!(sample(&samples, "synchrony_lagged_clients_total", "{}"), 0.0);
+    assert_eq!(
+        sample(&samples, "synchrony_lagged_clients_total", "{}"),
+        0.0
+    );
     assert_eq!(
         sample(
             &samples,
@@ -219,7 +225,10 @@ async fn metrics_are_pushed_to_statsd() {
         let received = tokio::time::timeout_at(deadline, socket.recv(&mut buffer))
             .await
             .unwrap_or_else(|_| {
-                panic!("no statsD lines for updates and connections within {WAIT:?}; engine log:\n{}", engine.log())
+                panic!(
+                    "no statsD lines for updates and connections within {WAIT:?}; engine log:\n{}",
+                    engine.log()
+                )
             })
             .unwrap();
         for line in String::from_utf8_lossy(&buffer[..received]).lines() {

@@ -49,23 +49,32 @@ async fn nodes_find_each_other_by_multicast_and_strangers_are_not_let_in() {
         nodes.push(EngineProcess::start(&node(&net, i, SECRET)).await);
     }
     // A node with another secret announces too: nobody dials it, and it dials nobody.
-    let outsider =
-        EngineProcess::start(&node(&net, 3, "another-secret-of-enough-length")).await;
+    let outsider = EngineProcess::start(&node(&net, 3, "another-secret-of-enough-length")).await;
     let deadline = started + WAIT;
     while nodes.iter().any(|n| live_members(n) != 3) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the nodes did not find each other by multicast within {WAIT:?}:\n{}",
-            nodes.iter().map(EngineProcess::log).collect::<Vec<_>>().join("\n-----\n")
+            nodes
+                .iter()
+                .map(EngineProcess::log)
+                .collect::<Vec<_>>()
+                .join("\n-----\n")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("three nodes in separate namespaces found each other by multicast in {:?}", started.elapsed());
+    println!(
+        "three nodes in separate namespaces found each other by multicast in {:?}",
+        started.elapsed()
+    );
     for n in &nodes {
         assert!(n.log().contains("announcing on multicast"), "{}", n.log());
     }
     // It has heard the members' announcements and ignored them, and nobody linked to it.
-    while !outsider.log().contains("is not a member's announcement ignored") {
+    while !outsider
+        .log()
+        .contains("is not a member's announcement ignored")
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the outsider heard no announcement:\n{}",

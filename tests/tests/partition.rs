@@ -46,9 +46,22 @@ async fn socket_url(db: &PgDatabase) -> Option<String> {
     let settings: String = row.try_get(0).ok()?;
     let mut parts = settings.split('|');
     let (dirs, port, name) = (parts.next()?, parts.next()?, parts.next()?);
-    let dir = dirs.split(',').map(str::trim).find(|d| d.starts_with('/'))?;
-    let user = db.url.split("://").nth(1)?.split('@').next()?.split(':').next()?.to_owned();
-    Some(format!("postgres://{user}@localhost/{name}?host={dir}&port={port}"))
+    let dir = dirs
+        .split(',')
+        .map(str::trim)
+        .find(|d| d.starts_with('/'))?;
+    let user = db
+        .url
+        .split("://")
+        .nth(1)?
+        .split('@')
+        .next()?
+        .split(':')
+        .next()?
+        .to_owned();
+    Some(format!(
+        "postgres://{user}@localhost/{name}?host={dir}&port={port}"
+    ))
 }
 
 async fn cluster_json(node: &EngineProcess) -> serde_json::Value {
@@ -90,7 +103,9 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
         eprintln!("SKIPPED: PostgreSQL's Unix socket refuses this test's user ({error})");
         return;
     }
-    let peers: Vec<String> = (0..3).map(|i| format!("{}:25500", net.address(i))).collect();
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("{}:25500", net.address(i)))
+        .collect();
     let mut nodes = Vec::new();
     for i in 0..3 {
         let mut options = EngineOptions::postgres(&url)
@@ -137,12 +152,21 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
         round += 1;
         left.drain(Duration::from_millis(5)).await;
         right.drain(Duration::from_millis(5)).await;
-        let split = cluster_json(&nodes[2]).await["live"].as_array().map(Vec::len) == Some(1)
-            && cluster_json(&nodes[0]).await["live"].as_array().map(Vec::len) == Some(2);
+        let split = cluster_json(&nodes[2]).await["live"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+            && cluster_json(&nodes[0]).await["live"]
+                .as_array()
+                .map(Vec::len)
+                == Some(2);
         if split {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the partition was never noticed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partition was never noticed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let noticed = cut.elapsed();
@@ -156,9 +180,10 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
     for (name, client) in [("left", &mut left), ("right", &mut right)] {
         let edits = client.edits;
         client
-            .wait_until(&format!("the {name} editor's edits acknowledged during the partition"), |c| {
-                c.acked_edits() == edits
-            })
+            .wait_until(
+                &format!("the {name} editor's edits acknowledged during the partition"),
+                |c| c.acked_edits() == edits,
+            )
             .await;
     }
 
@@ -189,7 +214,10 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
     let converged = healed.elapsed();
     let (stored, _) = stored_text(&db.url, "partition/page").await;
     for marker in &markers {
-        assert!(stored.contains(marker.as_str()), "{marker} missing from storage");
+        assert!(
+            stored.contains(marker.as_str()),
+            "{marker} missing from storage"
+        );
     }
     println!(
         "partition noticed in {noticed:?}; after the heal, views merged in {merged:?} and both editors converged in {converged:?}; {} edits, none lost",

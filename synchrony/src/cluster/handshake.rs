@@ -164,9 +164,14 @@ mod tests {
         next.version = PEER_PROTOCOL_VERSION + 1;
         assert_eq!(check_hello(&mine, &next), Ok(()));
         assert_eq!(check_hello(&next, &mine), Ok(()));
-        assert_eq!(link_version(next.version, mine.version), Some(PEER_PROTOCOL_VERSION));
+        assert_eq!(
+            link_version(next.version, mine.version),
+            Some(PEER_PROTOCOL_VERSION)
+        );
         next.version = PEER_PROTOCOL_VERSION + 2;
-        assert!(check_hello(&mine, &next).unwrap_err().contains("one version apart"));
+        assert!(check_hello(&mine, &next)
+            .unwrap_err()
+            .contains("one version apart"));
         assert!(check_hello(&mine, &hello("a", "prod"))
             .unwrap_err()
             .contains("itself"));

@@ -592,7 +592,11 @@ async fn write_loop(
         peer: link.node.clone(),
     };
     let (messages_sent, bytes_sent) = (
-        cluster.link_metrics.messages_sent.get_or_create(&peer).clone(),
+        cluster
+            .link_metrics
+            .messages_sent
+            .get_or_create(&peer)
+            .clone(),
         cluster.link_metrics.bytes_sent.get_or_create(&peer).clone(),
     );
     let mut beat = tokio::time::interval(timeouts.heartbeat);
@@ -646,8 +650,16 @@ async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitSt
         peer: link.node.clone(),
     };
     let (messages_received, bytes_received) = (
-        cluster.link_metrics.messages_received.get_or_create(&peer).clone(),
-        cluster.link_metrics.bytes_received.get_or_create(&peer).clone(),
+        cluster
+            .link_metrics
+            .messages_received
+            .get_or_create(&peer)
+            .clone(),
+        cluster
+            .link_metrics
+            .bytes_received
+            .get_or_create(&peer)
+            .clone(),
     );
     loop {
         let next = tokio::select! {

@@ -117,7 +117,10 @@ pub async fn to_every_member(
     body: &[u8],
 ) -> Vec<(String, Result<Vec<u8>, String>)> {
     let view = cluster.view();
-    let others = view.live.iter().filter(|node| node.as_str() != cluster.me());
+    let others = view
+        .live
+        .iter()
+        .filter(|node| node.as_str() != cluster.me());
     let calls = others.map(|node| async move {
         let mut request = Request::new(Body::from(body.to_vec()));
         *request.method_mut() = method.clone();

@@ -134,7 +134,9 @@ pub fn render(status: &Value) -> String {
         })
         .collect();
     out.push_str(&table(
-        [" NODE", "STATE", "LINK", "PEER", "HTTP", "DOCS", "CONNS", "UPTIME_S"],
+        [
+            " NODE", "STATE", "LINK", "PEER", "HTTP", "DOCS", "CONNS", "UPTIME_S",
+        ],
         &rows,
     ));
     out.push_str(&strangers(status));
