@@ -701,9 +701,11 @@ impl ClusterConfig {
         let interface = match self.interfaces {
             None => std::net::Ipv4Addr::UNSPECIFIED,
             Some(IpAddr::V4(address)) => address,
-            Some(other) => return Err(ConfigError::Cluster(format!(
+            Some(other) => {
+                return Err(ConfigError::Cluster(format!(
                 "cluster.interfaces {other} is not an IPv4 address (multicast membership is IPv4)"
-            ))),
+            )))
+            }
         };
         Ok(crate::cluster::multicast::MulticastSettings {
             group,

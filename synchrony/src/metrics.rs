@@ -274,7 +274,7 @@ impl Metrics {
         let loads = engine.docs.load_count();
         self.document_loads
             .inc_by(loads.saturating_sub(self.document_loads.get()));
-        gauge(&self.resident_bytes, engine.docs.resident_bytes() as u64);
+        gauge(&self.resident_bytes, engine.docs.resident_bytes());
         let (updates, bytes) = engine.docs.persister().queued();
         gauge(&self.uncommitted_updates, updates as u64);
         gauge(&self.uncommitted_bytes, bytes as u64);

@@ -329,6 +329,104 @@ fn write<P: XmlFragment>(txn: &mut yrs::TransactionMut, parent: &P, nodes: &[Xml
     }
 }
 
+/// Makes every root of the document in `txn` hold what it held in `version` (a document read
+/// back from a named version), in that one transaction: each root's current content is deleted
+/// and a deep copy of the version's inserted, so that every editor sees the restore as an
+/// ordinary change. Roots the version did not have (or had empty) are emptied. Refused, with
+/// nothing changed, when a root now holds another type than it did in the version.
+pub fn restore(txn: &mut yrs::TransactionMut, version: &yrs::Doc) -> Result<(), String> {
+    use yrs::types::xml::XmlIn;
+    use yrs::types::AsPrelim;
+    use yrs::{Transact, WriteTxn};
+    let vtxn = version.transact();
+    let mut names: std::collections::BTreeSet<String> =
+        vtxn.root_refs().map(|(name, _)| name.to_owned()).collect();
+    names.extend(txn.root_refs().map(|(name, _)| name.to_owned()));
+    let mut plan = Vec::with_capacity(names.len());
+    for name in names {
+        let then = kind(&vtxn, &name);
+        let now = kind(txn, &name);
+        let fits = matches!(then, RootKind::Absent | RootKind::Empty)
+            || matches!(now, RootKind::Absent | RootKind::Empty)
+            || now == then;
+        if !fits {
+            return Err(format!(
+                "root {name:?} is {} now but was {} in the version",
+                now.describe(),
+                then.describe()
+            ));
+        }
+        plan.push((name, then, now));
+    }
+    for (name, then, now) in plan {
+        // Empty what is there now.
+        match now {
+            RootKind::Text => {
+                let text = txn.get_or_insert_text(name.as_str());
+                let len = text.len(txn);
+                text.remove_range(txn, 0, len);
+            }
+            RootKind::XmlFragment => {
+                let fragment = txn.get_or_insert_xml_fragment(name.as_str());
+                let len = fragment.len(txn);
+                fragment.remove_range(txn, 0, len);
+            }
+            RootKind::Map => txn.get_or_insert_map(name.as_str()).clear(txn),
+            RootKind::Array => {
+                let array = txn.get_or_insert_array(name.as_str());
+                let len = array.len(txn);
+                array.remove_range(txn, 0, len);
+            }
+            RootKind::Absent | RootKind::Empty => {}
+        }
+        // Copy in what the version held.
+        match then {
+            RootKind::Text => {
+                let delta = vtxn
+                    .get_text(name.as_str())
+                    .map(|t| t.as_prelim(&vtxn).to_vec())
+                    .unwrap_or_default();
+                txn.get_or_insert_text(name.as_str())
+                    .apply_delta(txn, delta);
+            }
+            RootKind::XmlFragment => {
+                let Some(source) = vtxn.get_xml_fragment(name.as_str()) else {
+                    continue;
+                };
+                let fragment = txn.get_or_insert_xml_fragment(name.as_str());
+                for child in source.children(&vtxn) {
+                    let copy = match child {
+                        XmlOut::Element(e) => XmlIn::from(e.as_prelim(&vtxn)),
+                        XmlOut::Fragment(f) => XmlIn::from(f.as_prelim(&vtxn)),
+                        XmlOut::Text(t) => XmlIn::from(t.as_prelim(&vtxn)),
+                    };
+                    fragment.push_back(txn, copy);
+                }
+            }
+            RootKind::Map => {
+                let Some(source) = vtxn.get_map(name.as_str()) else {
+                    continue;
+                };
+                let map = txn.get_or_insert_map(name.as_str());
+                for (key, value) in source.iter(&vtxn) {
+                    map.insert(txn, key, value.as_prelim(&vtxn));
+                }
+            }
+            RootKind::Array => {
+                let Some(source) = vtxn.get_array(name.as_str()) else {
+                    continue;
+                };
+                let array = txn.get_or_insert_array(name.as_str());
+                for value in source.iter(&vtxn) {
+                    array.push_back(txn, value.as_prelim(&vtxn));
+                }
+            }
+            RootKind::Absent | RootKind::Empty => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -494,102 +592,4 @@ mod tests {
         assert!(refused(&marked(9)).contains("nests deeper than 8"));
         assert!(parse_xml("", &marks(&[]), 8).unwrap().is_empty());
     }
-}
-
-/// Makes every root of the document in `txn` hold what it held in `version` (a document read
-/// back from a named version), in that one transaction: each root's current content is deleted
-/// and a deep copy of the version's inserted, so that every editor sees the restore as an
-/// ordinary change. Roots the version did not have (or had empty) are emptied. Refused, with
-/// nothing changed, when a root now holds another type than it did in the version.
-pub fn restore(txn: &mut yrs::TransactionMut, version: &yrs::Doc) -> Result<(), String> {
-    use yrs::types::xml::XmlIn;
-    use yrs::types::AsPrelim;
-    use yrs::{Transact, WriteTxn};
-    let vtxn = version.transact();
-    let mut names: std::collections::BTreeSet<String> =
-        vtxn.root_refs().map(|(name, _)| name.to_owned()).collect();
-    names.extend(txn.root_refs().map(|(name, _)| name.to_owned()));
-    let mut plan = Vec::with_capacity(names.len());
-    for name in names {
-        let then = kind(&vtxn, &name);
-        let now = kind(txn, &name);
-        let fits = matches!(then, RootKind::Absent | RootKind::Empty)
-            || matches!(now, RootKind::Absent | RootKind::Empty)
-            || now == then;
-        if !fits {
-            return Err(format!(
-                "root {name:?} is {} now but was {} in the version",
-                now.describe(),
-                then.describe()
-            ));
-        }
-        plan.push((name, then, now));
-    }
-    for (name, then, now) in plan {
-        // Empty what is there now.
-        match now {
-            RootKind::Text => {
-                let text = txn.get_or_insert_text(name.as_str());
-                let len = text.len(txn);
-                text.remove_range(txn, 0, len);
-            }
-            RootKind::XmlFragment => {
-                let fragment = txn.get_or_insert_xml_fragment(name.as_str());
-                let len = fragment.len(txn);
-                fragment.remove_range(txn, 0, len);
-            }
-            RootKind::Map => txn.get_or_insert_map(name.as_str()).clear(txn),
-            RootKind::Array => {
-                let array = txn.get_or_insert_array(name.as_str());
-                let len = array.len(txn);
-                array.remove_range(txn, 0, len);
-            }
-            RootKind::Absent | RootKind::Empty => {}
-        }
-        // Copy in what the version held.
-        match then {
-            RootKind::Text => {
-                let delta = vtxn
-                    .get_text(name.as_str())
-                    .map(|t| t.as_prelim(&vtxn).to_vec())
-                    .unwrap_or_default();
-                txn.get_or_insert_text(name.as_str())
-                    .apply_delta(txn, delta);
-            }
-            RootKind::XmlFragment => {
-                let Some(source) = vtxn.get_xml_fragment(name.as_str()) else {
-                    continue;
-                };
-                let fragment = txn.get_or_insert_xml_fragment(name.as_str());
-                for child in source.children(&vtxn) {
-                    let copy = match child {
-                        XmlOut::Element(e) => XmlIn::from(e.as_prelim(&vtxn)),
-                        XmlOut::Fragment(f) => XmlIn::from(f.as_prelim(&vtxn)),
-                        XmlOut::Text(t) => XmlIn::from(t.as_prelim(&vtxn)),
-                    };
-                    fragment.push_back(txn, copy);
-                }
-            }
-            RootKind::Map => {
-                let Some(source) = vtxn.get_map(name.as_str()) else {
-                    continue;
-                };
-                let map = txn.get_or_insert_map(name.as_str());
-                for (key, value) in source.iter(&vtxn) {
-                    map.insert(txn, key, value.as_prelim(&vtxn));
-                }
-            }
-            RootKind::Array => {
-                let Some(source) = vtxn.get_array(name.as_str()) else {
-                    continue;
-                };
-                let array = txn.get_or_insert_array(name.as_str());
-                for value in source.iter(&vtxn) {
-                    array.push_back(txn, value.as_prelim(&vtxn));
-                }
-            }
-            RootKind::Absent | RootKind::Empty => {}
-        }
-    }
-    Ok(())
 }

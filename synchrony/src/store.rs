@@ -560,16 +560,11 @@ impl Store {
     }
 
     /// Heartbeat rows written since `since` (ms): (node, cluster, http url, peer address, time).
-    /// Rows gone stale for an hour are deleted on the way.
     #[allow(clippy::type_complexity)]
     pub async fn heartbeats(
         &self,
         since: i64,
     ) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
-        sqlx::query("DELETE FROM node_heartbeats WHERE beat_at < $1")
-            .bind(since - 3_600_000)
-            .execute(&self.pool)
-            .await?;
         let rows = sqlx::query(
             "SELECT node_id, cluster, http_url, peer_addr, beat_at FROM node_heartbeats \
              WHERE beat_at >= $1 ORDER BY node_id",
@@ -588,6 +583,15 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    /// Deletes heartbeat rows older than `before` (ms): engines long gone.
+    pub async fn forget_stale_beats(&self, before: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM node_heartbeats WHERE beat_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Removes this node's heartbeat row (a clean stop).

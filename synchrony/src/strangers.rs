@@ -31,6 +31,8 @@ pub const BEAT: Duration = Duration::from_secs(2);
 pub const FRESH: Duration = Duration::from_secs(10);
 /// How long a node must be outside the cluster before it counts as a stranger.
 pub const GRACE: Duration = Duration::from_secs(6);
+/// Every how many beats the rows of engines gone for an hour are deleted.
+const STALE_SWEEP_BEATS: u64 = 300;
 /// How often the ERROR line repeats while strangers remain.
 pub const REPEAT: Duration = Duration::from_secs(60);
 
@@ -122,6 +124,7 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
         let mut tick = tokio::time::interval(BEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<Instant> = None;
+        let mut beats: u64 = 0;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -138,10 +141,15 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
             };
             let now = now_millis();
             // Bounded, and given up at shutdown: storage that hangs must not hold a stop.
+            beats += 1;
             let beat = async {
                 store
                     .beat(&node, &cluster, &http_url, &peer_addr, now)
                     .await?;
+                // Rows of engines gone for an hour, now and then (a write each beat is waste).
+                if beats % STALE_SWEEP_BEATS == 1 {
+                    store.forget_stale_beats(now - 3_600_000).await?;
+                }
                 store.heartbeats(now - FRESH.as_millis() as i64).await
             };
             let rows = tokio::select! {
@@ -204,6 +212,7 @@ pub fn start(engine: &Arc<Engine>, node: String, http_url: String) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -646,8 +646,8 @@ impl YClient {
         text.get_string(&self.doc.transact())
     }
 
-    /// Appends to the `content` text and sends the update.
-    pub async fn append(&mut self, s: &str) {
+    /// Appends to the `content` text locally; the update to send.
+    fn append_locally(&mut self, s: &str) -> Vec<u8> {
         let text = self.doc.get_or_insert_text("content");
         let update = {
             let mut txn = self.doc.transact_mut();
@@ -656,6 +656,12 @@ impl YClient {
             txn.encode_update_v1()
         };
         self.edits += 1;
+        update
+    }
+
+    /// Appends to the `content` text and sends the update.
+    pub async fn append(&mut self, s: &str) {
+        let update = self.append_locally(s);
         self.send_update(update).await;
     }
 
@@ -676,14 +682,7 @@ impl YClient {
     /// is made either way (as in an editor) and sent if it can be; false when it could not
     /// ([`YClient::reconnect`] then brings it).
     pub async fn try_append(&mut self, s: &str) -> bool {
-        let text = self.doc.get_or_insert_text("content");
-        let update = {
-            let mut txn = self.doc.transact_mut();
-            let len = text.len(&txn);
-            text.insert(&mut txn, len, s);
-            txn.encode_update_v1()
-        };
-        self.edits += 1;
+        let update = self.append_locally(s);
         let sent = self
             .raw
             .try_send(&Message::Sync(SyncMessage::Update(update)))

@@ -681,24 +681,35 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
     type_rounds(&mut clients, 55..60, &mut markers).await;
 
     // Every client of a document holds every marker of that document; all acknowledged; stored.
+    every_page_whole(&mut clients, 2, &docs, &markers, &db.url).await;
+    eprintln!("moved to c when it joined: {moved_to_c}; moved when a left: {owned_by_a}");
+}
+
+/// Clients `per_page·d ..` edit `docs[d]`, and marker `<c.round>` is client c's: every client of
+/// a page holds every marker of that page, all its edits are acknowledged, and storage holds
+/// them all.
+async fn every_page_whole(
+    clients: &mut [YClient],
+    per_page: usize,
+    docs: &[String],
+    markers: &[String],
+    db: &str,
+) {
     for (d, doc) in docs.iter().enumerate() {
-        let pair = &mut clients[2 * d..2 * d + 2];
+        let page = &mut clients[per_page * d..per_page * (d + 1)];
         let mine: Vec<String> = markers
             .iter()
-            .filter(|m| {
-                let c: usize = m[1..m.find('.').unwrap()].parse().unwrap();
-                c / 2 == d
-            })
+            .filter(|m| m[1..m.find('.').unwrap()].parse::<usize>().unwrap() / per_page == d)
             .cloned()
             .collect();
-        converge(pair, &mine).await;
-        for client in pair.iter_mut() {
+        converge(page, &mine).await;
+        for client in page.iter_mut() {
             let edits = client.edits;
             client
                 .wait_until("every edit acknowledged", |c| c.acked_edits() == edits)
                 .await;
         }
-        let (stored, _) = stored_text(&db.url, doc).await;
+        let (stored, _) = stored_text(db, doc).await;
         for marker in &mine {
             assert!(
                 stored.contains(marker.as_str()),
@@ -706,7 +717,6 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
             );
         }
     }
-    eprintln!("moved to c when it joined: {moved_to_c}; moved when a left: {owned_by_a}");
 }
 
 /// A TCP forwarder the test can hold shut: connections are dropped until it opens.
@@ -1114,28 +1124,7 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         down.iter().all(|d| !d),
         "every client is up at the end: {down:?}"
     );
-    for (d, doc) in docs.iter().enumerate() {
-        let page = &mut clients[3 * d..3 * d + 3];
-        let mine: Vec<String> = markers
-            .iter()
-            .filter(|m| m[1..m.find('.').unwrap()].parse::<usize>().unwrap() / 3 == d)
-            .cloned()
-            .collect();
-        converge(page, &mine).await;
-        for client in page.iter_mut() {
-            let edits = client.edits;
-            client
-                .wait_until("every edit acknowledged", |c| c.acked_edits() == edits)
-                .await;
-        }
-        let (stored, _) = stored_text(&db.url, doc).await;
-        for marker in &mine {
-            assert!(
-                stored.contains(marker.as_str()),
-                "{marker} missing from storage"
-            );
-        }
-    }
+    every_page_whole(&mut clients, 3, &docs, &markers, &db.url).await;
     println!(
         "rolling restart: {} rounds typed by 9 clients; 3 disconnects per restarted node, 0 elsewhere; restart to all live: {restarted_at:?}",
         round

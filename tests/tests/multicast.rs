@@ -28,8 +28,7 @@ fn live_members(engine: &EngineProcess) -> usize {
     engine
         .log()
         .lines()
-        .filter(|l| l.contains("cluster view changed"))
-        .last()
+        .rfind(|l| l.contains("cluster view changed"))
         .and_then(|l| l.split("live=[").nth(1))
         .map_or(0, |live| live.split(',').count())
 }
