@@ -1,23 +1,26 @@
 //! `loadtest cluster`: starts N engine nodes as one cluster on one PostgreSQL database, spreads
 //! the clients of every document over them (client `i` on node `i mod N`, so most edits cross
 //! a peer link), and measures fan-out latency; then the same load against a single node for
-//! comparison, and a second cluster run in which one node is killed (`kill -9`) to measure how
-//! long until every pair of clients of a document exchanges edits again.
+//! comparison, a second cluster run in which one node is killed (`kill -9`) to measure how
+//! long until every pair of clients of a document exchanges edits again, and a rolling restart:
+//! every node stopped (SIGTERM) and started again in turn under the load, counting which
+//! clients were disconnected and how often, and reading every edit back from storage after.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::compare::{psql, read_ready, stop_child};
-use crate::report;
+use crate::report::{self, Latency};
 use crate::scenario::{self, FanoutOptions, FanoutResult, Kill, Run};
 use crate::target::{Kind, Target};
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ClusterOptions {
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3)]
@@ -30,6 +33,13 @@ pub struct ClusterOptions {
     /// Kill one node this many seconds into a second cluster run (0: no failover run).
     #[arg(long, default_value_t = 10.0)]
     pub kill_after_secs: f64,
+    /// Restart every node in turn (SIGTERM, then a new process on the same ports) in a run of
+    /// its own, the first this many seconds into it (0: no rolling restart).
+    #[arg(long, default_value_t = 0.0)]
+    pub restart_after_secs: f64,
+    /// Seconds from one restarted node being live in every node's view to the next SIGTERM.
+    #[arg(long, default_value_t = 5.0)]
+    pub restart_gap_secs: f64,
     /// The engine binary (default: `synchrony` beside this binary).
     #[arg(long)]
     pub engine: Option<PathBuf>,
@@ -78,6 +88,8 @@ pub struct ClusterResult {
     pub single_node_p99_ms: Option<f64>,
     pub cluster_p99_ms: Option<f64>,
     pub failover: Option<FanoutResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolling_restart: Option<Rolling>,
     pub sweep: Vec<SweepStep>,
     pub single_node_sustained_rate: Option<f64>,
     pub cluster_sustained_rate: Option<f64>,
@@ -100,7 +112,9 @@ struct Node {
     child: Child,
     pid: u32,
     port: u16,
-    _dir: tempfile::TempDir,
+    /// Its cluster arguments, to start it again as the same member.
+    args: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Node {
@@ -115,6 +129,33 @@ impl Node {
     async fn stop(mut self) {
         stop_child(&mut self.child, self.pid).await;
     }
+
+    /// Stops the process (SIGTERM) and starts a new one with the same arguments, ports and data
+    /// directory.
+    async fn restart(&mut self, options: &ClusterOptions, db: &str) -> Result<RestartTimes> {
+        let stopping = Instant::now();
+        let clean_exit = stop_child(&mut self.child, self.pid).await;
+        let stop_secs = stopping.elapsed().as_secs_f64();
+        let starting = Instant::now();
+        let (child, port, pid) = spawn(options, db, &self.args, self.port, self.dir.path())
+            .await
+            .with_context(|| format!("start the node on port {} again", self.port))?;
+        (self.child, self.pid) = (child, pid);
+        debug_assert_eq!(port, self.port);
+        Ok(RestartTimes {
+            clean_exit,
+            stop_secs,
+            starting,
+            ready_secs: starting.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+struct RestartTimes {
+    clean_exit: bool,
+    stop_secs: f64,
+    starting: Instant,
+    ready_secs: f64,
 }
 
 /// A database of its own for one run, dropped by [`Database::drop_now`].
@@ -169,10 +210,28 @@ fn node_threads(options: &ClusterOptions) -> usize {
 
 async fn start_node(options: &ClusterOptions, db: &str, cluster: &[String]) -> Result<Node> {
     let dir = tempfile::tempdir()?;
+    let (child, port, pid) = spawn(options, db, cluster, 0, dir.path()).await?;
+    Ok(Node {
+        child,
+        pid,
+        port,
+        args: cluster.to_vec(),
+        dir,
+    })
+}
+
+/// Starts an engine process and waits for its ready line: (process, client port, pid).
+async fn spawn(
+    options: &ClusterOptions,
+    db: &str,
+    cluster: &[String],
+    port: u16,
+    dir: &Path,
+) -> Result<(Child, u16, u32)> {
     let mut command = Command::new(engine(options)?);
     command
-        .args(["serve", "--port", "0", "--data-dir"])
-        .arg(dir.path())
+        .args(["serve", "--port", &port.to_string(), "--data-dir"])
+        .arg(dir)
         .args(["--database-url", db])
         .args(cluster)
         .env_remove("SYNCHRONY_DATABASE_URL")
@@ -183,12 +242,7 @@ async fn start_node(options: &ClusterOptions, db: &str, cluster: &[String]) -> R
         .kill_on_drop(true);
     let mut child = command.spawn().context("start the engine")?;
     let (port, pid) = read_ready(&mut child, "synchrony").await?;
-    Ok(Node {
-        child,
-        pid,
-        port,
-        _dir: dir,
-    })
+    Ok((child, port, pid))
 }
 
 /// Starts `n` nodes as one cluster, each with its peer port on its own loopback address.
@@ -224,25 +278,34 @@ async fn start_cluster(options: &ClusterOptions, db: &str) -> Result<Vec<Node>> 
         .collect();
         nodes.push(start_node(options, db, &args).await?);
     }
+    wait_live(&nodes).await?;
+    Ok(nodes)
+}
+
+/// Waits until every node's view shows every node live.
+async fn wait_live(nodes: &[Node]) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for node in &nodes {
+    for node in nodes {
         loop {
             let url = format!("http://127.0.0.1:{}/synchrony/v1/cluster", node.port);
-            let (_, body) = crate::http::request("GET", &url, None, b"").await?;
-            let view: serde_json::Value = serde_json::from_slice(&body)?;
-            if view["live"].as_array().map(Vec::len) == Some(options.nodes) {
+            let view = match crate::http::request("GET", &url, None, b"").await {
+                Ok((200, body)) => serde_json::from_slice(&body)?,
+                Ok((status, _)) => serde_json::json!({ "status": status }),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            if view["live"].as_array().map(Vec::len) == Some(nodes.len()) {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
                     "the nodes did not form a cluster of {} within 60 s: {view}",
-                    options.nodes
+                    nodes.len()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    Ok(nodes)
+    Ok(())
 }
 
 fn run_over(nodes: &[Node], seed: u64) -> Result<Run> {
@@ -295,6 +358,348 @@ async fn cluster(
     result
 }
 
+/// A rolling restart under the fan-out load: what happened at each restart, and whether every
+/// edit typed is in storage afterwards.
+#[derive(Debug, Serialize)]
+pub struct Rolling {
+    pub fanout: FanoutResult,
+    pub restarts: Vec<Restart>,
+    /// Disconnections before the first SIGTERM (none expected).
+    pub disconnects_before_first_restart: u64,
+    /// Clients that could not connect again within their ~10 s of retries.
+    pub clients_gave_up: u64,
+    /// The most disconnections one client saw over the whole run (a client whose node stopped
+    /// may have reconnected to a node restarted later).
+    pub most_disconnects_of_one_client: u64,
+    /// Whether the last node was live again before the load stopped typing.
+    pub roll_within_load: bool,
+    pub storage: StorageCheck,
+}
+
+/// One node's restart, with what its clients and everyone else's saw.
+#[derive(Debug, Serialize)]
+pub struct Restart {
+    /// 1-based, as printed.
+    pub node: usize,
+    /// Seconds into the load when SIGTERM was sent.
+    pub sigterm_at_secs: f64,
+    /// SIGTERM to the process's exit (it hands its documents over first).
+    pub stop_secs: f64,
+    /// Exited by itself with status 0.
+    pub clean_exit: bool,
+    /// New process started → ready to serve.
+    pub ready_secs: f64,
+    /// New process started → every node's view shows every node live.
+    pub live_secs: f64,
+    /// Clients connected to the node at the SIGTERM.
+    pub clients: u64,
+    /// Of those, disconnected exactly once before the next restart.
+    pub disconnected_once: u64,
+    pub disconnected_more_than_once: u64,
+    pub not_disconnected: u64,
+    /// Disconnections of clients of other nodes in the same window (none expected).
+    pub others_disconnected: u64,
+    /// The close codes its clients saw ("none": no close frame came).
+    pub close_codes: BTreeMap<String, u64>,
+    /// Of its clients, how many reconnected to the restarted node itself (the rest went to
+    /// another node, as a load balancer would send them while it was down).
+    pub back_on_same_node: u64,
+    /// Disconnection → synced again.
+    pub time_to_reconnect: Latency,
+}
+
+/// Every document read back through a fresh node after the cluster stopped.
+#[derive(Debug, Default, Serialize)]
+pub struct StorageCheck {
+    pub docs: usize,
+    pub edits_typed: u64,
+    pub edits_stored: u64,
+    pub edits_missing: u64,
+    pub docs_unreadable: u64,
+}
+
+impl Rolling {
+    pub fn ok(&self) -> bool {
+        self.roll_within_load
+            && self.disconnects_before_first_restart == 0
+            && self.clients_gave_up == 0
+            && self.fanout.missing_deliveries == 0
+            && self.storage.edits_missing == 0
+            && self.storage.docs_unreadable == 0
+            && self.restarts.iter().all(|r| {
+                r.clean_exit
+                    && r.disconnected_more_than_once == 0
+                    && r.not_disconnected == 0
+                    && r.others_disconnected == 0
+            })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut lines = report::fanout_lines(&self.fanout);
+        for r in &self.restarts {
+            let codes: Vec<String> = r
+                .close_codes
+                .iter()
+                .map(|(code, n)| format!("{code} ×{n}"))
+                .collect();
+            lines.push(format!(
+                "  node {}: SIGTERM at {:.1} s, exited in {:.2} s{}; new process ready in {:.2} s, live in every view in {:.2} s",
+                r.node,
+                r.sigterm_at_secs,
+                r.stop_secs,
+                if r.clean_exit { "" } else { " (NOT CLEANLY)" },
+                r.ready_secs,
+                r.live_secs
+            ));
+            lines.push(format!(
+                "    its {} clients: {} disconnected once ({}), {} more than once, {} not at all; {} back on it; reconnected in {}",
+                r.clients,
+                r.disconnected_once,
+                codes.join(", "),
+                r.disconnected_more_than_once,
+                r.not_disconnected,
+                r.back_on_same_node,
+                r.time_to_reconnect.line()
+            ));
+            lines.push(format!(
+                "    clients of other nodes disconnected meanwhile: {}",
+                r.others_disconnected
+            ));
+        }
+        lines.push(format!(
+            "  disconnections before the first restart: {}; clients that gave up: {}; most disconnections of one client: {}{}",
+            self.disconnects_before_first_restart,
+            self.clients_gave_up,
+            self.most_disconnects_of_one_client,
+            if self.roll_within_load {
+                ""
+            } else {
+                "; THE ROLL OUTLASTED THE LOAD (raise --duration-secs)"
+            }
+        ));
+        let s = &self.storage;
+        lines.push(format!(
+            "  storage, read through a fresh node after the roll: {}/{} edits typed are stored (missing {}) in {} documents ({} unreadable)",
+            s.edits_stored, s.edits_typed, s.edits_missing, s.docs, s.docs_unreadable
+        ));
+        lines
+    }
+}
+
+/// The fan-out load over a fresh cluster while every node is restarted in turn.
+async fn rolling(options: &ClusterOptions) -> Result<Rolling> {
+    let db = Database::create(&options.postgres_url, "rolling", options.seed).await?;
+    let result = rolling_on(options, &db.url).await;
+    db.drop_now().await;
+    result
+}
+
+async fn rolling_on(options: &ClusterOptions, db: &str) -> Result<Rolling> {
+    let nodes = start_cluster(options, db).await?;
+    let mut run = run_over(&nodes, options.seed + 2)?;
+    // Restarted processes would drop out of the usage probes: no usage figures for this run.
+    run.node_pids.clear();
+    let (fanout, (nodes, log)) = scenario::fanout_during(&run, &options.fanout, None, {
+        let (options, db) = (options.clone(), db.to_owned());
+        move |epoch| roll(options, db, nodes, epoch)
+    })
+    .await?;
+    for node in nodes {
+        node.stop().await;
+    }
+    let log = log?;
+    let storage = read_back(options, db, &run, &fanout).await?;
+    let load_end = options.fanout.warmup_secs + options.fanout.duration_secs;
+    let roll_within_load = log.len() == options.nodes
+        && log
+            .last()
+            .is_some_and(|l| l.sigterm_at_secs + l.stop_secs + l.live_secs < load_end);
+    Ok(account(fanout, log, roll_within_load, storage))
+}
+
+/// When one node was restarted, before the clients' view of it is added.
+struct Restarted {
+    node: usize,
+    sigterm_at_secs: f64,
+    stop_secs: f64,
+    clean_exit: bool,
+    ready_secs: f64,
+    live_secs: f64,
+}
+
+/// Restarts every node in turn, the first `restart_after_secs` after `epoch`; hands the nodes
+/// back with what happened (an error once a node could not be started again).
+async fn roll(
+    options: ClusterOptions,
+    db: String,
+    mut nodes: Vec<Node>,
+    epoch: Instant,
+) -> (Vec<Node>, Result<Vec<Restarted>>) {
+    let mut log = Vec::new();
+    let first = epoch + Duration::from_secs_f64(options.restart_after_secs);
+    tokio::time::sleep_until(first.into()).await;
+    for k in 0..nodes.len() {
+        let sigterm_at_secs = epoch.elapsed().as_secs_f64();
+        let times = match nodes[k].restart(&options, &db).await {
+            Ok(t) => t,
+            Err(e) => return (nodes, Err(e)),
+        };
+        if let Err(e) = wait_live(&nodes).await {
+            return (nodes, Err(e));
+        }
+        log.push(Restarted {
+            node: k,
+            sigterm_at_secs,
+            stop_secs: times.stop_secs,
+            clean_exit: times.clean_exit,
+            ready_secs: times.ready_secs,
+            live_secs: times.starting.elapsed().as_secs_f64(),
+        });
+        if k + 1 < nodes.len() {
+            tokio::time::sleep(Duration::from_secs_f64(options.restart_gap_secs)).await;
+        }
+    }
+    (nodes, Ok(log))
+}
+
+/// Splits the clients' connection events into one window per restart (from its SIGTERM to the
+/// next) and counts who was disconnected in each.
+fn account(
+    fanout: FanoutResult,
+    log: Vec<Restarted>,
+    roll_within_load: bool,
+    storage: StorageCheck,
+) -> Rolling {
+    let clients = fanout.typed.len();
+    let us = |secs: f64| (secs * 1e6) as u64;
+    let first_sigterm = log.first().map_or(u64::MAX, |r| us(r.sigterm_at_secs));
+    let mut node_of: Vec<Option<usize>> = vec![None; clients];
+    let mut total_downs = vec![0u64; clients];
+    let mut disconnects_before_first_restart = 0;
+    let mut restarts = Vec::new();
+    let mut events = fanout.events.iter().peekable();
+    // Applies one event to the clients' state.
+    let mut apply = |e: &scenario::ConnEvent, node_of: &mut Vec<Option<usize>>| {
+        if e.down.is_some() {
+            node_of[e.client] = None;
+            total_downs[e.client] += 1;
+        } else {
+            node_of[e.client] = Some(e.node);
+        }
+    };
+    while let Some(e) = events.next_if(|e| e.at_us < first_sigterm) {
+        disconnects_before_first_restart += u64::from(e.down.is_some());
+        apply(e, &mut node_of);
+    }
+    for (i, r) in log.iter().enumerate() {
+        let end = log.get(i + 1).map_or(u64::MAX, |n| us(n.sigterm_at_secs));
+        let on_it: Vec<bool> = node_of.iter().map(|n| *n == Some(r.node)).collect();
+        let mut downs = vec![0u64; clients];
+        let mut down_at: Vec<Option<u64>> = vec![None; clients];
+        let mut back_on_same_node = 0;
+        let mut others_disconnected = 0;
+        let mut close_codes = BTreeMap::new();
+        let mut reconnect = report::histogram();
+        while let Some(e) = events.next_if(|e| e.at_us < end) {
+            match e.down {
+                Some(code) if on_it[e.client] => {
+                    downs[e.client] += 1;
+                    down_at[e.client] = Some(e.at_us);
+                    let code = code.map_or("none".to_owned(), |c| c.to_string());
+                    *close_codes.entry(code).or_insert(0) += 1;
+                }
+                Some(_) => others_disconnected += 1,
+                None => {
+                    if let Some(at) = down_at[e.client].take() {
+                        let _ = reconnect.record(e.at_us.saturating_sub(at).max(1));
+                        back_on_same_node += u64::from(e.node == r.node);
+                    }
+                }
+            }
+            apply(e, &mut node_of);
+        }
+        let mine = |f: &dyn Fn(u64) -> bool| {
+            (0..clients).filter(|&c| on_it[c] && f(downs[c])).count() as u64
+        };
+        restarts.push(Restart {
+            node: r.node + 1,
+            sigterm_at_secs: r.sigterm_at_secs,
+            stop_secs: r.stop_secs,
+            clean_exit: r.clean_exit,
+            ready_secs: r.ready_secs,
+            live_secs: r.live_secs,
+            clients: mine(&|_| true),
+            disconnected_once: mine(&|d| d == 1),
+            disconnected_more_than_once: mine(&|d| d > 1),
+            not_disconnected: mine(&|d| d == 0),
+            others_disconnected,
+            close_codes,
+            back_on_same_node,
+            time_to_reconnect: Latency::of(&reconnect),
+        });
+    }
+    Rolling {
+        clients_gave_up: node_of.iter().filter(|n| n.is_none()).count() as u64,
+        most_disconnects_of_one_client: total_downs.iter().copied().max().unwrap_or(0),
+        disconnects_before_first_restart,
+        roll_within_load,
+        restarts,
+        fanout,
+        storage,
+    }
+}
+
+/// Starts one node alone on the cluster's database and reads every document back: each
+/// client's edits 1..=n must all be there.
+async fn read_back(
+    options: &ClusterOptions,
+    db: &str,
+    run: &Run,
+    fanout: &FanoutResult,
+) -> Result<StorageCheck> {
+    use futures_util::StreamExt;
+    let node = start_node(options, db, &[]).await?;
+    let base = node.target()?.http_base().context("no HTTP base")?;
+    let per_doc = options.fanout.clients;
+    let docs = options.fanout.docs;
+    let reads = futures_util::stream::iter(0..docs)
+        .map(|d| {
+            let url = format!(
+                "{base}/v1/data/{}?format=text&name=content",
+                scenario::fanout_doc(run, d)
+            );
+            async move { (d, crate::http::request("GET", &url, None, b"").await) }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    node.stop().await;
+    let mut check = StorageCheck {
+        docs,
+        ..StorageCheck::default()
+    };
+    for (d, read) in reads {
+        let typed = &fanout.typed[d * per_doc..(d + 1) * per_doc];
+        check.edits_typed += typed.iter().sum::<u64>();
+        let text = match read {
+            Ok((200, body)) => body,
+            _ => {
+                check.docs_unreadable += 1;
+                continue;
+            }
+        };
+        let mut found = vec![std::collections::BTreeSet::new(); per_doc];
+        for (_, sender, seq) in scenario::marks(&text) {
+            if sender < per_doc && (1..=typed[sender]).contains(&seq) {
+                found[sender].insert(seq);
+            }
+        }
+        check.edits_stored += found.iter().map(|f| f.len() as u64).sum::<u64>();
+    }
+    check.edits_missing = check.edits_typed - check.edits_stored;
+    Ok(check)
+}
+
 fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -309,8 +714,12 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
     if options.nodes < 2 {
         bail!("a cluster needs at least 2 nodes");
     }
-    if options.rounds == 0 && options.sweep_rates.is_empty() && options.kill_after_secs <= 0.0 {
-        bail!("nothing to run: --rounds 0 without --sweep-rates or --kill-after-secs");
+    if options.rounds == 0
+        && options.sweep_rates.is_empty()
+        && options.kill_after_secs <= 0.0
+        && options.restart_after_secs <= 0.0
+    {
+        bail!("nothing to run: --rounds 0 without --sweep-rates, --kill-after-secs or --restart-after-secs");
     }
     synchrony::raise_open_file_limit();
     let threads = node_threads(&options);
@@ -380,6 +789,18 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
         None
     };
 
+    let rolling_restart = if options.restart_after_secs > 0.0 {
+        let result = rolling(&options).await?;
+        lines.push(format!(
+            "{} nodes restarted in turn from {:.1} s in, {:.1} s apart:",
+            options.nodes, options.restart_after_secs, options.restart_gap_secs
+        ));
+        lines.extend(result.lines());
+        Some(result)
+    } else {
+        None
+    };
+
     let (sweep, single_node_sustained_rate, cluster_sustained_rate) = sweep(&options).await?;
     for step in &sweep {
         let side = |r: &Option<FanoutResult>| match r {
@@ -419,7 +840,8 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
         && failover
             .as_ref()
             .and_then(|f| f.failover.as_ref())
-            .is_none_or(|f| f.recovered == f.pairs);
+            .is_none_or(|f| f.recovered == f.pairs)
+        && rolling_restart.as_ref().is_none_or(Rolling::ok);
     let result = ClusterResult {
         nodes: options.nodes,
         node_threads: threads,
@@ -427,6 +849,7 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
         single_node_p99_ms,
         cluster_p99_ms,
         failover,
+        rolling_restart,
         sweep,
         single_node_sustained_rate,
         cluster_sustained_rate,
@@ -454,6 +877,7 @@ async fn sweep(options: &ClusterOptions) -> Result<(Vec<SweepStep>, Option<f64>,
             warmup_secs: 3.0,
             duration_secs: options.sweep_secs,
             drain_secs: 2.0,
+            reconnect_home_attempts: options.fanout.reconnect_home_attempts,
         };
         let mut step = SweepStep {
             rate,

@@ -90,6 +90,7 @@ fn sizes(profile: Profile) -> Sizes {
         warmup_secs,
         duration_secs,
         drain_secs,
+        reconnect_home_attempts: 1,
     };
     match profile {
         Profile::Tiny => Sizes {
@@ -210,19 +211,21 @@ pub(crate) async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u3
     Ok(ready)
 }
 
-/// SIGTERM, then SIGKILL if the process has not exited within 30 s.
-pub(crate) async fn stop_child(child: &mut Child, pid: u32) {
+/// SIGTERM, then SIGKILL if the process has not exited within 30 s. True when it exited by
+/// itself with status 0.
+pub(crate) async fn stop_child(child: &mut Child, pid: u32) -> bool {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
+    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+        Ok(status) => status.is_ok_and(|s| s.success()),
+        Err(_) => {
+            let _ = child.kill().await;
+            false
+        }
     }
 }
 

@@ -133,6 +133,11 @@ pub struct FanoutOptions {
     /// After the last edit, how long deliveries are still awaited.
     #[arg(long, default_value_t = 3.0)]
     pub drain_secs: f64,
+    /// When a client's connection drops: how many attempts (250 ms apart) go to its own server
+    /// before it tries the others in turn. 1 models a load balancer that sends a reconnecting
+    /// client to the next server; more, one with sticky sessions that waits for its server.
+    #[arg(long, default_value_t = 1)]
+    pub reconnect_home_attempts: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,6 +159,30 @@ pub struct FanoutResult {
     /// With a node killed during the run: how long until edits flowed again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<Failover>,
+    /// Every client's connections coming up and going down, in time order.
+    #[serde(skip)]
+    pub events: Vec<ConnEvent>,
+    /// Per client: how many edits it typed (its last sequence number).
+    #[serde(skip)]
+    pub typed: Vec<u64>,
+}
+
+/// A fan-out client's connection coming up or going down.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEvent {
+    /// µs since the load began (0 for the first connections, made before it).
+    pub at_us: u64,
+    pub client: usize,
+    /// The server it was or is connected to: its index in [`Run::spread`] (0 without one).
+    pub node: usize,
+    /// None: connected. Some: disconnected, with the close code the server sent (None inside:
+    /// no close frame came, as when the process died).
+    pub down: Option<Option<u16>>,
+}
+
+/// The name of fan-out document `d` in a run.
+pub fn fanout_doc(run: &Run, d: usize) -> String {
+    run.doc(format_args!("fanout-{d}"))
 }
 
 /// A node killed (`kill -9`) during a fan-out run.
@@ -189,8 +218,8 @@ fn hex(bytes: &[u8]) -> Option<u64> {
         .and_then(|s| u64::from_str_radix(s, 16).ok())
 }
 
-/// The marks in a frame: (µs, sender, seq).
-fn marks(frame: &[u8]) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
+/// The marks in a frame or text: (µs, sender, seq).
+pub fn marks(frame: &[u8]) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
     frame.windows(MARK_LEN).filter_map(|w| {
         if w[0] != 1 || w[MARK_LEN - 1] != 2 {
             return None;
@@ -218,11 +247,26 @@ struct FanoutShared {
     kill_us: AtomicU64,
     /// Receiver-sender recovery times after the kill, µs.
     recoveries: Mutex<Vec<u64>>,
+    events: Mutex<Vec<ConnEvent>>,
+    /// Per client: its last edit's sequence number.
+    typed: Vec<AtomicU64>,
 }
 
 impl FanoutShared {
     fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn event(&self, client: usize, node: usize, down: Option<Option<u16>>) {
+        let at_us = self.now_us();
+        if let Ok(mut events) = self.events.lock() {
+            events.push(ConnEvent {
+                at_us,
+                client,
+                node,
+                down,
+            });
+        }
     }
 }
 
@@ -237,13 +281,30 @@ pub async fn fanout_with_kill(
     options: &FanoutOptions,
     kill: Option<Kill>,
 ) -> Result<FanoutResult> {
+    let (result, ()) = fanout_during(run, options, kill, |_| async {}).await?;
+    Ok(result)
+}
+
+/// [`fanout_with_kill`], running `during` beside the load: it is started with the load's epoch
+/// (the instant event times count from) as soon as the clients are connected, and awaited after
+/// the last delivery; its output is handed back with the result.
+pub async fn fanout_during<T, F, Fut>(
+    run: &Run,
+    options: &FanoutOptions,
+    kill: Option<Kill>,
+    during: F,
+) -> Result<(FanoutResult, T)>
+where
+    F: FnOnce(Instant) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     if options.docs == 0 || options.clients < 2 || options.rate <= 0.0 {
         bail!("fanout needs at least 1 document, 2 clients per document and a positive rate");
     }
     let total = options.docs * options.clients;
-    let doc_name = |d: usize| run.doc(format_args!("fanout-{d}"));
     let started = Instant::now();
-    let conns = connect_all(run, total, |i| doc_name(i / options.clients)).await?;
+    let conns = connect_all(run, total, |i| fanout_doc(run, i / options.clients)).await?;
     let connect_secs = started.elapsed().as_secs_f64();
 
     let shared = Arc::new(FanoutShared {
@@ -259,7 +320,10 @@ pub async fn fanout_with_kill(
         reconnects: AtomicU64::new(0),
         kill_us: AtomicU64::new(u64::MAX),
         recoveries: Mutex::new(Vec::new()),
+        events: Mutex::new(Vec::with_capacity(total * 2)),
+        typed: (0..total).map(|_| AtomicU64::new(0)).collect(),
     });
+    let beside = tokio::spawn(during(shared.epoch));
     let period = Duration::from_secs_f64(total as f64 / options.rate);
     let end =
         Duration::from_secs_f64(options.warmup_secs + options.duration_secs + options.drain_secs);
@@ -273,7 +337,9 @@ pub async fn fanout_with_kill(
         let home = Home {
             targets: targets.clone(),
             index: i % targets.len(),
+            attempts: options.reconnect_home_attempts.max(1),
         };
+        shared.event(i, home.index, None);
         tasks.push(tokio::spawn(fanout_client(
             conn, home, i, clients, phase, period, end, shared,
         )));
@@ -315,6 +381,7 @@ pub async fn fanout_with_kill(
     if let Some(killer) = killer {
         killer.await?;
     }
+    let beside = beside.await?;
     ticker.abort();
     progress.finish_and_clear();
     let failover = kill.map(|kill| {
@@ -344,7 +411,13 @@ pub async fn fanout_with_kill(
     let sent_measured = shared.sent_measured.load(Relaxed);
     let expected = sent_measured * (options.clients as u64 - 1);
     let deliveries = shared.deliveries.load(Relaxed);
-    Ok(FanoutResult {
+    let mut events = shared
+        .events
+        .lock()
+        .map(|mut e| std::mem::take(&mut *e))
+        .unwrap_or_default();
+    events.sort_by_key(|e| e.at_us);
+    let result = FanoutResult {
         options: options.clone(),
         connections: total,
         connect_secs,
@@ -359,7 +432,10 @@ pub async fn fanout_with_kill(
         reconnects: shared.reconnects.load(Relaxed),
         usage,
         failover,
-    })
+        events,
+        typed: shared.typed.iter().map(|t| t.load(Relaxed)).collect(),
+    };
+    Ok((result, beside))
 }
 
 /// The servers a client may use: its own first, the others if its own goes away (as a load
@@ -367,6 +443,8 @@ pub async fn fanout_with_kill(
 struct Home {
     targets: Arc<Vec<Target>>,
     index: usize,
+    /// Attempts on its own server before the others.
+    attempts: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -390,6 +468,7 @@ async fn fanout_client(
         recovered: vec![false; clients],
     };
     let mut seq = 0u64;
+    let mut node = home.index;
     let mut tick = tokio::time::interval_at((shared.epoch + phase).into(), period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::Instant::from_std(shared.epoch + end);
@@ -406,12 +485,16 @@ async fn fanout_client(
                     text.insert(&mut t, len, &mark(now, me, seq));
                     t.encode_update_v1()
                 };
+                shared.typed[index].store(seq, Relaxed);
                 if conn.send(&Message::Sync(SyncMessage::Update(update))).await.is_err() {
                     shared.errors.fetch_add(1, Relaxed);
+                    shared.event(index, node, Some(conn.close_code));
+                    conn.finish().await;
                     match reconnect(&home, &conn.doc, &doc, &shared).await {
-                        Some(c) => conn = c,
+                        Some((c, n)) => (conn, node) = (c, n),
                         None => break,
                     }
+                    shared.event(index, node, None);
                     let synced = text.get_string(&doc.transact());
                     seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
                     continue;
@@ -427,9 +510,12 @@ async fn fanout_client(
                     Ok(Some(frame)) => frame,
                     _ => {
                         shared.errors.fetch_add(1, Relaxed);
+                        shared.event(index, node, Some(conn.close_code));
+                        conn.finish().await;
                         match reconnect(&home, &conn.doc, &doc, &shared).await {
-                            Some(c) => {
-                                conn = c;
+                            Some((c, n)) => {
+                                (conn, node) = (c, n);
+                                shared.event(index, node, None);
                                 let synced = text.get_string(&doc.transact());
                                 seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
                                 continue
@@ -512,20 +598,25 @@ impl Seen {
     }
 }
 
+/// Connects again, to the client's own server first and then to the others in turn; returns
+/// the connection and the index of the server that took it.
 async fn reconnect(
     home: &Home,
     doc_name: &str,
     doc: &yrs::Doc,
     shared: &FanoutShared,
-) -> Option<Conn> {
+) -> Option<(Conn, usize)> {
     // About 10 s, as a y-websocket client would keep trying (a node's death takes a second or
     // two to be noticed).
-    for attempt in 0..40 {
+    for attempt in 0..40usize {
         tokio::time::sleep(Duration::from_millis(250)).await;
         shared.reconnects.fetch_add(1, Relaxed);
-        let target = &home.targets[(home.index + attempt) % home.targets.len()];
-        if let Ok(conn) = Conn::join(target, doc_name, Some(doc), JOIN_TIMEOUT).await {
-            return Some(conn);
+        let node = match attempt.checked_sub(home.attempts) {
+            None => home.index,
+            Some(past) => (home.index + 1 + past) % home.targets.len(),
+        };
+        if let Ok(conn) = Conn::join(&home.targets[node], doc_name, Some(doc), JOIN_TIMEOUT).await {
+            return Some((conn, node));
         }
         shared.errors.fetch_add(1, Relaxed);
     }

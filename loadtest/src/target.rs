@@ -114,6 +114,9 @@ pub struct Conn {
     pub doc: String,
     /// The document as the server sent it (when the caller keeps one).
     pub bytes_in: u64,
+    /// The close code the server sent, once it closed the connection (0: a close frame without
+    /// a code).
+    pub close_code: Option<u16>,
 }
 
 /// Small socket buffers: the harness holds thousands of connections.
@@ -150,6 +153,7 @@ impl Conn {
             target: target.clone(),
             doc: doc.to_owned(),
             bytes_in: 0,
+            close_code: None,
         };
         if target.kind == Kind::Hocuspocus {
             // Auth (2), token subtype (0), token; Hocuspocus holds everything else until then.
@@ -223,7 +227,10 @@ impl Conn {
                     self.bytes_in += b.len() as u64;
                     return Ok(Some(b.to_vec()));
                 }
-                WsMessage::Close(_) => return Ok(None),
+                WsMessage::Close(frame) => {
+                    self.close_code = Some(frame.map_or(0, |f| u16::from(f.code)));
+                    return Ok(None);
+                }
                 _ => {}
             }
         }
@@ -231,6 +238,12 @@ impl Conn {
     }
 
     pub async fn close(mut self) {
+        self.finish().await;
+    }
+
+    /// Closes the socket, answering the server's close frame if one came (as a browser does
+    /// at once; a server waits for that answer before it lets the socket go).
+    pub async fn finish(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.sink.close()).await;
     }
 }
