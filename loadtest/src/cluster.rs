@@ -374,6 +374,21 @@ pub struct Rolling {
     /// Whether the last node was live again before the load stopped typing.
     pub roll_within_load: bool,
     pub storage: StorageCheck,
+    /// Edits a client never saw (at most 100), to tell a delivery still in flight at the end
+    /// from one lost.
+    pub unseen: Vec<Unseen>,
+}
+
+/// An edit one client of its document never saw.
+#[derive(Debug, Serialize)]
+pub struct Unseen {
+    pub receiver: usize,
+    pub sender: usize,
+    pub seq: u64,
+    /// When it was typed (from its mark in storage), seconds into the load.
+    pub typed_at_secs: Option<f64>,
+    /// The receiver's connections: (seconds, node, "up" or the close code).
+    pub receiver_events: Vec<(f64, usize, String)>,
 }
 
 /// One node's restart, with what its clients and everyone else's saw.
@@ -416,6 +431,9 @@ pub struct StorageCheck {
     pub edits_stored: u64,
     pub edits_missing: u64,
     pub docs_unreadable: u64,
+    /// When each unseen edit was typed, µs into the load, by (sender, seq).
+    #[serde(skip)]
+    typed_at: std::collections::HashMap<(usize, u64), u64>,
 }
 
 impl Rolling {
@@ -477,6 +495,16 @@ impl Rolling {
                 "; THE ROLL OUTLASTED THE LOAD (raise --duration-secs)"
             }
         ));
+        for u in self.unseen.iter().take(10) {
+            lines.push(format!(
+                "  NOT SEEN: client {} never saw edit {} of client {} (typed at {}); its connections: {:?}",
+                u.receiver,
+                u.seq,
+                u.sender,
+                u.typed_at_secs.map_or("?".to_owned(), |t| format!("{t:.3} s")),
+                u.receiver_events
+            ));
+        }
         let s = &self.storage;
         lines.push(format!(
             "  storage, read through a fresh node after the roll: {}/{} edits typed are stored (missing {}) in {} documents ({} unreadable)",
@@ -638,7 +666,35 @@ fn account(
             time_to_reconnect: Latency::of(&reconnect),
         });
     }
+    let unseen = fanout
+        .unseen
+        .iter()
+        .take(100)
+        .map(|&(receiver, sender, seq)| Unseen {
+            receiver,
+            sender,
+            seq,
+            typed_at_secs: storage
+                .typed_at
+                .get(&(sender, seq))
+                .map(|&us| us as f64 / 1e6),
+            receiver_events: fanout
+                .events
+                .iter()
+                .filter(|e| e.client == receiver)
+                .map(|e| {
+                    let what = match e.down {
+                        None => "up".to_owned(),
+                        Some(None) => "down".to_owned(),
+                        Some(Some(code)) => format!("closed {code}"),
+                    };
+                    (e.at_us as f64 / 1e6, e.node + 1, what)
+                })
+                .collect(),
+        })
+        .collect();
     Rolling {
+        unseen,
         clients_gave_up: node_of.iter().filter(|n| n.is_none()).count() as u64,
         most_disconnects_of_one_client: total_downs.iter().copied().max().unwrap_or(0),
         disconnects_before_first_restart,
@@ -658,6 +714,8 @@ async fn read_back(
     fanout: &FanoutResult,
 ) -> Result<StorageCheck> {
     use futures_util::StreamExt;
+    let unseen: std::collections::HashSet<(usize, u64)> =
+        fanout.unseen.iter().map(|&(_, s, q)| (s, q)).collect();
     let node = start_node(options, db, &[]).await?;
     let base = node.target()?.http_base().context("no HTTP base")?;
     let per_doc = options.fanout.clients;
@@ -689,9 +747,13 @@ async fn read_back(
             }
         };
         let mut found = vec![std::collections::BTreeSet::new(); per_doc];
-        for (_, sender, seq) in scenario::marks(&text) {
+        for (at, sender, seq) in scenario::marks(&text) {
             if sender < per_doc && (1..=typed[sender]).contains(&seq) {
                 found[sender].insert(seq);
+                let global = d * per_doc + sender;
+                if unseen.contains(&(global, seq)) {
+                    check.typed_at.insert((global, seq), at);
+                }
             }
         }
         check.edits_stored += found.iter().map(|f| f.len() as u64).sum::<u64>();

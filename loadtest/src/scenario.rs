@@ -165,6 +165,10 @@ pub struct FanoutResult {
     /// Per client: how many edits it typed (its last sequence number).
     #[serde(skip)]
     pub typed: Vec<u64>,
+    /// (receiver, sender, sequence number) of every edit typed that a client of its document
+    /// never saw, whenever it was typed (warm-up included).
+    #[serde(skip)]
+    pub unseen: Vec<(usize, usize, u64)>,
 }
 
 /// A fan-out client's connection coming up or going down.
@@ -375,8 +379,9 @@ where
     let probes = Probes::start(run.server_pid, &run.node_pids);
     tokio::time::sleep_until(at(options.warmup_secs + options.duration_secs)).await;
     let usage = probes.finish();
+    let mut seens = Vec::with_capacity(total);
     for task in tasks {
-        task.await?;
+        seens.push(task.await?);
     }
     if let Some(killer) = killer {
         killer.await?;
@@ -434,7 +439,22 @@ where
         failover,
         events,
         typed: shared.typed.iter().map(|t| t.load(Relaxed)).collect(),
+        unseen: Vec::new(),
     };
+    let mut result = result;
+    for (receiver, seen) in seens.iter().enumerate() {
+        let first = receiver - receiver % options.clients;
+        for (sender, below) in seen.below.iter().enumerate() {
+            if sender == seen.me {
+                continue;
+            }
+            for seq in *below..=result.typed[first + sender] {
+                if !seen.ahead[sender].contains(&seq) {
+                    result.unseen.push((receiver, first + sender, seq));
+                }
+            }
+        }
+    }
     Ok((result, beside))
 }
 
@@ -457,7 +477,7 @@ async fn fanout_client(
     period: Duration,
     end: Duration,
     shared: Arc<FanoutShared>,
-) {
+) -> Seen {
     let me = index % clients;
     let doc = yrs::Doc::with_client_id(index as u64 + 1);
     let text = doc.get_or_insert_text("content");
@@ -544,6 +564,7 @@ async fn fanout_client(
         }
     }
     conn.close().await;
+    seen
 }
 
 /// What one fan-out client has received from each sender of its document. A sender's edits
