@@ -412,6 +412,9 @@ pub struct Restart {
     pub disconnected_once: u64,
     pub disconnected_more_than_once: u64,
     pub not_disconnected: u64,
+    /// Of its clients, those recorded as connecting to it only after the SIGTERM (a
+    /// reconnection it accepted as the stop began, or one the busy harness noted late).
+    pub joined_during_stop: u64,
     /// Disconnections of clients of other nodes in the same window (none expected).
     pub others_disconnected: u64,
     /// The close codes its clients saw ("none": no close frame came).
@@ -470,8 +473,9 @@ impl Rolling {
                 r.live_secs
             ));
             lines.push(format!(
-                "    its {} clients: {} disconnected once ({}), {} more than once, {} not at all; {} back on it; reconnected in {}",
+                "    its {} clients ({} of them recorded as joining after the SIGTERM): {} disconnected once ({}), {} more than once, {} not at all; {} back on it; reconnected in {}",
                 r.clients,
+                r.joined_during_stop,
                 r.disconnected_once,
                 codes.join(", "),
                 r.disconnected_more_than_once,
@@ -621,7 +625,8 @@ fn account(
     }
     for (i, r) in log.iter().enumerate() {
         let end = log.get(i + 1).map_or(u64::MAX, |n| us(n.sigterm_at_secs));
-        let on_it: Vec<bool> = node_of.iter().map(|n| *n == Some(r.node)).collect();
+        let mut on_it: Vec<bool> = node_of.iter().map(|n| *n == Some(r.node)).collect();
+        let mut joined_during_stop = 0;
         let mut downs = vec![0u64; clients];
         let mut down_at: Vec<Option<u64>> = vec![None; clients];
         let mut back_on_same_node = 0;
@@ -629,8 +634,15 @@ fn account(
         let mut close_codes = BTreeMap::new();
         let mut reconnect = report::histogram();
         while let Some(e) = events.next_if(|e| e.at_us < end) {
+            // A disconnection counts against the node whose connection dropped: a client whose
+            // reconnection was accepted just before the SIGTERM may be recorded as up just
+            // after it (the harness is busy), and is that node's client all the same.
             match e.down {
-                Some(code) if on_it[e.client] => {
+                Some(code) if e.node == r.node => {
+                    if !on_it[e.client] {
+                        on_it[e.client] = true;
+                        joined_during_stop += 1;
+                    }
                     downs[e.client] += 1;
                     down_at[e.client] = Some(e.at_us);
                     let code = code.map_or("none".to_owned(), |c| c.to_string());
@@ -660,6 +672,7 @@ fn account(
             disconnected_once: mine(&|d| d == 1),
             disconnected_more_than_once: mine(&|d| d > 1),
             not_disconnected: mine(&|d| d == 0),
+            joined_during_stop,
             others_disconnected,
             close_codes,
             back_on_same_node,

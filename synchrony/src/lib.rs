@@ -375,6 +375,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Stops admitting clients (new WebSocket sessions get 503, the heartbeat fails, so a load
+    /// balancer sends them elsewhere) while the sessions already open go on: the first step
+    /// of a clean stop, before a cluster node hands its documents over.
+    pub fn stop_admitting(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Begins shutdown: the heartbeat fails, sessions close with 1012.
     pub fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::Release);

@@ -600,8 +600,11 @@ async fn serve(config: ServeConfig) -> ExitCode {
                 _ = signals.recv() => tracing::info!("shutdown requested; draining"),
                 pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
             }
-            // Peers move this node's documents at once instead of waiting for its links to die,
-            // and its documents hand their state over first (within a quarter of the drain).
+            // New clients go elsewhere from now on: one admitted during the hand-over would be
+            // closed again moments later. Peers move this node's documents at once instead of
+            // waiting for its links to die, and its documents hand their state over first
+            // (within a quarter of the drain).
+            engine.stop_admitting();
             if let Some(cluster) = engine.cluster.get() {
                 cluster.leave(drain_timeout / 4).await;
             }
