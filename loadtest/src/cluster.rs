@@ -76,6 +76,13 @@ pub struct ClusterOptions {
     /// Write the results as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The engines' log filter (`SYNCHRONY_LOG`).
+    #[arg(long, default_value = "warn")]
+    pub node_log: String,
+    /// Write each engine process's log to a file of its own here (`node-<n>-port-<port>.log`,
+    /// numbered in start order) instead of this process's stderr.
+    #[arg(long)]
+    pub node_log_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -235,9 +242,21 @@ async fn spawn(
         .args(["--database-url", db])
         .args(cluster)
         .env_remove("SYNCHRONY_DATABASE_URL")
-        .env("SYNCHRONY_LOG", "warn")
+        .env("SYNCHRONY_LOG", &options.node_log)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(match &options.node_log_dir {
+            None => Stdio::inherit(),
+            Some(dir) => {
+                static STARTED: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = dir.join(format!("node-{n:03}-port-{port}.log"));
+                Stdio::from(
+                    std::fs::File::create(&path)
+                        .with_context(|| format!("create {}", path.display()))?,
+                )
+            }
+        })
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let mut child = command.spawn().context("start the engine")?;

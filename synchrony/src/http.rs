@@ -235,6 +235,10 @@ async fn route_to_owner(
     next: axum::middleware::Next,
 ) -> Response {
     let Some(cluster) = engine.cluster.get() else {
+        // A cluster node that has not joined yet cannot tell who owns the document.
+        if engine.clustered() {
+            return ApiError::Unavailable("not ready").into_response();
+        }
         return next.run(request).await;
     };
     if request

@@ -179,8 +179,8 @@ impl Engine {
         }))
     }
 
-    /// Migrates storage, then declares the node ready and starts probing storage so that the
-    /// heartbeat fails while the database is unreachable.
+    /// Migrates storage and starts probing it so that the heartbeat fails while the database is
+    /// unreachable. Clients are admitted only once [`Engine::admit_clients`] is called.
     pub async fn initialize(self: &Arc<Self>) -> Result<(), EngineError> {
         self.store.probe().await?;
         self.store.migrate().await?;
@@ -196,7 +196,6 @@ impl Engine {
         self.probe.set(Ok(()));
         self.refresh_locks().await;
         eviction::schedule(self);
-        self.ready.store(true, Ordering::Release);
         tracing::info!(backend = self.store.backend().name(), "storage ready");
         let (store, flag, cancel) = (self.store.clone(), self.probe.clone(), self.cancel.clone());
         self.tracker.spawn(async move {
@@ -373,6 +372,14 @@ impl Engine {
         )
         .await;
         Ok(())
+    }
+
+    /// Declares the node ready: storage is migrated and, in a cluster, the node has joined it.
+    /// A cluster node that admitted a client before then would serve it from a local document
+    /// that never moves to the document's owner: that client and the others would stop seeing
+    /// each other's edits.
+    pub fn admit_clients(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 
     /// Stops admitting clients (new WebSocket sessions get 503, the heartbeat fails, so a load

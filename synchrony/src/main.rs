@@ -552,6 +552,14 @@ async fn serve(config: ServeConfig) -> ExitCode {
     }
     // Join the cluster once storage is ready: peers route clients here from then on.
     if engine.clustered() {
+        // `SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS` widens the moment between storage being ready
+        // and the node joining, for the test that no client is admitted in it.
+        if let Some(ms) = std::env::var("SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let peer = engine.config.cluster.peer_bind(&engine.config);
         let started = match TcpListener::bind(peer).await {
             Ok(listener) => engine.start_cluster(listener, local).map_err(|error| {
@@ -568,6 +576,7 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(code);
         }
     }
+    engine.admit_clients();
     let ctx = engine.config.normalized_context_path().unwrap_or_default();
     let url = match &engine.config.managed.host {
         Some(host) => format!("http://{host}:{}{ctx}", local.port()),

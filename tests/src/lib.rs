@@ -81,6 +81,8 @@ pub struct EngineOptions {
     pub netns: Option<String>,
     /// The address its HTTP port is reached at (with `--bind` set to it): 127.0.0.1 if unset.
     pub host: Option<String>,
+    /// Its HTTP port; 0 (the default): one the system picks.
+    pub port: u16,
 }
 
 impl EngineOptions {
@@ -152,7 +154,7 @@ impl EngineProcess {
             .arg("serve")
             .args([
                 "--port",
-                "0",
+                &options.port.to_string(),
                 "--bind",
                 options.host.as_deref().unwrap_or("127.0.0.1"),
             ])

@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use synchrony_tests::{stored_text, EngineOptions, EngineProcess, PgDatabase, YClient, WAIT};
+use synchrony_tests::{
+    stored_text, EngineOptions, EngineProcess, PgDatabase, RawClient, YClient, WAIT,
+};
 
 const SECRET: &str = "cluster-secret-for-tests-0123456789";
 
@@ -1129,6 +1131,77 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         "rolling restart: {} rounds typed by 9 clients; 3 disconnects per restarted node, 0 elsewhere; restart to all live: {restarted_at:?}",
         round
     );
+}
+
+/// A starting node admits no client before it has joined the cluster. One admitted earlier was
+/// served by a document of its own that never moved to the owner: it and the editors on other
+/// nodes stopped seeing each other's edits (found by `loadtest cluster --restart-after-secs`,
+/// where reconnecting editors knock on a restarting node's port every 250 ms). The hook
+/// `SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS` widens the moment between storage being ready and the
+/// join while clients knock on the third node's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_admits_no_client_before_it_has_joined_the_cluster() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(3);
+    let options = |i: usize| node_options(&db.url, &addrs[i], &addrs, SECRET, "test");
+    let mut nodes = vec![
+        EngineProcess::start(&options(0)).await,
+        EngineProcess::start(&options(1)).await,
+    ];
+    for node in &nodes {
+        wait_for_live(node, 2).await;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut third = options(2).env("SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS", 1500);
+    third.port = port;
+    // Twelve pages: most are owned by node 0 or 1 once the third node has joined.
+    let docs: Vec<String> = (0..12).map(|d| format!("early/{d}")).collect();
+    let knock = async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut clients = Vec::new();
+        for doc in &docs {
+            loop {
+                let url = format!("ws://127.0.0.1:{port}/synchrony/v1/ws/{doc}");
+                if let Ok(raw) = RawClient::connect(&url).await {
+                    clients.push(YClient::from_raw(raw).await);
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the third node never admitted a client"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        clients
+    };
+    let (node, mut early) = tokio::join!(EngineProcess::start(&third), knock);
+    nodes.push(node);
+    for node in &nodes {
+        wait_for_live(node, 3).await;
+    }
+    for (doc, client) in docs.iter().zip(early.iter_mut()) {
+        let mut other = YClient::synced(&nodes[0], doc, false).await;
+        client.wait_until("initial sync", |c| c.synced).await;
+        client.append("<early>").await;
+        other.append("<node0>").await;
+        client
+            .wait_until(
+                &format!("{doc}: the early client sees node 0's edit"),
+                |c| c.text().contains("<node0>"),
+            )
+            .await;
+        other
+            .wait_until(
+                &format!("{doc}: node 0's editor sees the early client's edit"),
+                |c| c.text().contains("<early>"),
+            )
+            .await;
+    }
 }
 
 /// Nodes one peer protocol version apart link (at the lower version) and serve together, as

@@ -260,7 +260,10 @@ pub async fn join(
     let mut view_rx = cluster.subscribe();
     let view = view_rx.borrow_and_update().clone();
     let attached = match attach(cluster, doc, &view, &mut client, true).await {
-        Ok(attached) => Some(attached),
+        Ok(attached) => {
+            tracing::debug!(doc = %doc, conn_id = client.conn_id, owner = attached.target.node(cluster.me()), epoch = view.epoch, live = view.live.len(), "route joined");
+            Some(attached)
+        }
         // The owner is another node this one cannot reach right now (it just died and is not
         // yet out of the view, or the link is being re-established): the client waits for an
         // owner as a moving route does, its messages held meanwhile.
@@ -362,7 +365,7 @@ async fn attach(
             forward(&mut attached, client.conn_id, message).await;
         }
         client.held_bytes = 0;
-        tracing::debug!(doc = %doc, owner = attached.target.node(cluster.me()), "route moved");
+        tracing::debug!(doc = %doc, conn_id = client.conn_id, owner = attached.target.node(cluster.me()), epoch = view.epoch, "route moved");
     }
     Ok(attached)
 }
@@ -605,6 +608,7 @@ impl Route {
                         }
                     }
                     Heard::Close(code, reason) => {
+                        tracing::debug!(doc = %self.doc, conn_id, code = code.0, %reason, "route's owner closed it");
                         if code == CloseCode::SERVICE_RESTART && !self.cluster.cancel.is_cancelled() {
                             // The owner stops or lets go of the document: find it again.
                             if let Some(old) = attached.take() {
@@ -617,6 +621,7 @@ impl Route {
                         }
                     }
                     Heard::Lost => {
+                        tracing::debug!(doc = %self.doc, conn_id, "route lost its owner or hub");
                         if let Some(old) = attached.take() {
                             detach(&self.cluster, old, conn_id);
                         }
