@@ -526,6 +526,11 @@ async fn fanout_client(
             }
             frame = conn.next_frame() => {
                 let now = shared.now_us();
+                // Past the end nothing counts: what the servers do as everyone leaves (a
+                // document handing its state over, say) is no delivery.
+                if now >= end.as_micros() as u64 {
+                    break;
+                }
                 let frame = match frame {
                     Ok(Some(frame)) => frame,
                     _ => {

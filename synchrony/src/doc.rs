@@ -390,6 +390,8 @@ pub enum JoinError {
     StorageUnavailable,
     #[error("the document did not answer in time; try again")]
     Timeout,
+    #[error("the node has not joined its cluster yet; try again")]
+    NotJoined,
 }
 
 #[derive(Clone)]

@@ -110,6 +110,7 @@ impl From<JoinError> for ApiError {
                 ApiError::Unavailable("storage unavailable and the commit queue full; try again")
             }
             JoinError::Timeout => ApiError::Unavailable("the document did not answer in time"),
+            JoinError::NotJoined => ApiError::Unavailable("not ready"),
         }
     }
 }

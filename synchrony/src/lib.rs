@@ -280,6 +280,9 @@ impl Engine {
     ) -> Result<crate::doc::DocLink, crate::doc::JoinError> {
         match self.cluster.get() {
             Some(cluster) => cluster::relay::join(cluster, doc, request).await,
+            // A clustered node serves clients only through routes: a session joined straight to
+            // a local document would never move to the document's owner.
+            None if self.clustered() => Err(crate::doc::JoinError::NotJoined),
             None => self.docs.join(doc, request).await,
         }
     }

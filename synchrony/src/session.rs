@@ -81,9 +81,10 @@ pub fn next_conn_id() -> u64 {
 pub fn join_error_code(error: &JoinError) -> CloseCode {
     match error {
         JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
-        JoinError::Busy | JoinError::StorageUnavailable | JoinError::Timeout => {
-            CloseCode::TRY_AGAIN_LATER
-        }
+        JoinError::Busy
+        | JoinError::StorageUnavailable
+        | JoinError::Timeout
+        | JoinError::NotJoined => CloseCode::TRY_AGAIN_LATER,
         JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,
     }
 }

@@ -1184,6 +1184,13 @@ async fn a_starting_node_admits_no_client_before_it_has_joined_the_cluster() {
     for node in &nodes {
         wait_for_live(node, 3).await;
     }
+    // Not vacuous: some of the pages are owned elsewhere than where their early client is.
+    let third_id = node_id(&nodes[2]).await;
+    let mut elsewhere = 0;
+    for doc in &docs {
+        elsewhere += usize::from(owner_of(&nodes[0], doc).await != third_id);
+    }
+    assert!(elsewhere > 0, "every page is owned by the third node");
     for (doc, client) in docs.iter().zip(early.iter_mut()) {
         let mut other = YClient::synced(&nodes[0], doc, false).await;
         client.wait_until("initial sync", |c| c.synced).await;
