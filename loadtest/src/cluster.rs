@@ -134,14 +134,14 @@ impl Node {
     }
 
     async fn stop(mut self) {
-        stop_child(&mut self.child, self.pid).await;
+        stop_child(&mut self.child).await;
     }
 
     /// Stops the process (SIGTERM) and starts a new one with the same arguments, ports and data
     /// directory.
     async fn restart(&mut self, options: &ClusterOptions, db: &str) -> Result<RestartTimes> {
         let stopping = Instant::now();
-        let clean_exit = stop_child(&mut self.child, self.pid).await;
+        let clean_exit = stop_child(&mut self.child).await;
         let stop_secs = stopping.elapsed().as_secs_f64();
         let starting = Instant::now();
         let (child, port, pid) = spawn(options, db, &self.args, self.port, self.dir.path())
@@ -464,6 +464,7 @@ impl Rolling {
             && self.disconnects_before_first_restart == 0
             && self.clients_gave_up == 0
             && self.fanout.missing_deliveries == 0
+            && self.fanout.unseen.is_empty()
             && self.storage.edits_missing == 0
             && self.storage.docs_unreadable == 0
             && self.restarts.iter().all(|r| {
@@ -814,6 +815,15 @@ pub async fn run(options: ClusterOptions) -> Result<bool> {
         && options.restart_after_secs <= 0.0
     {
         bail!("nothing to run: --rounds 0 without --sweep-rates, --kill-after-secs or --restart-after-secs");
+    }
+    for (name, secs) in [
+        ("--kill-after-secs", options.kill_after_secs),
+        ("--restart-after-secs", options.restart_after_secs),
+        ("--restart-gap-secs", options.restart_gap_secs),
+    ] {
+        if !(secs.is_finite() && secs >= 0.0) {
+            bail!("{name} must be a number of seconds, 0 or more (got {secs})");
+        }
     }
     synchrony::raise_open_file_limit();
     let threads = node_threads(&options);

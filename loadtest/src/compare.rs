@@ -212,9 +212,9 @@ pub(crate) async fn read_ready(child: &mut Child, what: &str) -> Result<(u16, u3
 }
 
 /// SIGTERM, then SIGKILL if the process has not exited within 30 s. True when it exited by
-/// itself with status 0.
-pub(crate) async fn stop_child(child: &mut Child, pid: u32) -> bool {
-    if let Ok(pid) = i32::try_from(pid) {
+/// itself with status 0. A process already reaped is not signalled (its pid may be another's).
+pub(crate) async fn stop_child(child: &mut Child) -> bool {
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
@@ -326,7 +326,7 @@ impl Server {
     }
 
     async fn stop(mut self) {
-        stop_child(&mut self.child, self.pid).await;
+        stop_child(&mut self.child).await;
         if let Some((admin, db)) = &self.database {
             let _ = psql(admin, &format!("DROP DATABASE IF EXISTS {db}")).await;
         }

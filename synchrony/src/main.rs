@@ -576,7 +576,14 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::from(code);
         }
     }
-    engine.admit_clients();
+    // A stop asked for while starting: admit nobody, only to drain at once.
+    let stop_pending = {
+        use futures_util::FutureExt;
+        signals.recv().now_or_never().is_some()
+    };
+    if !stop_pending {
+        engine.admit_clients();
+    }
     let ctx = engine.config.normalized_context_path().unwrap_or_default();
     let url = match &engine.config.managed.host {
         Some(host) => format!("http://{host}:{}{ctx}", local.port()),
@@ -605,9 +612,13 @@ async fn serve(config: ServeConfig) -> ExitCode {
     let signal_task = {
         let engine = engine.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = signals.recv() => tracing::info!("shutdown requested; draining"),
-                pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
+            if stop_pending {
+                tracing::info!("shutdown requested while starting; draining");
+            } else {
+                tokio::select! {
+                    _ = signals.recv() => tracing::info!("shutdown requested; draining"),
+                    pid = watch_pid(watched) => tracing::info!(pid, "the watched process (synchrony.watch.pid) is gone; draining"),
+                }
             }
             // New clients go elsewhere from now on: one admitted during the hand-over would be
             // closed again moments later. Peers move this node's documents at once instead of

@@ -218,6 +218,7 @@ async fn the_cluster_mode_restarts_every_node_in_turn_and_loses_nothing() {
     assert_eq!(rolling["clients_gave_up"], 0, "{rolling}");
     assert_eq!(rolling["roll_within_load"], true, "{rolling}");
     assert_eq!(rolling["fanout"]["missing_deliveries"], 0, "{rolling}");
+    assert_eq!(rolling["unseen"], serde_json::json!([]), "{rolling}");
     let storage = &rolling["storage"];
     assert!(storage["edits_typed"].as_u64().unwrap() > 0, "{storage}");
     assert_eq!(storage["edits_missing"], 0, "{storage}");
