@@ -91,10 +91,7 @@ impl Levels {
         }
         // Merge runs of one level around what changed.
         let mut at = ranges.range(..start).next_back().map_or(start, |(s, _)| *s);
-        loop {
-            let Some((&s, &(e, l))) = ranges.range(at..).next() else {
-                break;
-            };
+        while let Some((s, (e, l))) = ranges.range(at..).next().map(|(&s, &v)| (s, v)) {
             if s > end {
                 break;
             }

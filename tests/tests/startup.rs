@@ -650,7 +650,9 @@ async fn empty_and_short_secrets_never_count_as_configured() {
         .collect()
     };
     let insecure = "not a loopback address, and no authentication is configured";
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, environment, what the refusal says)
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             with(&[]),
             vec![("SYNCHRONY_SERVICE_AUTHTOKEN", "")],

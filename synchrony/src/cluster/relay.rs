@@ -550,12 +550,11 @@ impl Route {
                                     orphaned.get_or_insert_with(Instant::now);
                                 }
                             }
-                            None if matches!(message, Message::Sync(_)) => {
-                                if !self.hold(message) {
-                                    tracing::warn!(doc = %self.doc, "client sent more than the route holds while the owner moves; closing it");
-                                    self.client.out.request_close(CloseCode::TRY_AGAIN_LATER, "document owner moving");
-                                    break;
-                                }
+                            // Held while no owner is attached; past the bound, closed.
+                            None if matches!(message, Message::Sync(_)) && !self.hold(message) => {
+                                tracing::warn!(doc = %self.doc, "client sent more than the route holds while the owner moves; closing it");
+                                self.client.out.request_close(CloseCode::TRY_AGAIN_LATER, "document owner moving");
+                                break;
                             }
                             None => {}
                         }
