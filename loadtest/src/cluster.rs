@@ -144,16 +144,14 @@ impl Node {
         let clean_exit = stop_child(&mut self.child).await;
         let stop_secs = stopping.elapsed().as_secs_f64();
         let starting = Instant::now();
-        let (child, port, pid) = spawn(options, db, &self.args, self.port, self.dir.path())
+        let (child, _, pid) = spawn(options, db, &self.args, self.port, self.dir.path())
             .await
             .with_context(|| format!("start the node on port {} again", self.port))?;
         (self.child, self.pid) = (child, pid);
-        debug_assert_eq!(port, self.port);
         Ok(RestartTimes {
             clean_exit,
             stop_secs,
             starting,
-            ready_secs: starting.elapsed().as_secs_f64(),
         })
     }
 }
@@ -161,8 +159,8 @@ impl Node {
 struct RestartTimes {
     clean_exit: bool,
     stop_secs: f64,
+    /// When the new process was started.
     starting: Instant,
-    ready_secs: f64,
 }
 
 /// A database of its own for one run, dropped by [`Database::drop_now`].
@@ -410,8 +408,9 @@ pub struct Unseen {
     pub receiver_events: Vec<(f64, usize, String)>,
 }
 
-/// One node's restart, with what its clients and everyone else's saw.
-#[derive(Debug, Serialize)]
+/// One node's restart, with what its clients and everyone else's saw (filled in by
+/// [`account`]).
+#[derive(Debug, Default, Serialize)]
 pub struct Restart {
     /// 1-based, as printed.
     pub node: usize,
@@ -569,16 +568,6 @@ async fn rolling_on(options: &ClusterOptions, db: &str) -> Result<Rolling> {
     Ok(account(fanout, log, roll_within_load, storage))
 }
 
-/// When one node was restarted, before the clients' view of it is added.
-struct Restarted {
-    node: usize,
-    sigterm_at_secs: f64,
-    stop_secs: f64,
-    clean_exit: bool,
-    ready_secs: f64,
-    live_secs: f64,
-}
-
 /// Restarts every node in turn, the first `restart_after_secs` after `epoch`; hands the nodes
 /// back with what happened (an error once a node could not be started again).
 async fn roll(
@@ -586,7 +575,7 @@ async fn roll(
     db: String,
     mut nodes: Vec<Node>,
     epoch: Instant,
-) -> (Vec<Node>, Result<Vec<Restarted>>) {
+) -> (Vec<Node>, Result<Vec<Restart>>) {
     let mut log = Vec::new();
     let first = epoch + Duration::from_secs_f64(options.restart_after_secs);
     tokio::time::sleep_until(first.into()).await;
@@ -596,16 +585,18 @@ async fn roll(
             Ok(t) => t,
             Err(e) => return (nodes, Err(e)),
         };
+        let ready_secs = times.starting.elapsed().as_secs_f64();
         if let Err(e) = wait_live(&nodes).await {
             return (nodes, Err(e));
         }
-        log.push(Restarted {
-            node: k,
+        log.push(Restart {
+            node: k + 1,
             sigterm_at_secs,
             stop_secs: times.stop_secs,
             clean_exit: times.clean_exit,
-            ready_secs: times.ready_secs,
+            ready_secs,
             live_secs: times.starting.elapsed().as_secs_f64(),
+            ..Restart::default()
         });
         if k + 1 < nodes.len() {
             tokio::time::sleep(Duration::from_secs_f64(options.restart_gap_secs)).await;
@@ -618,17 +609,16 @@ async fn roll(
 /// next) and counts who was disconnected in each.
 fn account(
     fanout: FanoutResult,
-    log: Vec<Restarted>,
+    mut restarts: Vec<Restart>,
     roll_within_load: bool,
     storage: StorageCheck,
 ) -> Rolling {
     let clients = fanout.typed.len();
     let us = |secs: f64| (secs * 1e6) as u64;
-    let first_sigterm = log.first().map_or(u64::MAX, |r| us(r.sigterm_at_secs));
+    let first_sigterm = restarts.first().map_or(u64::MAX, |r| us(r.sigterm_at_secs));
     let mut node_of: Vec<Option<usize>> = vec![None; clients];
     let mut total_downs = vec![0u64; clients];
     let mut disconnects_before_first_restart = 0;
-    let mut restarts = Vec::new();
     let mut events = fanout.events.iter().peekable();
     // Applies one event to the clients' state.
     let mut apply = |e: &scenario::ConnEvent, node_of: &mut Vec<Option<usize>>| {
@@ -643,9 +633,16 @@ fn account(
         disconnects_before_first_restart += u64::from(e.down.is_some());
         apply(e, &mut node_of);
     }
-    for (i, r) in log.iter().enumerate() {
-        let end = log.get(i + 1).map_or(u64::MAX, |n| us(n.sigterm_at_secs));
-        let mut on_it: Vec<bool> = node_of.iter().map(|n| *n == Some(r.node)).collect();
+    let ends: Vec<u64> = restarts
+        .iter()
+        .skip(1)
+        .map(|n| us(n.sigterm_at_secs))
+        .chain([u64::MAX])
+        .collect();
+    for (r, end) in restarts.iter_mut().zip(ends) {
+        // `node` counts from 1; events from 0.
+        let k = r.node - 1;
+        let mut on_it: Vec<bool> = node_of.iter().map(|n| *n == Some(k)).collect();
         let mut joined_during_stop = 0;
         let mut downs = vec![0u64; clients];
         let mut down_at: Vec<Option<u64>> = vec![None; clients];
@@ -658,7 +655,7 @@ fn account(
             // reconnection was accepted just before the SIGTERM may be recorded as up just
             // after it (the harness is busy), and is that node's client all the same.
             match e.down {
-                Some(code) if e.node == r.node => {
+                Some(code) if e.node == k => {
                     if !on_it[e.client] {
                         on_it[e.client] = true;
                         joined_during_stop += 1;
@@ -672,7 +669,7 @@ fn account(
                 None => {
                     if let Some(at) = down_at[e.client].take() {
                         let _ = reconnect.record(e.at_us.saturating_sub(at).max(1));
-                        back_on_same_node += u64::from(e.node == r.node);
+                        back_on_same_node += u64::from(e.node == k);
                     }
                 }
             }
@@ -681,23 +678,15 @@ fn account(
         let mine = |f: &dyn Fn(u64) -> bool| {
             (0..clients).filter(|&c| on_it[c] && f(downs[c])).count() as u64
         };
-        restarts.push(Restart {
-            node: r.node + 1,
-            sigterm_at_secs: r.sigterm_at_secs,
-            stop_secs: r.stop_secs,
-            clean_exit: r.clean_exit,
-            ready_secs: r.ready_secs,
-            live_secs: r.live_secs,
-            clients: mine(&|_| true),
-            disconnected_once: mine(&|d| d == 1),
-            disconnected_more_than_once: mine(&|d| d > 1),
-            not_disconnected: mine(&|d| d == 0),
-            joined_during_stop,
-            others_disconnected,
-            close_codes,
-            back_on_same_node,
-            time_to_reconnect: Latency::of(&reconnect),
-        });
+        r.clients = mine(&|_| true);
+        r.disconnected_once = mine(&|d| d == 1);
+        r.disconnected_more_than_once = mine(&|d| d > 1);
+        r.not_disconnected = mine(&|d| d == 0);
+        r.joined_during_stop = joined_during_stop;
+        r.others_disconnected = others_disconnected;
+        r.close_codes = close_codes;
+        r.back_on_same_node = back_on_same_node;
+        r.time_to_reconnect = Latency::of(&reconnect);
     }
     let unseen = fanout
         .unseen

@@ -174,7 +174,8 @@ pub struct FanoutResult {
 /// A fan-out client's connection coming up or going down.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnEvent {
-    /// µs since the load began (0 for the first connections, made before it).
+    /// µs since the load began (the first connections, made before it, are recorded as it
+    /// begins).
     pub at_us: u64,
     pub client: usize,
     /// The server it was or is connected to: its index in [`Run::spread`] (0 without one).
@@ -422,6 +423,21 @@ where
         .map(|mut e| std::mem::take(&mut *e))
         .unwrap_or_default();
     events.sort_by_key(|e| e.at_us);
+    let typed: Vec<u64> = shared.typed.iter().map(|t| t.load(Relaxed)).collect();
+    let mut unseen = Vec::new();
+    for (receiver, seen) in seens.iter().enumerate() {
+        let first = receiver - receiver % options.clients;
+        for (sender, below) in seen.below.iter().enumerate() {
+            if sender == seen.me {
+                continue;
+            }
+            for seq in *below..=typed[first + sender] {
+                if !seen.ahead[sender].contains(&seq) {
+                    unseen.push((receiver, first + sender, seq));
+                }
+            }
+        }
+    }
     let result = FanoutResult {
         options: options.clone(),
         connections: total,
@@ -438,23 +454,9 @@ where
         usage,
         failover,
         events,
-        typed: shared.typed.iter().map(|t| t.load(Relaxed)).collect(),
-        unseen: Vec::new(),
+        typed,
+        unseen,
     };
-    let mut result = result;
-    for (receiver, seen) in seens.iter().enumerate() {
-        let first = receiver - receiver % options.clients;
-        for (sender, below) in seen.below.iter().enumerate() {
-            if sender == seen.me {
-                continue;
-            }
-            for seq in *below..=result.typed[first + sender] {
-                if !seen.ahead[sender].contains(&seq) {
-                    result.unseen.push((receiver, first + sender, seq));
-                }
-            }
-        }
-    }
     Ok((result, beside))
 }
 
@@ -507,16 +509,9 @@ async fn fanout_client(
                 };
                 shared.typed[index].store(seq, Relaxed);
                 if conn.send(&Message::Sync(SyncMessage::Update(update))).await.is_err() {
-                    shared.errors.fetch_add(1, Relaxed);
-                    shared.event(index, node, Some(conn.close_code));
-                    conn.finish().await;
-                    match reconnect(&home, &conn.doc, &doc, &shared).await {
-                        Some((c, n)) => (conn, node) = (c, n),
-                        None => break,
+                    if !rejoin(&mut conn, &mut node, index, &home, &doc, &mut seen, &shared).await {
+                        break;
                     }
-                    shared.event(index, node, None);
-                    let synced = text.get_string(&doc.transact());
-                    seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
                     continue;
                 }
                 shared.sent.fetch_add(1, Relaxed);
@@ -534,19 +529,10 @@ async fn fanout_client(
                 let frame = match frame {
                     Ok(Some(frame)) => frame,
                     _ => {
-                        shared.errors.fetch_add(1, Relaxed);
-                        shared.event(index, node, Some(conn.close_code));
-                        conn.finish().await;
-                        match reconnect(&home, &conn.doc, &doc, &shared).await {
-                            Some((c, n)) => {
-                                (conn, node) = (c, n);
-                                shared.event(index, node, None);
-                                let synced = text.get_string(&doc.transact());
-                                seen.observe(marks(synced.as_bytes()), shared.now_us(), &shared, histogram);
-                                continue
-                            }
-                            None => break,
+                        if !rejoin(&mut conn, &mut node, index, &home, &doc, &mut seen, &shared).await {
+                            break;
                         }
+                        continue;
                     }
                 };
                 if (shared.warmup_us..shared.send_end_us).contains(&now) {
@@ -622,6 +608,33 @@ impl Seen {
             }
         }
     }
+}
+
+/// After client `index`'s connection (to server `node`) dropped: records it, connects again
+/// (see [`reconnect`]) and counts the edits the sync brought. False when the client gave up.
+async fn rejoin(
+    conn: &mut Conn,
+    node: &mut usize,
+    index: usize,
+    home: &Home,
+    doc: &yrs::Doc,
+    seen: &mut Seen,
+    shared: &FanoutShared,
+) -> bool {
+    shared.errors.fetch_add(1, Relaxed);
+    shared.event(index, *node, Some(conn.close_code));
+    conn.finish().await;
+    let Some((fresh, to)) = reconnect(home, &conn.doc, doc, shared).await else {
+        return false;
+    };
+    (*conn, *node) = (fresh, to);
+    shared.event(index, to, None);
+    let synced = doc
+        .get_or_insert_text("content")
+        .get_string(&doc.transact());
+    let histogram = &shared.histograms[index % shared.histograms.len()];
+    seen.observe(marks(synced.as_bytes()), shared.now_us(), shared, histogram);
+    true
 }
 
 /// Connects again, to the client's own server first and then to the others in turn; returns

@@ -394,7 +394,7 @@ impl Engine {
 
     /// Begins shutdown: the heartbeat fails, sessions close with 1012.
     pub fn begin_shutdown(&self) {
-        self.ready.store(false, Ordering::Release);
+        self.stop_admitting();
         self.cancel.cancel();
     }
 

@@ -116,77 +116,16 @@ async fn every_scenario_runs_against_every_server_at_tiny_sizes() {
     assert!(summary.contains("| @hocuspocus/server"), "{summary}");
 }
 
-/// `loadtest cluster` at tiny sizes: three nodes form a cluster, clients spread over them
-/// exchange every edit, and after a node is killed every pair of clients exchanges edits again.
-#[tokio::test]
-async fn the_cluster_mode_runs_and_measures_a_failover() {
+/// Runs `loadtest cluster` at tiny sizes (three nodes, 6 documents × 3 clients, 60 updates/s,
+/// no single-node baseline) with `args` added; returns its exit status and its JSON result.
+async fn loadtest_cluster(args: &[&str]) -> (std::process::ExitStatus, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cluster.json");
     let bin = workspace_root().join("target/debug/loadtest");
     let run = tokio::process::Command::new(&bin)
         .args(["cluster", "--nodes", "3", "--docs", "6", "--clients", "3"])
-        .args(["--rate", "60", "--warmup-secs", "1", "--duration-secs", "5"])
-        .args([
-            "--drain-secs",
-            "3",
-            "--kill-after-secs",
-            "2",
-            "--baseline",
-            "false",
-        ])
-        .arg("--engine")
-        .arg(synchrony_tests::engine_binary())
-        .args(["--postgres-url", &postgres_admin_url()])
-        .arg("--out")
-        .arg(&out)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(std::time::Duration::from_secs(300), run)
-        .await
-        .expect("loadtest cluster finished within 300 s")
-        .unwrap_or_else(|e| panic!("{}: {e} (cargo build --workspace --bins)", bin.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "loadtest cluster failed");
-    let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    assert_eq!(
-        result["rounds"][0]["cluster"]["missing_deliveries"], 0,
-        "{result}"
-    );
-    let failover = &result["failover"]["failover"];
-    assert_eq!(failover["recovered"], failover["pairs"], "{result}");
-}
-
-/// `loadtest cluster --restart-after-secs`: under the fan-out load every node is stopped
-/// (SIGTERM) and started again in turn. Each restart disconnects exactly the clients then on
-/// that node, once each, with 1012, and no client of another node; every edit is delivered and
-/// every edit typed is read back from storage through a fresh node. Reconnecting clients go to
-/// the next node (the harness's default), so a client can meet a second restart later.
-#[tokio::test]
-async fn the_cluster_mode_restarts_every_node_in_turn_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("rolling.json");
-    let bin = workspace_root().join("target/debug/loadtest");
-    let run = tokio::process::Command::new(&bin)
-        .args(["cluster", "--nodes", "3", "--docs", "6", "--clients", "3"])
-        .args([
-            "--rate",
-            "60",
-            "--warmup-secs",
-            "1",
-            "--duration-secs",
-            "30",
-        ])
-        .args([
-            "--drain-secs",
-            "5",
-            "--rounds",
-            "0",
-            "--kill-after-secs",
-            "0",
-        ])
-        .args(["--restart-after-secs", "2", "--restart-gap-secs", "2"])
-        .args(["--baseline", "false"])
+        .args(["--rate", "60", "--warmup-secs", "1", "--baseline", "false"])
+        .args(args)
         .arg("--engine")
         .arg(synchrony_tests::engine_binary())
         .args(["--postgres-url", &postgres_admin_url()])
@@ -203,7 +142,56 @@ async fn the_cluster_mode_restarts_every_node_in_turn_and_loses_nothing() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let result: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let result = std::fs::read(&out)
+        .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (output.status, result)
+}
+
+/// `loadtest cluster` at tiny sizes: three nodes form a cluster, clients spread over them
+/// exchange every edit, and after a node is killed every pair of clients exchanges edits again.
+#[tokio::test]
+async fn the_cluster_mode_runs_and_measures_a_failover() {
+    let (status, result) = loadtest_cluster(&[
+        "--duration-secs",
+        "5",
+        "--drain-secs",
+        "3",
+        "--kill-after-secs",
+        "2",
+    ])
+    .await;
+    assert!(status.success(), "loadtest cluster failed");
+    assert_eq!(
+        result["rounds"][0]["cluster"]["missing_deliveries"], 0,
+        "{result}"
+    );
+    let failover = &result["failover"]["failover"];
+    assert_eq!(failover["recovered"], failover["pairs"], "{result}");
+}
+
+/// `loadtest cluster --restart-after-secs`: under the fan-out load every node is stopped
+/// (SIGTERM) and started again in turn. Each restart disconnects exactly the clients then on
+/// that node, once each, with 1012, and no client of another node; every edit is delivered and
+/// every edit typed is read back from storage through a fresh node. Reconnecting clients go to
+/// the next node (the harness's default), so a client can meet a second restart later.
+#[tokio::test]
+async fn the_cluster_mode_restarts_every_node_in_turn_and_loses_nothing() {
+    let (status, result) = loadtest_cluster(&[
+        "--duration-secs",
+        "30",
+        "--drain-secs",
+        "5",
+        "--rounds",
+        "0",
+        "--kill-after-secs",
+        "0",
+        "--restart-after-secs",
+        "2",
+        "--restart-gap-secs",
+        "2",
+    ])
+    .await;
     let rolling = &result["rolling_restart"];
     let restarts = rolling["restarts"].as_array().unwrap();
     assert_eq!(restarts.len(), 3, "{rolling}");
@@ -223,8 +211,5 @@ async fn the_cluster_mode_restarts_every_node_in_turn_and_loses_nothing() {
     assert!(storage["edits_typed"].as_u64().unwrap() > 0, "{storage}");
     assert_eq!(storage["edits_missing"], 0, "{storage}");
     assert_eq!(storage["edits_stored"], storage["edits_typed"], "{storage}");
-    assert!(
-        output.status.success(),
-        "loadtest cluster judged the roll failed"
-    );
+    assert!(status.success(), "loadtest cluster judged the roll failed");
 }
