@@ -1,6 +1,7 @@
 //! The `synchrony` binary: parses configuration, initialises tracing and delegates.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -202,15 +203,23 @@ fn init_tracing(
     guard
 }
 
-const SUBCOMMANDS: &[&str] = &["serve", "migrate", "token", "config", "supervise"];
+/// The subcommands' names, from the clap definition (so a new one is never mistaken for an
+/// argument of the implied `serve`).
+fn subcommands() -> Vec<String> {
+    Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect()
+}
 
 /// Resolves Synchrony's key forms into flags, then parses. Exits with the configuration code
 /// (naming the key and where its value came from) on a bad value.
 fn parse_cli() -> (Cli, Resolved, clap::ArgMatches) {
     let mut argv: Vec<String> = std::env::args().collect();
+    let subcommands = subcommands();
     // `serve` is implied, as when a launcher runs `synchrony -Xmx2g synchrony.core sql`.
     if !argv.iter().skip(1).any(|a| {
-        SUBCOMMANDS.contains(&a.as_str())
+        subcommands.contains(a)
             || matches!(a.as_str(), "--help" | "-h" | "--version" | "-V" | "help")
     }) {
         argv.insert(1.min(argv.len()), "serve".into());
@@ -218,7 +227,7 @@ fn parse_cli() -> (Cli, Resolved, clap::ArgMatches) {
     let sub = argv
         .iter()
         .skip(1)
-        .find(|a| SUBCOMMANDS.contains(&a.as_str()))
+        .find(|a| subcommands.contains(a))
         .cloned()
         .unwrap_or_else(|| "serve".into());
     let mut command = Cli::command();
@@ -280,6 +289,7 @@ fn print_config(resolved: &Resolved, top: &clap::ArgMatches) -> ExitCode {
     ) else {
         return ExitCode::FAILURE;
     };
+    let mut out = std::io::stdout().lock();
     for key in &resolved.keys {
         let Some(arg) = serve
             .get_arguments()
@@ -308,8 +318,12 @@ fn print_config(resolved: &Resolved, top: &clap::ArgMatches) -> ExitCode {
             (Some(v), false) => v.clone(),
             (None, _) => "(unset)".to_owned(),
         };
-        println!("{:<40} {:<32} {source}", key.key, shown);
+        // A closed pipe (`synchrony config | head`) ends the listing, it is not an error.
+        if writeln!(out, "{:<40} {:<32} {source}", key.key, shown).is_err() {
+            return ExitCode::SUCCESS;
+        }
     }
+    let _ = out.flush();
     ExitCode::SUCCESS
 }
 
