@@ -7,8 +7,9 @@
 //! integers and byte arrays as y-sync (`lib0` encoding), so one set of readers serves both.
 //!
 //! A link starts with a handshake (see `synchrony::cluster::handshake`): each side sends
-//! [`Hello`], then each proves it holds the cluster secret with a [`PeerMessage::Proof`] over
-//! both hellos. After it, either side may open streams: one per relayed client session
+//! [`Hello`] in the clear, then a Noise handshake keyed by the cluster secret seals the link;
+//! every later message travels sealed, in chunks (`synchrony::cluster::sealed`). After it,
+//! either side may open streams: one per relayed client session
 //! ([`PeerMessage::Open`]), carrying y-sync frames both ways ([`PeerMessage::Data`]) until one
 //! side closes it. Heartbeats carry what `GET {ctx}/v1/cluster` shows about a member.
 //!
@@ -22,10 +23,14 @@ use yrs::encoding::write::Write;
 /// speaking the version before (what it adds is sent only on links of the new version), so
 /// nodes one version apart interoperate and a cluster upgrades one node at a time; the
 /// handshake refuses peers further apart. The [`Hello`] encoding never changes.
-pub const PEER_PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 seals the link (Noise, keyed by the cluster secret) and compares the nodes'
+/// databases; version 1 sent everything in the clear after an HMAC handshake, so nodes of
+/// version 2 refuse it (an upgrade from version 1 restarts the whole cluster once).
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
 
-/// The first version there was.
-pub const PEER_PROTOCOL_FIRST: u32 = 1;
+/// The oldest version this build links with.
+pub const PEER_PROTOCOL_FIRST: u32 = 2;
 
 /// The version a link between nodes speaking `a` and `b` uses: the lower one, when they are at
 /// most one version apart; None when they cannot talk.
@@ -74,7 +79,7 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerMessage {
     Hello(Hello),
-    /// HMAC-SHA256 of the handshake transcript under the cluster secret.
+    /// Version 1's handshake proof; kept so that such a message is recognised and refused.
     Proof {
         mac: Vec<u8>,
     },

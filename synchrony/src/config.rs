@@ -419,6 +419,9 @@ impl AuthConfig {
 /// `synchrony serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
+    #[command(flatten)]
+    pub test_hooks: crate::testing::TestHooks,
+
     /// Address to listen on. Loopback by default; set it (e.g. 0.0.0.0) to serve other machines.
     #[arg(long, env = "SYNCHRONY_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -853,6 +856,7 @@ impl ClusterConfig {
                 Some(JoinType::Multicast) => Some(self.multicast()?),
                 _ => None,
             },
+            store: crate::store::StoreIdentity::default(),
         })
     }
 }

@@ -47,6 +47,7 @@ pub mod session;
 pub mod store;
 pub mod strangers;
 pub mod supervisor;
+pub mod testing;
 pub mod upgrade;
 pub mod versions;
 
@@ -84,6 +85,8 @@ pub struct Engine {
     pub placement: std::sync::OnceLock<Arc<dyn Placement>>,
     /// Set once the node has joined its cluster (`cluster.join.type`).
     pub cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
+    /// Which database this is, read as storage comes up (peers compare it at link-up).
+    pub store_identity: std::sync::OnceLock<store::StoreIdentity>,
     /// Cancelled when shutdown begins: sessions close with 1012, documents stop.
     pub cancel: CancellationToken,
     /// Sessions, document actors and compactions.
@@ -118,12 +121,24 @@ impl Engine {
     /// while [`Engine::initialize`] migrates.
     pub fn new(mut config: ServeConfig) -> Result<Arc<Self>, EngineError> {
         config.normalized_context_path()?;
+        testing::install(&config.test_hooks);
         config.auth = config.auth.normalized()?;
         if !config.auth.configured() && !config.bind.is_loopback() {
             return Err(ConfigError::InsecureBind(config.bind).into());
         }
         config.cluster.validate()?;
         let url = config.store.resolve_url()?;
+        if config.cluster.join_type.is_some() && url.starts_with("sqlite:") {
+            // Each node would keep its own pages: a node started without the database URL
+            // would join and serve them empty.
+            return Err(ConfigError::Cluster(
+                "cluster.join.type is set but storage is SQLite (synchrony.database.url is unset or \
+                 sqlite:): every node of a cluster must use the one shared PostgreSQL database; set \
+                 synchrony.database.url (postgres://… or jdbc:postgresql://…) on every node"
+                    .into(),
+            )
+            .into());
+        }
         let store = Store::connect_lazy(&url)?;
         let gate = Gate::new(&config.auth, store.clone())?;
         let persist_stop = CancellationToken::new();
@@ -164,6 +179,7 @@ impl Engine {
             docs,
             placement: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            store_identity: std::sync::OnceLock::new(),
             cancel,
             tracker,
             connections: Arc::new(AtomicU64::new(0)),
@@ -184,6 +200,7 @@ impl Engine {
     pub async fn initialize(self: &Arc<Self>) -> Result<(), EngineError> {
         self.store.probe().await?;
         self.store.migrate().await?;
+        let _ = self.store_identity.set(self.store.identity().await?);
         self.gate.load().await?;
         if !self.gate.enforced() {
             tracing::warn!(
@@ -299,10 +316,11 @@ impl Engine {
         listener: TcpListener,
         http: std::net::SocketAddr,
     ) -> Result<(), EngineError> {
-        let settings = self
+        let mut settings = self
             .config
             .cluster
             .settings(&listener, http, &self.config)?;
+        settings.store = self.store_identity.get().cloned().unwrap_or_default();
         tracing::info!(node = %settings.node_id, peer = %settings.peer_addr, cluster = %settings.name, "joining the cluster");
         let cluster = cluster::Cluster::new(
             settings,
@@ -330,7 +348,15 @@ impl Engine {
 
     /// Storage migrated and the node not shutting down: it accepts clients.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.cancel.is_cancelled()
+        self.ready.load(Ordering::Acquire)
+            && !self.cancel.is_cancelled()
+            && self.wrong_store().is_none()
+    }
+
+    /// Why this node must not serve: its peers showed it uses another database than the
+    /// cluster's (see [`cluster::Cluster::store_problem`]).
+    pub fn wrong_store(&self) -> Option<String> {
+        self.cluster.get().and_then(|c| c.store_problem())
     }
 
     /// What the heartbeat answers: ready, storage answered its last probe and took the last

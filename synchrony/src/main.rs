@@ -566,12 +566,7 @@ async fn serve(config: ServeConfig) -> ExitCode {
     }
     // Join the cluster once storage is ready: peers route clients here from then on.
     if engine.clustered() {
-        // `SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS` widens the moment between storage being ready
-        // and the node joining, for the test that no client is admitted in it.
-        if let Some(ms) = std::env::var("SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        if let Some(ms) = synchrony::testing::hooks().delay_cluster_join_ms {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         let peer = engine.config.cluster.peer_bind(&engine.config);

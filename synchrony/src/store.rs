@@ -128,6 +128,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A database's identity (table `store_identity`): nodes of one cluster must all show the same.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreIdentity {
+    pub id: String,
+    /// When the first engine started on it (ms since the epoch).
+    pub created_ms: i64,
+}
+
 pub fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -208,6 +216,26 @@ impl Store {
         migrator.set_ignore_missing(true);
         migrator.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Which database this is: the row the first engine to start on it wrote (written now if
+    /// none is there yet; concurrent first starts agree on one).
+    pub async fn identity(&self) -> Result<StoreIdentity, StoreError> {
+        sqlx::query(
+            "INSERT INTO store_identity (singleton, id, created_at) VALUES (1, $1, $2) \
+             ON CONFLICT (singleton) DO NOTHING",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT id, created_at FROM store_identity WHERE singleton = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(StoreIdentity {
+            id: row.try_get(0)?,
+            created_ms: row.try_get(1)?,
+        })
     }
 
     /// Checks that the database answers.

@@ -436,6 +436,43 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
+    /// The database URL over PostgreSQL's Unix socket, which a node in another network namespace
+    /// reaches as well as the test does; None when the server has no socket.
+    pub async fn socket_url(&self) -> Option<String> {
+        use sqlx::Row;
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&self.url)
+            .await
+            .map_err(|e| eprintln!("connecting to {}: {e}", self.url))
+            .ok()?;
+        let row = sqlx::query(
+            "SELECT current_setting('unix_socket_directories') || '|' || current_setting('port') \
+             || '|' || current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| eprintln!("reading the socket directory: {e}"))
+        .ok()?;
+        let settings: String = row.try_get(0).ok()?;
+        let mut parts = settings.split('|');
+        let (dirs, port, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let dir = dirs
+            .split(',')
+            .map(str::trim)
+            .find(|d| d.starts_with('/'))?;
+        let user = self
+            .url
+            .split("://")
+            .nth(1)?
+            .split('@')
+            .next()?
+            .split(':')
+            .next()?
+            .to_owned();
+        Some(format!(
+            "postgres://{user}@localhost/{name}?host={dir}&port={port}"
+        ))
+    }
+
     pub async fn create() -> Self {
         sqlx::any::install_default_drivers();
         let admin = postgres_admin_url();

@@ -1137,7 +1137,7 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
 /// served by a document of its own that never moved to the owner: it and the editors on other
 /// nodes stopped seeing each other's edits (found by `loadtest cluster --restart-after-secs`,
 /// where reconnecting editors knock on a restarting node's port every 250 ms). The hook
-/// `SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS` widens the moment between storage being ready and the
+/// The hidden `--test-delay-cluster-join-ms` widens the moment between storage being ready and the
 /// join while clients knock on the third node's port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_node_admits_no_client_before_it_has_joined_the_cluster() {
@@ -1156,7 +1156,7 @@ async fn a_starting_node_admits_no_client_before_it_has_joined_the_cluster() {
         .local_addr()
         .unwrap()
         .port();
-    let mut third = options(2).env("SYNCHRONY_TEST_DELAY_CLUSTER_JOIN_MS", 1500);
+    let mut third = options(2).arg("--test-delay-cluster-join-ms", 1500);
     third.port = port;
     // Twelve pages: most are owned by node 0 or 1 once the third node has joined.
     let docs: Vec<String> = (0..12).map(|d| format!("early/{d}")).collect();
@@ -1218,7 +1218,7 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
     let db = PgDatabase::create().await;
     let addrs = peer_addresses(3);
     let current = synchrony_protocol::peer::PEER_PROTOCOL_VERSION;
-    let version = "SYNCHRONY_TEST_PEER_PROTOCOL_VERSION";
+    let version = "--test-peer-protocol-version";
     let old = EngineProcess::start(&node_options(
         &db.url,
         &addrs[0],
@@ -1228,7 +1228,7 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
     ))
     .await;
     let next = EngineProcess::start(
-        &node_options(&db.url, &addrs[1], &addrs[..2], SECRET, "test").env(version, current + 1),
+        &node_options(&db.url, &addrs[1], &addrs[..2], SECRET, "test").arg(version, current + 1),
     )
     .await;
     wait_for_live(&old, 2).await;
@@ -1248,7 +1248,7 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
     converge(&mut clients, &markers).await;
 
     let far = EngineProcess::start(
-        &node_options(&db.url, &addrs[2], &addrs[..1], SECRET, "test").env(version, current + 2),
+        &node_options(&db.url, &addrs[2], &addrs[..1], SECRET, "test").arg(version, current + 2),
     )
     .await;
     let deadline = tokio::time::Instant::now() + WAIT;

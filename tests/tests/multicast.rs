@@ -7,13 +7,13 @@
 use std::time::Duration;
 
 use synchrony_tests::netns::Network;
-use synchrony_tests::{EngineOptions, EngineProcess, WAIT};
+use synchrony_tests::{EngineOptions, EngineProcess, PgDatabase, WAIT};
 
 const SECRET: &str = "multicast-test-secret-0123456789";
 
-fn node(net: &Network, i: usize, secret: &str) -> EngineOptions {
+fn node(net: &Network, db: &str, i: usize, secret: &str) -> EngineOptions {
     let address = net.address(i);
-    let mut options = EngineOptions::default()
+    let mut options = EngineOptions::postgres(db)
         .arg("--cluster-join-type", "multicast")
         .arg("--cluster-bind", &address)
         .arg("--cluster-interfaces", &address)
@@ -42,13 +42,25 @@ async fn nodes_find_each_other_by_multicast_and_strangers_are_not_let_in() {
             return;
         }
     };
+    // A cluster needs its one PostgreSQL database, which nodes in other namespaces reach over
+    // its Unix socket.
+    let db = PgDatabase::create().await;
+    let Some(url) = db.socket_url().await else {
+        eprintln!("SKIPPED: PostgreSQL has no Unix socket for nodes in other namespaces");
+        return;
+    };
+    if let Err(error) = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
+        eprintln!("SKIPPED: PostgreSQL's Unix socket refuses this test's user ({error})");
+        return;
+    }
     let started = tokio::time::Instant::now();
     let mut nodes = Vec::new();
     for i in 0..3 {
-        nodes.push(EngineProcess::start(&node(&net, i, SECRET)).await);
+        nodes.push(EngineProcess::start(&node(&net, &url, i, SECRET)).await);
     }
     // A node with another secret announces too: nobody dials it, and it dials nobody.
-    let outsider = EngineProcess::start(&node(&net, 3, "another-secret-of-enough-length")).await;
+    let outsider =
+        EngineProcess::start(&node(&net, &url, 3, "another-secret-of-enough-length")).await;
     let deadline = started + WAIT;
     while nodes.iter().any(|n| live_members(n) != 3) {
         assert!(

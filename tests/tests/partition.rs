@@ -27,43 +27,6 @@ fn token() -> String {
     mint_hs256(&claims, JWT).unwrap()
 }
 
-/// The database URL over PostgreSQL's Unix socket, which a node in another network namespace
-/// reaches as well as the test does; None when the server has no socket.
-async fn socket_url(db: &PgDatabase) -> Option<String> {
-    use sqlx::Row;
-    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .map_err(|e| eprintln!("connecting to {}: {e}", db.url))
-        .ok()?;
-    let row = sqlx::query(
-        "SELECT current_setting('unix_socket_directories') || '|' || current_setting('port') \
-         || '|' || current_database()",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .map_err(|e| eprintln!("reading the socket directory: {e}"))
-    .ok()?;
-    let settings: String = row.try_get(0).ok()?;
-    let mut parts = settings.split('|');
-    let (dirs, port, name) = (parts.next()?, parts.next()?, parts.next()?);
-    let dir = dirs
-        .split(',')
-        .map(str::trim)
-        .find(|d| d.starts_with('/'))?;
-    let user = db
-        .url
-        .split("://")
-        .nth(1)?
-        .split('@')
-        .next()?
-        .split(':')
-        .next()?
-        .to_owned();
-    Some(format!(
-        "postgres://{user}@localhost/{name}?host={dir}&port={port}"
-    ))
-}
-
 async fn cluster_json(node: &EngineProcess) -> serde_json::Value {
     let (status, body) = node.get("/v1/cluster").await;
     assert_eq!(status, 200, "{body}");
@@ -94,7 +57,7 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
         }
     };
     let db = PgDatabase::create().await;
-    let Some(url) = socket_url(&db).await else {
+    let Some(url) = db.socket_url().await else {
         eprintln!("SKIPPED: PostgreSQL has no Unix socket for nodes in other namespaces");
         return;
     };

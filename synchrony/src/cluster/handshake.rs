@@ -1,83 +1,92 @@
-//! The peer link's handshake: who the other node is, and proof that it holds the cluster secret.
+//! The peer link's handshake: who the other node is, proof that it holds the cluster secret,
+//! and proof that it uses the same database.
 //!
 //! ```text
 //! dialer                                   acceptor
-//!   Hello(version, id, cluster, nonce_d) →
-//!                                          ← Hello(version, id, cluster, nonce_a)
-//!                                          ← Proof(HMAC(secret, "accept" ‖ transcript))
-//!   Proof(HMAC(secret, "dial" ‖ transcript)) →
-//!                                          ← Heartbeat (accepted)   or   ← Refuse(reason)
+//!   Hello(version, id, cluster, nonce_d) →                      (plain, at most 4 KiB each)
+//!                                          ← Hello(version, id, cluster, nonce_a)  or  ← Refuse
+//!   Noise NNpsk0 message 1: e, psk; sealed [store id, created] →
+//!                           ← Noise message 2: e, ee; sealed [store id, created, verdict]
+//!   sealed Heartbeat →                     (the acceptor registers the link only now)
+//!                                          ← sealed Heartbeat
 //! ```
 //!
-//! The transcript is both hellos as sent (length-prefixed), so each proof covers the other
-//! side's fresh nonce: an old proof cannot be replayed, a proof made as acceptor cannot pass as
-//! a dialer's, and the secret itself never crosses the wire. MACs are compared in constant time
-//! (`hmac`'s `verify_slice`). A hello from another cluster or protocol version is refused before
-//! any proof is made. Every refusal is logged by the side that refuses and, through the
-//! `Refuse` message, by the other.
+//! The hellos are plain so that a node of another cluster or protocol version is told why in
+//! words; they are the Noise prologue, so a relay that alters one breaks the handshake (see
+//! [`super::sealed`] for the channel and why Noise). The dialer's first message can only be
+//! made with the cluster secret; the acceptor's answer covers both sides' fresh ephemeral keys.
+//! The acceptor registers the link only once the dialer's first sealed message arrives, so a
+//! replayed first message gets nowhere. A hello from another cluster or version is refused
+//! before any key is used. Each side sends the identity of its database (a row the first
+//! start writes, [`crate::store::StoreIdentity`]) sealed: nodes on different databases refuse
+//! each other (and one of them stops serving, see [`crate::cluster::StoreCheck`]).
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use synchrony_protocol::peer::{link_version, Hello, NONCE_BYTES, PEER_PROTOCOL_VERSION};
+use yrs::encoding::read::{Cursor, Read};
+use yrs::encoding::write::Write;
 
-/// The peer protocol version this node announces: the build's, unless
-/// `SYNCHRONY_TEST_PEER_PROTOCOL_VERSION` stands in for another build's (the cluster tests use
-/// it to start nodes one and two versions apart).
+use crate::store::StoreIdentity;
+
+/// The peer protocol version this node announces: the build's, unless a test build stands in
+/// for another release (the cluster tests start nodes one and two versions apart with the
+/// hidden `--test-peer-protocol-version`, read once at start).
 pub fn announced_version() -> u32 {
-    std::env::var("SYNCHRONY_TEST_PEER_PROTOCOL_VERSION")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    crate::testing::hooks()
+        .peer_protocol_version
         .unwrap_or(PEER_PROTOCOL_VERSION)
 }
 
-type HmacSha256 = Hmac<Sha256>;
+/// Longest remote-supplied string a log line or a reply repeats.
+const SHOWN: usize = 240;
 
-/// Which side of the link a proof is made by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Dialer,
-    Acceptor,
+/// A remote-supplied string as logs and replies show it: escaped, and cut to a few dozen
+/// characters.
+pub fn shown(remote: &str) -> String {
+    let mut out: String = remote
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
+    if remote.chars().count() > SHOWN {
+        out.push('…');
+    }
+    out
 }
 
-impl Role {
-    fn label(self) -> &'static [u8] {
-        match self {
-            Role::Dialer => b"synchrony-peer/dial",
-            Role::Acceptor => b"synchrony-peer/accept",
+/// The sealed payload of a handshake message: the sender's database identity and, from the
+/// acceptor, its verdict (empty: accepted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub store: StoreIdentity,
+    pub verdict: String,
+}
+
+impl Identity {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.write_string(&self.store.id);
+        b.write_var(self.store.created_ms.max(0) as u64);
+        b.write_string(&self.verdict);
+        b
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut c = Cursor::new(bytes);
+        let bad = |e: yrs::encoding::read::Error| format!("malformed handshake payload: {e}");
+        let id = c.read_string().map_err(bad)?.to_owned();
+        let created: u64 = c.read_var().map_err(bad)?;
+        let verdict = c.read_string().map_err(bad)?.to_owned();
+        if c.next != bytes.len() {
+            return Err("malformed handshake payload: trailing bytes".into());
         }
+        Ok(Self {
+            store: StoreIdentity {
+                id,
+                created_ms: created.min(i64::MAX as u64) as i64,
+            },
+            verdict,
+        })
     }
-}
-
-fn mac(secret: &[u8], role: Role, dialer_hello: &[u8], acceptor_hello: &[u8]) -> HmacSha256 {
-    // An HMAC key may have any length: `new_from_slice` cannot fail.
-    let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(role.label());
-    for part in [dialer_hello, acceptor_hello] {
-        mac.update(&(part.len() as u64).to_be_bytes());
-        mac.update(part);
-    }
-    mac
-}
-
-/// The proof `role` sends, over both hellos as encoded on the wire.
-pub fn prove(secret: &[u8], role: Role, dialer_hello: &[u8], acceptor_hello: &[u8]) -> Vec<u8> {
-    mac(secret, role, dialer_hello, acceptor_hello)
-        .finalize()
-        .into_bytes()
-        .to_vec()
-}
-
-/// Whether `proof` is what `role` holding `secret` would send.
-pub fn verify(
-    secret: &[u8],
-    role: Role,
-    dialer_hello: &[u8],
-    acceptor_hello: &[u8],
-    proof: &[u8],
-) -> bool {
-    mac(secret, role, dialer_hello, acceptor_hello)
-        .verify_slice(proof)
-        .is_ok()
 }
 
 /// Checks the other side's hello against ours; the error is the reason given in `Refuse`.
@@ -91,8 +100,9 @@ pub fn check_hello(mine: &Hello, theirs: &Hello) -> Result<(), String> {
     }
     if theirs.cluster != mine.cluster {
         return Err(format!(
-            "node of cluster {:?} is not a member of cluster {:?} (cluster.name)",
-            theirs.cluster, mine.cluster
+            "node of cluster \"{}\" is not a member of cluster \"{}\" (cluster.name)",
+            shown(&theirs.cluster),
+            shown(&mine.cluster)
         ));
     }
     if theirs.nonce.len() != NONCE_BYTES {
@@ -124,29 +134,22 @@ mod tests {
     }
 
     #[test]
-    fn proofs_bind_secret_role_and_both_hellos() {
-        let (d, a) = (b"dialer hello".as_slice(), b"acceptor hello".as_slice());
-        let secret = b"0123456789abcdef";
-        let proof = prove(secret, Role::Acceptor, d, a);
-        assert!(verify(secret, Role::Acceptor, d, a, &proof));
-        assert!(
-            !verify(b"0123456789abcdeX", Role::Acceptor, d, a, &proof),
-            "other secret"
-        );
-        assert!(!verify(secret, Role::Dialer, d, a, &proof), "other role");
-        assert!(
-            !verify(secret, Role::Acceptor, a, d, &proof),
-            "hellos swapped"
-        );
-        assert!(
-            !verify(secret, Role::Acceptor, d, b"acceptor hellO", &proof),
-            "other nonce"
-        );
-        assert!(
-            !verify(secret, Role::Acceptor, d, a, &proof[..31]),
-            "truncated"
-        );
-        assert!(!verify(secret, Role::Acceptor, d, a, &[]), "empty");
+    fn identities_round_trip_and_remote_strings_are_shown_escaped_and_short() {
+        let id = Identity {
+            store: StoreIdentity {
+                id: "3f1c".into(),
+                created_ms: 1_700_000_000_000,
+            },
+            verdict: String::new(),
+        };
+        assert_eq!(Identity::decode(&id.encode()), Ok(id.clone()));
+        let mut long = id.encode();
+        long.push(0);
+        assert!(Identity::decode(&long).is_err());
+        assert!(Identity::decode(&[200]).is_err());
+        assert_eq!(shown("a\nb\u{1b}"), "a\\nb\\u{1b}");
+        let huge = "x".repeat(10_000);
+        assert_eq!(shown(&huge).chars().count(), SHOWN + 1);
     }
 
     #[test]

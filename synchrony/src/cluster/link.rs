@@ -4,6 +4,15 @@
 //! dialed by the node with the smaller id is kept and the other closed (both sides apply the
 //! same rule). A link carries streams opened by either side: the dialer numbers its streams
 //! odd, the acceptor even, so a stream id says who opened it.
+//!
+//! Before the handshake completes a connection may send only small frames ([`HELLO_MAX`]),
+//! must finish within [`HANDSHAKE_DEADLINE`], and at most [`MAX_HANDSHAKES`] connections may be
+//! in that state at once; refusals are logged with the remote address and what it claimed to
+//! be, escaped and cut short, at most every 30 s per address. After it, everything is sealed
+//! ([`super::sealed`]). The reader never waits on a stream: a stream whose consumer is full
+//! is closed (the client retries, or the route resyncs), so one slow page cannot stall the
+//! link's heartbeats or its other pages. The writer interleaves messages by lane and holds at
+//! most [`LINK_BUDGET`] bytes; senders beyond it wait.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,22 +29,32 @@ use tokio::time::timeout;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use super::handshake::{check_hello, prove, verify, Role};
+use super::handshake::{check_hello, shown, Identity};
 use super::membership::MemberInfo;
+use super::sealed::{self, Opener, Outbox, SealError, Sealer};
 use super::Cluster;
 
 type Wire = Framed<TcpStream, LengthDelimitedCodec>;
 
-/// How long a handshake may take, each way.
+/// How long a whole handshake may take.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
-/// Messages queued for a link's writer; a full queue makes senders wait.
+/// The largest frame before the handshake completes: a hello or a Noise handshake message.
+pub const HELLO_MAX: usize = 4096;
+/// Connections on the peer port that have not finished their handshake; more are closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Messages queued for a link's writer.
 const LINK_QUEUE: usize = 1024;
+/// Bytes queued for a link's writer and not yet written; senders beyond it wait (one message
+/// larger than this goes alone).
+pub const LINK_BUDGET: usize = 32 << 20;
+/// Bytes the writer seals before it flushes.
+const FLUSH_BYTES: usize = 256 << 10;
 /// Messages queued for one stream's consumer.
 pub(crate) const STREAM_QUEUE: usize = 256;
 /// Longest wait between dial attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A failing address is logged at WARN at most this often.
-const WARN_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// What a route hears on a stream it opened.
 #[derive(Debug)]
@@ -72,7 +91,9 @@ pub struct Link {
     /// Node id of the side that dialed.
     dialer: String,
     we_dialed: bool,
-    tx: mpsc::Sender<PeerMessage>,
+    tx: mpsc::Sender<Outgoing>,
+    /// Bytes queued for the writer ([`LINK_BUDGET`]).
+    budget: Arc<tokio::sync::Semaphore>,
     pub(crate) closed: CancellationToken,
     next_stream: AtomicU64,
     opened: Mutex<HashMap<u64, mpsc::Sender<StreamEvent>>>,
@@ -102,17 +123,44 @@ impl Link {
         }
     }
 
-    /// Queues a message; false once the link is closed.
+    /// Queues a message, waiting while the link's byte budget is spent; false once the link
+    /// is closed.
     pub(crate) async fn send(&self, message: PeerMessage) -> bool {
+        let lane = lane(&message);
+        let bytes = Bytes::from(message.encode());
+        let want = bytes.len().clamp(1, LINK_BUDGET) as u32;
         tokio::select! {
-            sent = self.tx.send(message) => sent.is_ok(),
+            sent = async {
+                let Ok(permit) = self.budget.clone().acquire_many_owned(want).await else {
+                    return false;
+                };
+                let out = Outgoing { lane, bytes, permit: Some(permit), then_close: false };
+                self.tx.send(out).await.is_ok()
+            } => sent,
             _ = self.closed.cancelled() => false,
         }
     }
 
-    /// Queues a message without waiting (for closes sent from `Drop`-like paths).
+    /// Queues a message without waiting (closes sent from paths that cannot wait); false when
+    /// the link is closed or its budget spent.
     pub(crate) fn try_send(&self, message: PeerMessage) -> bool {
-        self.tx.try_send(message).is_ok()
+        self.queue_now(message, false)
+    }
+
+    fn queue_now(&self, message: PeerMessage, then_close: bool) -> bool {
+        let lane = lane(&message);
+        let bytes = Bytes::from(message.encode());
+        let want = bytes.len().clamp(1, LINK_BUDGET) as u32;
+        let Ok(permit) = self.budget.clone().try_acquire_many_owned(want) else {
+            return false;
+        };
+        let out = Outgoing {
+            lane,
+            bytes,
+            permit: Some(permit),
+            then_close,
+        };
+        self.tx.try_send(out).is_ok()
     }
 
     /// A new stream id of ours and the receiver of what the owner sends on it.
@@ -270,56 +318,163 @@ pub(crate) fn max_message(limits: &crate::config::LimitsConfig) -> usize {
         .min(u32::MAX as usize)
 }
 
-fn wire(stream: TcpStream, cluster: &Cluster) -> Wire {
+/// A message for the writer: its lane, its bytes, the budget it holds until written.
+pub(crate) struct Outgoing {
+    lane: u8,
+    bytes: Bytes,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Close the link once this is written (a refusal sent before hanging up).
+    then_close: bool,
+}
+
+/// The lane a message travels on (see [`sealed`]): membership on 0, a stream's messages and a
+/// request's on the lane of their id, so they keep their order.
+fn lane(message: &PeerMessage) -> u8 {
+    let by_id = |id: u64| 1 + (id % (sealed::LANES as u64 - 1)) as u8;
+    match message {
+        PeerMessage::Hello(_)
+        | PeerMessage::Proof { .. }
+        | PeerMessage::Refuse { .. }
+        | PeerMessage::Heartbeat(_)
+        | PeerMessage::Leaving => 0,
+        PeerMessage::Open { stream, .. }
+        | PeerMessage::Data { stream, .. }
+        | PeerMessage::Resync { stream }
+        | PeerMessage::Opened { stream }
+        | PeerMessage::Quiet { stream }
+        | PeerMessage::Close { stream, .. } => by_id(*stream),
+        PeerMessage::HttpRequest { id, .. } | PeerMessage::HttpResponse { id, .. } => by_id(*id),
+    }
+}
+
+/// A fresh connection's framing: small frames only until the handshake completes.
+fn wire(stream: TcpStream) -> Wire {
     let _ = stream.set_nodelay(true);
     Framed::new(
         stream,
         LengthDelimitedCodec::builder()
-            .max_frame_length(max_message(&cluster.limits))
+            .max_frame_length(HELLO_MAX)
             .new_codec(),
     )
 }
 
-async fn send(wire: &mut Wire, message: &PeerMessage) -> Result<(), String> {
+/// Once sealed, a frame is one Noise message.
+fn seal_wire(wire: &mut Wire) {
+    wire.codec_mut().set_max_frame_length(sealed::MAX_FRAME);
+}
+
+async fn send_plain(wire: &mut Wire, message: &PeerMessage) -> Result<(), String> {
     wire.send(Bytes::from(message.encode()))
         .await
         .map_err(|e| format!("write failed: {e}"))
 }
 
-/// The next message body within the handshake deadline.
-async fn receive(wire: &mut Wire) -> Result<Vec<u8>, String> {
-    match timeout(HANDSHAKE_DEADLINE, wire.next()).await {
-        Err(_) => Err(format!("no answer within {HANDSHAKE_DEADLINE:?}")),
-        Ok(None) => Err("closed by the peer during the handshake".into()),
-        Ok(Some(Err(e))) => Err(format!("read failed: {e}")),
-        Ok(Some(Ok(body))) => Ok(body.to_vec()),
+/// Seals and sends one whole message (during the handshake, before the writer runs).
+async fn send_sealed(
+    wire: &mut Wire,
+    sealer: &mut Sealer,
+    message: &PeerMessage,
+) -> Result<(), String> {
+    let mut outbox = Outbox::default();
+    outbox.push(0, Bytes::from(message.encode()), ());
+    while let Some(chunk) = outbox.next_chunk() {
+        let frame = sealer
+            .seal(chunk.lane, chunk.last, &chunk.bytes)
+            .map_err(|e| e.to_string())?;
+        wire.feed(frame)
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+    }
+    SinkExt::<Bytes>::flush(wire)
+        .await
+        .map_err(|e| format!("write failed: {e}"))
+}
+
+async fn receive(wire: &mut Wire) -> Result<Bytes, String> {
+    match wire.next().await {
+        None => Err("closed by the peer during the handshake".into()),
+        Some(Err(e)) => Err(format!("read failed: {}", shown(&e.to_string()))),
+        Some(Ok(body)) => Ok(body.freeze()),
     }
 }
 
 fn expect_hello(body: &[u8]) -> Result<Hello, String> {
     match PeerMessage::decode(body) {
         Ok(PeerMessage::Hello(hello)) => Ok(hello),
-        Ok(PeerMessage::Refuse { reason }) => Err(format!("refused by the peer: {reason}")),
-        Ok(other) => Err(format!("expected a hello, got {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(PeerMessage::Refuse { reason }) => {
+            Err(format!("refused by the peer: {}", shown(&reason)))
+        }
+        Ok(_) => Err("expected a hello".into()),
+        Err(e) => Err(shown(&e.to_string())),
     }
 }
 
-fn expect_proof(body: &[u8]) -> Result<Vec<u8>, String> {
-    match PeerMessage::decode(body) {
-        Ok(PeerMessage::Proof { mac }) => Ok(mac),
-        Ok(PeerMessage::Refuse { reason }) => Err(format!("refused by the peer: {reason}")),
-        Ok(_) => Err("expected a proof".into()),
-        Err(e) => Err(e.to_string()),
+/// Reads the next sealed message of the handshake.
+async fn receive_sealed(wire: &mut Wire, opener: &mut Opener) -> Result<PeerMessage, String> {
+    loop {
+        let frame = receive(wire).await?;
+        match opener.open(&frame) {
+            Ok(None) => continue,
+            Ok(Some(body)) => return PeerMessage::decode(&body).map_err(|e| e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
 const ITSELF: &str = "connected to itself";
 
-const WRONG_SECRET: &str =
-    "the handshake proof does not match: the nodes have different cluster.authentication.secret";
+const WRONG_SECRET: &str = "the handshake does not authenticate: the nodes have different \
+     cluster.authentication.secret (or something on the way altered the handshake)";
+
+/// Why a handshake ended without a link, and who the other side claimed to be.
+struct Refusal {
+    reason: String,
+    node: Option<String>,
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Self { reason, node: None }
+    }
+}
+
+/// Logs refusals at most every [`WARN_EVERY`] per remote address and kind of refusal (debug
+/// in between). The kind is the reason's first words, which never hold remote content.
+#[derive(Default)]
+struct RefusalLog(Mutex<HashMap<(std::net::IpAddr, String), Instant>>);
+
+impl RefusalLog {
+    fn log(&self, remote: std::net::SocketAddr, refusal: &Refusal) {
+        let node = refusal
+            .node
+            .as_deref()
+            .map(shown)
+            .unwrap_or_else(|| "?".into());
+        let loud = self.0.lock().is_ok_and(|mut last| {
+            if last.len() > 4096 {
+                last.clear();
+            }
+            let now = Instant::now();
+            let key = (remote.ip(), refusal.reason.chars().take(16).collect());
+            match last.get(&key) {
+                Some(at) if at.elapsed() < WARN_EVERY => false,
+                _ => {
+                    last.insert(key, now);
+                    true
+                }
+            }
+        });
+        if loud {
+            tracing::warn!(%remote, %node, reason = %refusal.reason, "refused a peer link (repeats from this address are logged at debug for 30 s)");
+        } else {
+            tracing::debug!(%remote, %node, reason = %refusal.reason, "refused a peer link");
+        }
+    }
+}
 
 pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let refusals = Arc::new(RefusalLog::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -333,83 +488,139 @@ pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 continue;
             }
         };
+        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+            // Dropping the socket closes it: past the cap nothing is read.
+            refusals.log(
+                remote,
+                &Refusal::from(format!(
+                    "{MAX_HANDSHAKES} handshakes are already in progress"
+                )),
+            );
+            continue;
+        };
         let cluster = cluster.clone();
         let tracker = cluster.tracker.clone();
+        let refusals = refusals.clone();
         tracker.spawn(async move {
-            let mut wire = wire(stream, &cluster);
-            match accept_handshake(&cluster, &mut wire).await {
-                Ok(hello) => run_link(cluster, wire, hello, false).await,
-                Err(reason) if reason == ITSELF => {}
-                Err(reason) => {
-                    tracing::warn!(%remote, %reason, "refused a peer link");
+            let mut wire = wire(stream);
+            let handshake = timeout(
+                HANDSHAKE_DEADLINE,
+                accept_handshake(&cluster, &mut wire, remote),
+            );
+            let outcome = match handshake.await {
+                Err(_) => Err(Refusal::from(format!(
+                    "no handshake within {HANDSHAKE_DEADLINE:?}"
+                ))),
+                Ok(outcome) => outcome,
+            };
+            drop(slot);
+            match outcome {
+                Ok((hello, sealer, opener)) => {
+                    run_link(cluster, wire, hello, false, sealer, opener).await
                 }
+                Err(refusal) if refusal.reason == ITSELF => {}
+                Err(refusal) => refusals.log(remote, &refusal),
             }
         });
     }
 }
 
-async fn accept_handshake(cluster: &Cluster, wire: &mut Wire) -> Result<Hello, String> {
+async fn accept_handshake(
+    cluster: &Cluster,
+    wire: &mut Wire,
+    remote: std::net::SocketAddr,
+) -> Result<(Hello, Sealer, Opener), Refusal> {
     let theirs_bytes = receive(wire).await?;
     let theirs = expect_hello(&theirs_bytes)?;
+    let node = Some(theirs.node.clone());
+    let refused = |reason: String| Refusal {
+        reason,
+        node: node.clone(),
+    };
     let mine = cluster.hello();
     if theirs.node == mine.node {
         // This node dialed one of its own addresses: our hello tells the dialer so.
-        let _ = send(wire, &PeerMessage::Hello(mine)).await;
-        return Err(ITSELF.into());
+        let _ = send_plain(wire, &PeerMessage::Hello(mine)).await;
+        return Err(refused(ITSELF.into()));
     }
     if let Err(reason) = check_hello(&mine, &theirs) {
-        let _ = send(
+        let _ = send_plain(
             wire,
             &PeerMessage::Refuse {
                 reason: reason.clone(),
             },
         )
         .await;
-        return Err(format!("{reason} (node {})", theirs.node));
+        return Err(refused(reason));
     }
     let mine_bytes = PeerMessage::Hello(mine).encode();
-    let secret = &cluster.settings.secret;
-    let proof = prove(secret, Role::Acceptor, &theirs_bytes, &mine_bytes);
-    wire.feed(Bytes::from(mine_bytes.clone()))
+    let mut noise = sealed::handshake(&cluster.settings.secret, &theirs_bytes, &mine_bytes, false)
+        .map_err(|e| refused(e.to_string()))?;
+    wire.send(Bytes::from(mine_bytes))
         .await
-        .map_err(|e| e.to_string())?;
-    send(wire, &PeerMessage::Proof { mac: proof }).await?;
-    let their_proof = expect_proof(&receive(wire).await?)?;
-    if !verify(
-        secret,
-        Role::Dialer,
-        &theirs_bytes,
-        &mine_bytes,
-        &their_proof,
-    ) {
-        let _ = send(
-            wire,
-            &PeerMessage::Refuse {
-                reason: WRONG_SECRET.into(),
-            },
-        )
-        .await;
-        return Err(format!(
-            "{WRONG_SECRET} (node {} at {})",
-            theirs.node, theirs.peer_addr
-        ));
+        .map_err(|e| refused(format!("write failed: {e}")))?;
+    let first = receive(wire).await.map_err(&refused)?;
+    let mut payload = vec![0; sealed::MAX_FRAME];
+    let n = match noise.read_message(&first, &mut payload) {
+        Ok(n) => n,
+        Err(_) => {
+            if let Ok(PeerMessage::Refuse { reason }) = PeerMessage::decode(&first) {
+                return Err(refused(format!("refused by the peer: {}", shown(&reason))));
+            }
+            let _ = send_plain(
+                wire,
+                &PeerMessage::Refuse {
+                    reason: WRONG_SECRET.into(),
+                },
+            )
+            .await;
+            return Err(refused(WRONG_SECRET.into()));
+        }
+    };
+    let their_identity = Identity::decode(&payload[..n]).map_err(&refused)?;
+    let verdict = cluster.check_store(&theirs.node, &remote.to_string(), &their_identity.store);
+    let answer = Identity {
+        store: cluster.settings.store.clone(),
+        verdict: verdict.clone().err().unwrap_or_default(),
+    };
+    let mut message = vec![0; sealed::MAX_FRAME];
+    let n = noise
+        .write_message(&answer.encode(), &mut message)
+        .map_err(|e| refused(e.to_string()))?;
+    message.truncate(n);
+    wire.send(Bytes::from(message))
+        .await
+        .map_err(|e| refused(format!("write failed: {e}")))?;
+    verdict.map_err(&refused)?;
+    let (mut sealer, opener) = sealed::split(noise).map_err(|e| refused(e.to_string()))?;
+    let mut opener = opener.with_max_message(max_message(&cluster.limits));
+    seal_wire(wire);
+    // The dialer's first sealed message proves it derived the same keys now (a replayed first
+    // handshake message would get no further).
+    match receive_sealed(wire, &mut opener).await.map_err(&refused)? {
+        PeerMessage::Heartbeat(_) => {}
+        PeerMessage::Refuse { reason } => {
+            return Err(refused(format!("refused by the peer: {}", shown(&reason))))
+        }
+        _ => return Err(refused("expected a heartbeat".into())),
     }
-    send(wire, &heartbeat(cluster)).await?;
-    Ok(theirs)
+    send_sealed(wire, &mut sealer, &heartbeat(cluster))
+        .await
+        .map_err(&refused)?;
+    Ok((theirs, sealer, opener))
 }
 
 enum Dialed {
-    Linked(Box<Wire>, Hello),
+    Linked(Box<Wire>, Hello, Sealer, Opener),
     /// The address is this node's own.
     Itself,
 }
 
 async fn dial_handshake(cluster: &Cluster, addr: &str) -> Result<Dialed, String> {
-    let stream = timeout(HANDSHAKE_DEADLINE, TcpStream::connect(addr))
+    let stream = TcpStream::connect(addr)
         .await
-        .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect failed: {e}"))?;
-    let mut wire = wire(stream, cluster);
+    let mut wire = wire(stream);
     let mine = cluster.hello();
     let mine_bytes = PeerMessage::Hello(mine.clone()).encode();
     wire.send(Bytes::from(mine_bytes.clone()))
@@ -421,7 +632,7 @@ async fn dial_handshake(cluster: &Cluster, addr: &str) -> Result<Dialed, String>
         return Ok(Dialed::Itself);
     }
     if let Err(reason) = check_hello(&mine, &theirs) {
-        let _ = send(
+        let _ = send_plain(
             &mut wire,
             &PeerMessage::Refuse {
                 reason: reason.clone(),
@@ -430,36 +641,60 @@ async fn dial_handshake(cluster: &Cluster, addr: &str) -> Result<Dialed, String>
         .await;
         return Err(reason);
     }
-    let secret = &cluster.settings.secret;
-    let their_proof = expect_proof(&receive(&mut wire).await?)?;
-    if !verify(
-        secret,
-        Role::Acceptor,
-        &mine_bytes,
-        &theirs_bytes,
-        &their_proof,
-    ) {
-        let _ = send(
+    let who = format!("node {} at {addr}", shown(&theirs.node));
+    let mut noise = sealed::handshake(&cluster.settings.secret, &mine_bytes, &theirs_bytes, true)
+        .map_err(|e| e.to_string())?;
+    let ours = Identity {
+        store: cluster.settings.store.clone(),
+        verdict: String::new(),
+    };
+    let mut message = vec![0; sealed::MAX_FRAME];
+    let n = noise
+        .write_message(&ours.encode(), &mut message)
+        .map_err(|e| e.to_string())?;
+    message.truncate(n);
+    wire.send(Bytes::from(message))
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = receive(&mut wire).await?;
+    let mut payload = vec![0; sealed::MAX_FRAME];
+    let n = match noise.read_message(&answer, &mut payload) {
+        Ok(n) => n,
+        Err(_) => {
+            return Err(match PeerMessage::decode(&answer) {
+                Ok(PeerMessage::Refuse { reason }) => {
+                    format!("refused by {who}: {}", shown(&reason))
+                }
+                _ => format!("{WRONG_SECRET} ({who})"),
+            })
+        }
+    };
+    let theirs_identity = Identity::decode(&payload[..n])?;
+    let mine_verdict = cluster.check_store(&theirs.node, addr, &theirs_identity.store);
+    if !theirs_identity.verdict.is_empty() {
+        return Err(format!(
+            "refused by {who}: {}",
+            shown(&theirs_identity.verdict)
+        ));
+    }
+    let (mut sealer, opener) = sealed::split(noise).map_err(|e| e.to_string())?;
+    let opener = opener.with_max_message(max_message(&cluster.limits));
+    seal_wire(&mut wire);
+    if let Err(reason) = mine_verdict {
+        let _ = send_sealed(
             &mut wire,
+            &mut sealer,
             &PeerMessage::Refuse {
-                reason: WRONG_SECRET.into(),
+                reason: reason.clone(),
             },
         )
         .await;
-        return Err(format!("{WRONG_SECRET} (node {})", theirs.node));
+        return Err(reason);
     }
-    let proof = prove(secret, Role::Dialer, &mine_bytes, &theirs_bytes);
-    send(&mut wire, &PeerMessage::Proof { mac: proof }).await?;
-    // The acceptor's first heartbeat says it accepted our proof.
-    match PeerMessage::decode(&receive(&mut wire).await?) {
-        Ok(PeerMessage::Heartbeat(_)) => Ok(Dialed::Linked(Box::new(wire), theirs)),
-        Ok(PeerMessage::Refuse { reason }) => Err(format!("refused by the peer: {reason}")),
-        Ok(other) => Err(format!("expected acceptance, got {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
+    send_sealed(&mut wire, &mut sealer, &heartbeat(cluster)).await?;
+    Ok(Dialed::Linked(Box::new(wire), theirs, sealer, opener))
 }
 
-/// Keeps a link to `addr` up for as long as the node runs.
 pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
     let mut backoff = Duration::from_millis(100);
     let mut warned: Option<Instant> = None;
@@ -478,19 +713,22 @@ pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
                 _ = cluster.cancel.cancelled() => return,
             }
         }
-        match dial_handshake(&cluster, &addr).await {
+        let dialed = timeout(HANDSHAKE_DEADLINE, dial_handshake(&cluster, &addr))
+            .await
+            .unwrap_or_else(|_| Err(format!("no handshake within {HANDSHAKE_DEADLINE:?}")));
+        match dialed {
             Ok(Dialed::Itself) => {
                 tracing::debug!(%addr, "member address is this node's own");
                 return;
             }
-            Ok(Dialed::Linked(wire, hello)) => {
+            Ok(Dialed::Linked(wire, hello, sealer, opener)) => {
                 if let Ok(mut aliases) = cluster.links.aliases.lock() {
                     aliases.insert(addr.clone(), hello.node.clone());
                 }
                 backoff = Duration::from_millis(100);
                 warned = None;
                 failing_since = None;
-                run_link(cluster.clone(), *wire, hello, true).await;
+                run_link(cluster.clone(), *wire, hello, true, sealer, opener).await;
             }
             Err(reason) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
@@ -523,7 +761,14 @@ fn heartbeat(cluster: &Cluster) -> PeerMessage {
 }
 
 /// Serves an authenticated link until it breaks or the node stops.
-async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bool) {
+async fn run_link(
+    cluster: Arc<Cluster>,
+    wire: Wire,
+    hello: Hello,
+    we_dialed: bool,
+    sealer: Sealer,
+    opener: Opener,
+) {
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let me = cluster.me().to_owned();
     let version = synchrony_protocol::peer::link_version(
@@ -545,6 +790,7 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
         },
         we_dialed,
         tx,
+        budget: Arc::new(tokio::sync::Semaphore::new(LINK_BUDGET)),
         closed: cluster.cancel.child_token(),
         next_stream: AtomicU64::new(1),
         opened: Mutex::new(HashMap::new()),
@@ -556,7 +802,7 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
         tracing::debug!(peer = %hello.node, "a link to this member exists already; closing the duplicate");
         return;
     }
-    tracing::info!(peer = %hello.node, addr = %hello.peer_addr, we_dialed, version, "peer link up");
+    tracing::info!(peer = %hello.node, addr = %hello.peer_addr, we_dialed, version, "peer link up (sealed)");
     cluster
         .link_metrics
         .ups
@@ -569,11 +815,16 @@ async fn run_link(cluster: Arc<Cluster>, wire: Wire, hello: Hello, we_dialed: bo
     let (sink, stream) = wire.split();
     let writer = {
         let (cluster, link) = (cluster.clone(), link.clone());
-        tokio::spawn(async move { write_loop(cluster, link, sink, rx).await })
+        tokio::spawn(async move { write_loop(cluster, link, sink, rx, sealer).await })
     };
-    read_loop(&cluster, &link, stream).await;
+    let mut writer = writer;
+    let drain = read_loop(&cluster, &link, stream, opener).await;
+    // A refusal the reader queued goes out before the link closes.
+    let finished = drain && timeout(Duration::from_secs(1), &mut writer).await.is_ok();
     link.closed.cancel();
-    let _ = writer.await;
+    if !finished {
+        let _ = writer.await;
+    }
     if cluster.links.remove(&link) {
         cluster.update_membership(|m, now| m.unlinked(&link.node, now));
         tracing::info!(peer = %link.node, "peer link down");
@@ -585,7 +836,8 @@ async fn write_loop(
     cluster: Arc<Cluster>,
     link: Arc<Link>,
     mut sink: SplitSink<Wire, Bytes>,
-    mut rx: mpsc::Receiver<PeerMessage>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    mut sealer: Sealer,
 ) {
     let timeouts = cluster.settings.timeouts;
     let peer = crate::metrics::PeerLabel {
@@ -599,36 +851,51 @@ async fn write_loop(
             .clone(),
         cluster.link_metrics.bytes_sent.get_or_create(&peer).clone(),
     );
-    let mut beat = tokio::time::interval(timeouts.heartbeat);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outbox: Outbox<(Option<tokio::sync::OwnedSemaphorePermit>, bool)> = Outbox::default();
+    let mut next_beat = tokio::time::Instant::now() + timeouts.heartbeat;
+    let mut closing = false;
     loop {
-        let batch = tokio::select! {
-            _ = link.closed.cancelled() => break,
-            message = rx.recv() => {
-                let Some(first) = message else { break };
-                let mut batch = vec![first];
-                while batch.len() < 64 {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                batch
+        while let Ok(out) = rx.try_recv() {
+            outbox.push(out.lane, out.bytes, (out.permit, out.then_close));
+        }
+        if outbox.is_empty() {
+            if closing {
+                break;
             }
-            _ = beat.tick() => vec![heartbeat(&cluster)],
-        };
+            tokio::select! {
+                _ = link.closed.cancelled() => break,
+                out = rx.recv() => match out {
+                    Some(out) => outbox.push(out.lane, out.bytes, (out.permit, out.then_close)),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(next_beat) => {}
+            }
+        }
+        if tokio::time::Instant::now() >= next_beat {
+            outbox.push(0, Bytes::from(heartbeat(&cluster).encode()), (None, false));
+            next_beat = tokio::time::Instant::now() + timeouts.heartbeat;
+        }
         let write = async {
-            let mut bytes = 0;
-            for message in &batch {
-                let encoded = Bytes::from(message.encode());
-                bytes += encoded.len();
-                sink.feed(encoded).await?;
+            let (mut bytes, mut messages) = (0usize, 0u64);
+            while bytes < FLUSH_BYTES {
+                let Some(chunk) = outbox.next_chunk() else {
+                    break;
+                };
+                let frame = sealer
+                    .seal(chunk.lane, chunk.last, &chunk.bytes)
+                    .map_err(std::io::Error::other)?;
+                bytes += frame.len();
+                sink.feed(frame).await?;
+                if let Some((_permit, then_close)) = chunk.done {
+                    messages += 1;
+                    closing |= then_close;
+                }
             }
-            sink.flush().await.map(|()| bytes)
+            sink.flush().await.map(|()| (bytes, messages))
         };
         match timeout(timeouts.failure, write).await {
-            Ok(Ok(bytes)) => {
-                messages_sent.inc_by(batch.len() as u64);
+            Ok(Ok((bytes, messages))) => {
+                messages_sent.inc_by(messages);
                 bytes_sent.inc_by(bytes as u64);
             }
             Ok(Err(error)) => {
@@ -644,7 +911,13 @@ async fn write_loop(
     link.closed.cancel();
 }
 
-async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitStream<Wire>) {
+/// Reads until the link breaks; true when it queued a last message for the writer to send.
+async fn read_loop(
+    cluster: &Arc<Cluster>,
+    link: &Arc<Link>,
+    mut stream: SplitStream<Wire>,
+    mut opener: Opener,
+) -> bool {
     let failure = cluster.settings.timeouts.failure;
     let peer = crate::metrics::PeerLabel {
         peer: link.node.clone(),
@@ -663,48 +936,99 @@ async fn read_loop(cluster: &Arc<Cluster>, link: &Arc<Link>, mut stream: SplitSt
     );
     loop {
         let next = tokio::select! {
-            _ = link.closed.cancelled() => return,
+            _ = link.closed.cancelled() => return false,
             next = timeout(failure, stream.next()) => next,
         };
-        let body = match next {
+        let frame = match next {
             Err(_) => {
                 tracing::warn!(peer = %link.node, ?failure, "nothing heard from peer; closing the link");
-                return;
+                return false;
             }
-            Ok(None) => return,
+            Ok(None) => return false,
             Ok(Some(Err(error))) => {
                 tracing::debug!(peer = %link.node, %error, "peer link read failed");
-                return;
+                return false;
             }
-            Ok(Some(Ok(body))) => body,
+            Ok(Some(Ok(frame))) => frame,
+        };
+        bytes_received.inc_by(frame.len() as u64);
+        let body = match opener.open(&frame) {
+            Ok(None) => continue,
+            Ok(Some(body)) => body,
+            Err(error @ SealError::Authentication) => {
+                tracing::warn!(peer = %link.node, addr = %link.info.peer_addr, %error, "closing the peer link: something between the nodes altered or injected traffic");
+                link.queue_now(
+                    PeerMessage::Refuse {
+                        reason: format!("{error}; the link is closed"),
+                    },
+                    true,
+                );
+                return true;
+            }
+            Err(error) => {
+                tracing::warn!(peer = %link.node, %error, "bad sealed frame; closing the link");
+                return false;
+            }
         };
         messages_received.inc();
-        bytes_received.inc_by(body.len() as u64);
         let message = match PeerMessage::decode(&body) {
             Ok(message) => message,
             Err(error) => {
                 tracing::warn!(peer = %link.node, %error, "bad peer message; closing the link");
-                return;
+                return false;
             }
         };
-        if !dispatch(cluster, link, message).await {
-            return;
+        if !dispatch(cluster, link, message) {
+            return false;
         }
     }
 }
 
-async fn served_event(link: &Link, stream: u64, event: ServedEvent) {
+/// Hands a served stream (a client of the peer's on a document of ours) its event. A stream
+/// whose consumer is behind is closed with 1013 instead of holding up the link: its client
+/// reconnects.
+fn served_event(link: &Link, stream: u64, event: ServedEvent) {
     let tx = link
         .served
         .lock()
         .ok()
         .and_then(|m| m.get(&stream).cloned());
-    if let Some(tx) = tx {
-        let _ = tx.send(event).await;
+    let Some(tx) = tx else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+        link.forget_served(stream);
+        tracing::warn!(peer = %link.node, stream, "a relayed client is sending faster than its document takes it; closing its stream");
+        link.try_send(PeerMessage::Close {
+            stream,
+            code: synchrony_protocol::CloseCode::TRY_AGAIN_LATER.0,
+            reason: "the document is busy; try again".into(),
+        });
     }
 }
 
-async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> bool {
+/// Hands a stream we opened its event. A consumer that is behind loses the stream (its route
+/// resyncs with the owner, a hub is rebuilt) instead of holding up the link.
+fn opened_event(link: &Link, stream: u64, event: StreamEvent, remove: bool) {
+    let tx = link.opened.lock().ok().and_then(|mut m| {
+        if remove {
+            m.remove(&stream)
+        } else {
+            m.get(&stream).cloned()
+        }
+    });
+    let Some(tx) = tx else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+        link.forget_opened(stream);
+        tracing::debug!(peer = %link.node, stream, "a stream's consumer is behind; dropping the stream");
+        link.try_send(PeerMessage::Close {
+            stream,
+            code: synchrony_protocol::CloseCode::NORMAL.0,
+            reason: "consumer behind".into(),
+        });
+    }
+}
+
+/// Acts on one message. Never waits: the link's other streams and its heartbeats come next.
+fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> bool {
     match message {
         PeerMessage::Heartbeat(beat) => {
             cluster.update_membership(|m, now| m.heard(&link.node, Some(beat.stats), now));
@@ -744,51 +1068,26 @@ async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage
         }
         PeerMessage::Data { stream, frame } => {
             if link.is_ours(stream) {
-                let tx = link
-                    .opened
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&stream).cloned());
-                if let Some(tx) = tx {
-                    let _ = tx.send(StreamEvent::Frame(frame)).await;
-                }
+                opened_event(link, stream, StreamEvent::Frame(frame), false);
             } else {
-                let tx = link
-                    .served
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&stream).cloned());
-                if let Some(tx) = tx {
-                    let _ = tx.send(ServedEvent::Frame(frame)).await;
-                }
+                served_event(link, stream, ServedEvent::Frame(frame));
             }
         }
-        PeerMessage::Resync { stream } => served_event(link, stream, ServedEvent::Resync).await,
-        PeerMessage::Quiet { stream } => served_event(link, stream, ServedEvent::Quiet).await,
-        PeerMessage::Opened { stream } => {
-            let tx = link
-                .opened
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&stream).cloned());
-            if let Some(tx) = tx {
-                let _ = tx.send(StreamEvent::Opened).await;
-            }
-        }
+        PeerMessage::Resync { stream } => served_event(link, stream, ServedEvent::Resync),
+        PeerMessage::Quiet { stream } => served_event(link, stream, ServedEvent::Quiet),
+        PeerMessage::Opened { stream } => opened_event(link, stream, StreamEvent::Opened, false),
         PeerMessage::Close {
             stream,
             code,
             reason,
         } => {
             if link.is_ours(stream) {
-                let tx = link.opened.lock().ok().and_then(|mut m| m.remove(&stream));
-                if let Some(tx) = tx {
-                    let _ = tx.send(StreamEvent::Closed { code, reason }).await;
-                }
+                opened_event(link, stream, StreamEvent::Closed { code, reason }, true);
             } else {
                 let tx = link.served.lock().ok().and_then(|mut m| m.remove(&stream));
                 if let Some(tx) = tx {
-                    let _ = tx.send(ServedEvent::Closed).await;
+                    // A full queue: dropping the sender ends the stream all the same.
+                    let _ = tx.try_send(ServedEvent::Closed);
                 }
             }
         }
@@ -803,7 +1102,11 @@ async fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage
                 let _ = tx.send(exchange);
             }
         }
-        PeerMessage::Hello(_) | PeerMessage::Proof { .. } | PeerMessage::Refuse { .. } => {
+        PeerMessage::Refuse { reason } => {
+            tracing::warn!(peer = %link.node, reason = %shown(&reason), "peer closed the link");
+            return false;
+        }
+        PeerMessage::Hello(_) | PeerMessage::Proof { .. } => {
             tracing::warn!(peer = %link.node, "handshake message on an established link; closing it");
             return false;
         }

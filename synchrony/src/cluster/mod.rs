@@ -53,6 +53,7 @@ pub mod multicast;
 pub mod registry;
 pub mod relay;
 pub mod rest;
+pub mod sealed;
 pub mod status;
 
 use std::collections::BTreeSet;
@@ -90,6 +91,19 @@ pub struct ClusterSettings {
     pub redis_url: Option<String>,
     /// Announcements, for `cluster.join.type=multicast`.
     pub multicast: Option<multicast::MulticastSettings>,
+    /// The database this node uses: peers must show the same.
+    pub store: crate::store::StoreIdentity,
+}
+
+/// How long a peer's report of another database counts (its dial loop renews it every few
+/// seconds while the refusal lasts).
+const STORE_REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Peers that showed another database at link-up, and when.
+#[derive(Default)]
+pub(crate) struct StoreCheck {
+    others: std::collections::HashMap<String, (crate::store::StoreIdentity, String, Instant)>,
+    logged: std::collections::HashMap<String, Instant>,
 }
 
 /// A node's view of the cluster: the live members, and a counter bumped at each change.
@@ -121,6 +135,8 @@ pub struct Cluster {
     leaving: std::sync::atomic::AtomicBool,
     /// Bumped at every change of the published view.
     epoch: AtomicU64,
+    /// What peers on other databases showed.
+    stores: Mutex<StoreCheck>,
 }
 
 impl Cluster {
@@ -162,6 +178,7 @@ impl Cluster {
             leaving: std::sync::atomic::AtomicBool::new(false),
             epoch: AtomicU64::new(1),
             link_metrics,
+            stores: Mutex::default(),
         })
     }
 
@@ -250,6 +267,82 @@ impl Cluster {
             .filter(|m| m.state != membership::MemberState::Dead)
             .map(|m| m.info.peer_addr)
             .collect()
+    }
+
+    /// Compares a peer's database with this node's at link-up: the reason to refuse the link
+    /// when they differ (logged at ERROR, at most every 30 s per peer).
+    pub(crate) fn check_store(
+        &self,
+        node: &str,
+        addr: &str,
+        theirs: &crate::store::StoreIdentity,
+    ) -> Result<(), String> {
+        let mine = &self.settings.store;
+        let Ok(mut check) = self.stores.lock() else {
+            return Ok(());
+        };
+        if theirs.id == mine.id {
+            check.others.remove(node);
+            return Ok(());
+        }
+        let now = Instant::now();
+        check
+            .others
+            .insert(node.to_owned(), (theirs.clone(), addr.to_owned(), now));
+        let reason = format!(
+            "node {} at {} uses another database (store {} created at {} ms) than this node \
+             (store {} created at {} ms): every node of a cluster must use the same \
+             synchrony.database.url",
+            handshake::shown(node),
+            handshake::shown(addr),
+            handshake::shown(&theirs.id),
+            theirs.created_ms,
+            mine.id,
+            mine.created_ms
+        );
+        if check
+            .logged
+            .get(node)
+            .is_none_or(|at| at.elapsed() >= link::WARN_EVERY)
+        {
+            if check.logged.len() > 1024 {
+                check.logged.clear();
+            }
+            check.logged.insert(node.to_owned(), now);
+            tracing::error!("refused a cluster member on another database: {reason}");
+        }
+        Err(reason)
+    }
+
+    /// Why this node must stop serving, if its database is not the cluster's: more peers showed
+    /// another database than share this one, or as many, and this node's database is the newer
+    /// (a node started against a fresh, empty database is the odd one out).
+    pub fn store_problem(&self) -> Option<String> {
+        let mine = &self.settings.store;
+        let Ok(mut check) = self.stores.lock() else {
+            return None;
+        };
+        check
+            .others
+            .retain(|_, (_, _, at)| at.elapsed() < STORE_REPORT_TTL);
+        if check.others.is_empty() {
+            return None;
+        }
+        let other = check.others.len();
+        let same = self.view().live.iter().filter(|n| *n != self.me()).count();
+        let newer = check
+            .others
+            .values()
+            .all(|(theirs, _, _)| (mine.created_ms, &mine.id) > (theirs.created_ms, &theirs.id));
+        if other > same || (other == same && newer) {
+            Some(format!(
+                "this node's database (store {}) is not the cluster's: {other} member(s) use \
+                 another one; set synchrony.database.url to the cluster's database",
+                mine.id
+            ))
+        } else {
+            None
+        }
     }
 
     fn hello(&self) -> Hello {
