@@ -613,6 +613,11 @@ fn parse_member(text: &str) -> Result<String, String> {
 /// Cluster keys. Parsed and validated now; acted on by the cluster.
 #[derive(Debug, Clone, Args, Default)]
 pub struct ClusterConfig {
+    /// This node's name in the cluster (logs, metric labels, `GET {ctx}/v1/cluster`): letters,
+    /// digits, `.`, `_`, `-`, at most 64. Default: an id made at the first start and kept in
+    /// `<data-dir>/node-id`, so that a restarted node takes its own place at once.
+    #[arg(long = "node-name", env = "SYNCHRONY_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Peer port (Synchrony's Aleph port).
     #[arg(
         long = "cluster-base-port",
@@ -781,6 +786,44 @@ impl ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// This node's id: `synchrony.node.name`, else the id kept in `<data_dir>/node-id` (made
+    /// at the first start).
+    pub fn node_id(&self, data_dir: &std::path::Path) -> Result<String, ConfigError> {
+        let valid = |name: &str| {
+            (1..=64).contains(&name.len())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if let Some(name) = self.node_name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            if !valid(name) {
+                return Err(ConfigError::Cluster(format!(
+                    "synchrony.node.name {name:?} is not a node name: use 1 to 64 letters, digits, \
+                     '.', '_' or '-'"
+                )));
+            }
+            return Ok(name.to_owned());
+        }
+        let path = data_dir.join("node-id");
+        if let Ok(kept) = std::fs::read_to_string(&path) {
+            let kept = kept.trim();
+            if valid(kept) {
+                return Ok(kept.to_owned());
+            }
+        }
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let written = std::fs::create_dir_all(data_dir)
+            .and_then(|()| std::fs::write(&path, format!("{fresh}\n")));
+        match written {
+            Ok(()) => Ok(fresh),
+            Err(e) => Err(ConfigError::Cluster(format!(
+                "cannot keep this node's id in {}: {e}; make synchrony.data.dir writable or set \
+                 synchrony.node.name",
+                path.display()
+            ))),
+        }
+    }
+
     /// The cluster's name as peers compare it.
     pub fn cluster_name(&self) -> String {
         [&self.name, &self.group_name]
@@ -837,7 +880,7 @@ impl ClusterConfig {
             .map(|m| with_default_port(m, self.base_port))
             .collect();
         Ok(crate::cluster::ClusterSettings {
-            node_id: uuid::Uuid::new_v4().to_string(),
+            node_id: self.node_id(&serve.store.data_dir)?,
             name: self.cluster_name(),
             secret: self
                 .authentication_secret

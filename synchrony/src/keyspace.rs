@@ -135,8 +135,9 @@ pub fn keys_of(command: &Command) -> Vec<Key> {
         .get_arguments()
         .filter_map(|arg| {
             let long = arg.get_long()?;
-            // Hidden flags are test hooks: no key form reaches them.
-            if arg.is_hide_set() || matches!(long, "help" | "version" | "properties-file") {
+            // Test hooks (hidden `--test-*` flags): no key form reaches them.
+            let hook = arg.is_hide_set() && long.starts_with("test-");
+            if hook || matches!(long, "help" | "version" | "properties-file") {
                 return None;
             }
             let key = RENAMED

@@ -13,8 +13,9 @@
 //! - A member that said `Leaving` is dead at once (it has handed its documents over).
 //! - With Redis membership, a member must also be in the registry: a node whose entry expired
 //!   is dead even if a link somehow lingers.
-//! - Dead members are shown for [`FORGET_AFTER`], then forgotten. A node that restarts comes
-//!   back with a new id, so a dead id never returns.
+//! - Dead members are shown for [`FORGET_AFTER`], then forgotten; a member that left cleanly is
+//!   forgotten as soon as its link is down. A node keeps its id across restarts
+//!   (`synchrony.node.name`), so a restarted node takes its own place again when it links.
 //!
 //! The live set (this node included) changes only through these rules; each change bumps the
 //! view's epoch.
@@ -145,6 +146,9 @@ impl Membership {
         member.linked = true;
         member.last_heard = now;
         member.unlinked_at = None;
+        // A node that left (or died) and started again under its own name is back.
+        member.left = false;
+        member.dead_since = None;
         self.recompute(now)
     }
 
@@ -222,8 +226,10 @@ impl Membership {
         }
         self.members.retain(|_, m| {
             m.linked
-                || m.dead_since
-                    .is_none_or(|since| now.saturating_duration_since(since) < FORGET_AFTER)
+                || (!m.left
+                    && m
+                        .dead_since
+                        .is_none_or(|since| now.saturating_duration_since(since) < FORGET_AFTER))
         });
         live.sort();
         if live != self.live {
@@ -341,11 +347,20 @@ mod tests {
         m.linked("a", info(1), t0);
         assert!(m.leaving("a", t0 + MS));
         assert_eq!(m.live(), ["b"]);
+        assert_eq!(m.members(t0 + MS, NodeStats::default()).len(), 2);
+        // Once its link is down, a member that left is gone from the list at once...
         m.unlinked("a", t0 + 2 * MS);
-        assert_eq!(m.members(t0 + 2 * MS, NodeStats::default()).len(), 2);
-        m.tick(t0 + FORGET_AFTER + 3 * MS);
+        assert_eq!(m.members(t0 + 2 * MS, NodeStats::default()).len(), 1);
+        // ...and comes back alive when it starts again under its name.
+        m.linked("a", info(1), t0 + 3 * MS);
+        assert_eq!(m.live(), ["a", "b"]);
+        // A member that died is listed dead for a while, then forgotten.
+        m.unlinked("a", t0 + 4 * MS);
+        m.tick(t0 + 4 * MS + Duration::from_secs(10));
+        assert_eq!(m.members(t0 + 4 * MS + Duration::from_secs(10), NodeStats::default()).len(), 2);
+        m.tick(t0 + FORGET_AFTER + Duration::from_secs(11));
         assert_eq!(
-            m.members(t0 + FORGET_AFTER + 3 * MS, NodeStats::default())
+            m.members(t0 + FORGET_AFTER + Duration::from_secs(11), NodeStats::default())
                 .len(),
             1
         );
