@@ -795,7 +795,12 @@ impl ClusterConfig {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         };
-        if let Some(name) = self.node_name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+        if let Some(name) = self
+            .node_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
             if !valid(name) {
                 return Err(ConfigError::Cluster(format!(
                     "synchrony.node.name {name:?} is not a node name: use 1 to 64 letters, digits, \

@@ -249,6 +249,10 @@ async fn route_to_owner(
     {
         return next.run(request).await;
     }
+    // A node whose database is not the cluster's serves no page.
+    if engine.wrong_store().is_some() {
+        return ApiError::Unavailable("not ready").into_response();
+    }
     // A bad id is the handler's to refuse; a version belongs to its document's owner.
     let Ok(id) = DocId::parse(crate::versions::split(&doc).0) else {
         return next.run(request).await;
@@ -256,6 +260,14 @@ async fn route_to_owner(
     match cluster.owner_in(&cluster.view(), id.as_str()) {
         Owner::Local => next.run(request).await,
         Owner::Remote { node } => {
+            // Tokens first: a request that could not pass the owner's checks is refused here,
+            // before its body is read or anything crosses the link (the owner checks again,
+            // exactly).
+            let (mut parts, body) = request.into_parts();
+            if let Err(refusal) = may_reach(&engine, &mut parts, &id).await {
+                return refusal.into_response();
+            }
+            let request = axum::extract::Request::from_parts(parts, body);
             match crate::cluster::rest::forward(cluster, &node, request).await {
                 Ok(response) => response,
                 Err(crate::cluster::rest::ForwardError::TooLarge) => {
@@ -269,6 +281,25 @@ async fn route_to_owner(
                 }
             }
         }
+    }
+}
+
+/// Whether a document request may be carried to the document's owner: a valid token with at
+/// least read access to the document (full access for a change). What exactly each route
+/// needs (admin for a delete, say) the owner decides.
+async fn may_reach(
+    engine: &Arc<Engine>,
+    parts: &mut axum::http::request::Parts,
+    doc: &DocId,
+) -> Result<(), ApiError> {
+    let Caller(principal) =
+        <Caller as axum::extract::FromRequestParts<_>>::from_request_parts(parts, engine).await?;
+    match principal.access_to(doc) {
+        None => Err(ApiError::Auth(AuthError::Forbidden)),
+        Some(Access::Read) if parts.method != axum::http::Method::GET => {
+            Err(ApiError::Auth(AuthError::Forbidden))
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -413,7 +444,11 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
     let (queued_updates, queued_bytes) = engine.docs.persister().queued();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
-        "reason": if !engine.is_ready() { Some("not ready".to_owned()) } else { problem.clone().or(panic) },
+        "reason": match engine.wrong_store() {
+            Some(wrong) => Some(wrong),
+            None if !engine.is_ready() => Some("not ready".to_owned()),
+            None => problem.clone().or(panic),
+        },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": engine.started.elapsed().as_secs(),
         "ready": engine.is_ready(),

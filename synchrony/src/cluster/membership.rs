@@ -227,8 +227,7 @@ impl Membership {
         self.members.retain(|_, m| {
             m.linked
                 || (!m.left
-                    && m
-                        .dead_since
+                    && m.dead_since
                         .is_none_or(|since| now.saturating_duration_since(since) < FORGET_AFTER))
         });
         live.sort();
@@ -357,11 +356,18 @@ mod tests {
         // A member that died is listed dead for a while, then forgotten.
         m.unlinked("a", t0 + 4 * MS);
         m.tick(t0 + 4 * MS + Duration::from_secs(10));
-        assert_eq!(m.members(t0 + 4 * MS + Duration::from_secs(10), NodeStats::default()).len(), 2);
+        assert_eq!(
+            m.members(t0 + 4 * MS + Duration::from_secs(10), NodeStats::default())
+                .len(),
+            2
+        );
         m.tick(t0 + FORGET_AFTER + Duration::from_secs(11));
         assert_eq!(
-            m.members(t0 + FORGET_AFTER + Duration::from_secs(11), NodeStats::default())
-                .len(),
+            m.members(
+                t0 + FORGET_AFTER + Duration::from_secs(11),
+                NodeStats::default()
+            )
+            .len(),
             1
         );
     }
