@@ -457,6 +457,18 @@ pub struct ServeConfig {
     )]
     pub metrics_access: MetricsAccess,
 
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed. A request that
+    /// a proxy forwarded never counts as this machine's own (for `synchrony.metrics.access`
+    /// `loopback` and the cluster endpoints) unless it came through one of these for a
+    /// loopback client.
+    #[arg(
+        long = "trusted-proxies",
+        env = "SYNCHRONY_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     #[command(flatten)]
     pub statsd: StatsdConfig,
 
@@ -907,6 +919,15 @@ impl ClusterConfig {
             store: crate::store::StoreIdentity::default(),
         })
     }
+}
+
+/// An address (`10.0.0.5`) or a CIDR range (`10.0.0.0/24`).
+fn parse_net(value: &str) -> Result<ipnet::IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{value:?} is neither an IP address nor a CIDR range"))
 }
 
 /// `host` or `host:port` → `host:port`.

@@ -402,19 +402,86 @@ async fn jwt_key(State(engine): State<Arc<Engine>>) -> Result<Response, ApiError
         .into_response())
 }
 
+/// Whether a request comes from this machine itself: its socket peer is loopback and no proxy
+/// forwarded it (a proxy on the same host makes everyone loopback), or a proxy named in
+/// `synchrony.trusted.proxies` forwarded it for a loopback client.
+pub(crate) fn local_caller(engine: &Engine, parts: &axum::http::request::Parts) -> bool {
+    let Some(peer) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|p| p.0.ip())
+    else {
+        return false;
+    };
+    let headers = &parts.headers;
+    let forwarded = ["x-forwarded-for", "forwarded", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h));
+    if !forwarded {
+        return peer.is_loopback();
+    }
+    let trusted = |ip: &std::net::IpAddr| {
+        engine
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(ip))
+    };
+    if !trusted(&peer) || headers.contains_key("forwarded") || headers.contains_key("x-real-ip") {
+        return false;
+    }
+    // The client is the rightmost address that is not a trusted proxy (or the leftmost, when
+    // every hop is one).
+    let chain: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|a| a.trim().to_owned())
+        .collect();
+    let mut client = None;
+    for hop in chain.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                client = Some(ip);
+                if !trusted(&ip) {
+                    break;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    client.is_some_and(|ip| ip.is_loopback())
+}
+
+/// The operator endpoints (`/v1/cluster`, its owner lookup): open on an engine without
+/// authentication (loopback only) and to this machine's own unproxied callers; otherwise an
+/// admin token.
+async fn operator_access(
+    engine: &Arc<Engine>,
+    parts: &mut axum::http::request::Parts,
+) -> Result<(), ApiError> {
+    if !engine.gate.enforced() || local_caller(engine, parts) {
+        return Ok(());
+    }
+    let Caller(principal) =
+        <Caller as axum::extract::FromRequestParts<_>>::from_request_parts(parts, engine).await?;
+    if principal.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Auth(AuthError::Forbidden))
+    }
+}
+
 /// The metrics in the Prometheus text format, to `synchrony.metrics.access`'s callers.
 async fn metrics(
     State(engine): State<Arc<Engine>>,
     mut parts: axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     use crate::config::MetricsAccess;
-    let local = parts
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .is_some_and(|p| p.0.ip().is_loopback());
     let open = match engine.config.metrics_access {
         MetricsAccess::Open => true,
-        MetricsAccess::Loopback => local,
+        MetricsAccess::Loopback => local_caller(&engine, &parts),
         MetricsAccess::Token => false,
     };
     if !open {
@@ -437,18 +504,42 @@ async fn metrics(
 
 /// Health as JSON. It never touches the database itself: it reports what the storage probe
 /// (every 2 s) and the last group commit found, so a flood of health requests costs nothing.
-async fn health(State(engine): State<Arc<Engine>>) -> Response {
+///
+/// Strangers (cluster panic) are reported in detail but leave the status `ok`: every node keeps
+/// serving and loses nothing, and a 503 on every healthy node would only make load balancers
+/// and monitors act on the wrong nodes. With tokens enforced, a caller that is neither this
+/// machine nor an admin learns only up or down.
+async fn health(
+    State(engine): State<Arc<Engine>>,
+    mut parts: axum::http::request::Parts,
+) -> Response {
     let problem = engine.storage_problem();
     let panic = engine.strangers.problem();
-    let healthy = problem.is_none() && panic.is_none() && engine.is_ready();
+    let healthy = problem.is_none() && engine.is_ready();
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let insider = !engine.gate.enforced()
+        || local_caller(&engine, &parts)
+        || <Caller as axum::extract::FromRequestParts<_>>::from_request_parts(&mut parts, &engine)
+            .await
+            .is_ok_and(|Caller(p)| p.is_admin());
+    if !insider {
+        let body = json!({ "status": if healthy { "ok" } else { "degraded" } });
+        return (status, Json(body)).into_response();
+    }
     let (queued_updates, queued_bytes) = engine.docs.persister().queued();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "reason": match engine.wrong_store() {
             Some(wrong) => Some(wrong),
             None if !engine.is_ready() => Some("not ready".to_owned()),
-            None => problem.clone().or(panic),
+            None => problem.clone(),
         },
+        "cluster_panic": panic,
+        "strangers": engine.strangers.list().len(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": engine.started.elapsed().as_secs(),
         "ready": engine.is_ready(),
@@ -479,17 +570,20 @@ async fn health(State(engine): State<Arc<Engine>>) -> Response {
             }
         },
     });
-    let status = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     (status, Json(body)).into_response()
 }
 
-/// `GET {ctx}/v1/cluster`: this node's view of the cluster. Open like the health endpoint: it
-/// names nodes and their addresses, nothing about documents' content.
-async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
+/// `GET {ctx}/v1/cluster`: this node's view of the cluster (see [`operator_access`]: it names
+/// nodes and their peer addresses).
+async fn cluster_status(
+    State(engine): State<Arc<Engine>>,
+    mut parts: axum::http::request::Parts,
+) -> Result<Response, ApiError> {
+    operator_access(&engine, &mut parts).await?;
+    Ok(cluster_view(&engine))
+}
+
+fn cluster_view(engine: &Engine) -> Response {
     let strangers = engine.strangers.list();
     let Some(cluster) = engine.cluster.get() else {
         return Json(json!({ "clustered": false, "self": null, "epoch": 0, "members": [], "strangers": strangers }))
@@ -530,7 +624,9 @@ async fn cluster_status(State(engine): State<Arc<Engine>>) -> Response {
 async fn cluster_owner(
     State(engine): State<Arc<Engine>>,
     Path(doc): Path<String>,
+    mut parts: axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
+    operator_access(&engine, &mut parts).await?;
     let doc = DocId::parse(&doc).map_err(|e| ApiError::BadRequest {
         kind: "invalid-document-id",
         message: e.to_string(),

@@ -69,6 +69,9 @@ enum ClusterCommand {
         /// Print the JSON of `GET {ctx}/v1/cluster` instead of a table.
         #[arg(long)]
         json: bool,
+        /// An admin token, for a node that enforces tokens (`synchrony token --admin`).
+        #[arg(long, env = "SYNCHRONY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -381,8 +384,8 @@ async fn run((cli, resolved, matches): (Cli, Resolved, clap::ArgMatches)) -> Exi
         Some(Command::Serve(config)) => serve(*config).await,
         Some(Command::Config(_)) => print_config(&resolved, &matches),
         Some(Command::Supervise(args)) => supervise(args).await,
-        Some(Command::Cluster(ClusterCommand::Status { url, json })) => {
-            match synchrony::cluster::status::fetch(&url).await {
+        Some(Command::Cluster(ClusterCommand::Status { url, json, token })) => {
+            match synchrony::cluster::status::fetch(&url, token.as_deref()).await {
                 Ok(status) if json => {
                     println!("{status:#}");
                     ExitCode::SUCCESS

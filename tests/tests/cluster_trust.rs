@@ -690,3 +690,129 @@ async fn a_request_for_a_page_owned_elsewhere_is_refused_before_its_body_is_read
         .await;
     assert_eq!(read.text(), "carried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_behind_a_proxy_need_an_admin_token_and_cluster_status_prints_them() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(2);
+    let a =
+        EngineProcess::start(&node(&db.url, "a-node", &addrs[0], &addrs).arg("--jwt-secret", JWT))
+            .await;
+    let b = EngineProcess::start(
+        &node(&db.url, "b-node", &addrs[1], &addrs)
+            .arg("--jwt-secret", JWT)
+            .arg("--trusted-proxies", "127.0.0.1,10.9.0.0/16"),
+    )
+    .await;
+    for n in [&a, &b] {
+        wait_for(
+            "two live members",
+            || n.log(),
+            || async { live_count(n).await == 2 },
+        )
+        .await;
+    }
+    let admin = token(&[("admin", "admin")]);
+    let editor = token(&[("/data/trust/*", "full")]);
+    let get = |node: &EngineProcess, path: &str, headers: Vec<(String, String)>| {
+        let port = node.port;
+        let path = format!("/synchrony{path}");
+        async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            synchrony_tests::http(port, "GET", &path, &headers, &[]).await
+        }
+    };
+    let forwarded = |client: &str| vec![("X-Forwarded-For".to_owned(), client.to_owned())];
+    let with_token = |client: &str, t: &str| {
+        vec![
+            ("X-Forwarded-For".to_owned(), client.to_owned()),
+            ("Authorization".to_owned(), format!("Bearer {t}")),
+        ]
+    };
+    for path in ["/metrics", "/v1/cluster", "/v1/cluster/owner/trust/page"] {
+        // This machine's own unproxied caller (a local Prometheus, the CLI) is let in.
+        assert_eq!(
+            get(&a, path, vec![]).await.status,
+            200,
+            "{path} from loopback"
+        );
+        // Through a proxy on the same host everyone is loopback: not believed.
+        let refused = get(&a, path, forwarded("203.0.113.7")).await;
+        assert_eq!(
+            refused.status,
+            401,
+            "{path} proxied, no token: {}",
+            refused.text()
+        );
+        assert_eq!(
+            get(&a, path, with_token("203.0.113.7", &editor))
+                .await
+                .status,
+            403,
+            "{path}, editor token"
+        );
+        assert_eq!(
+            get(&a, path, with_token("203.0.113.7", &admin))
+                .await
+                .status,
+            200,
+            "{path}, admin token"
+        );
+        // A proxy the operator trusts: its X-Forwarded-For decides.
+        assert_eq!(
+            get(&b, path, forwarded("127.0.0.1")).await.status,
+            200,
+            "{path} via a trusted proxy for loopback"
+        );
+        assert_eq!(
+            get(&b, path, forwarded("203.0.113.7")).await.status,
+            401,
+            "{path} via a trusted proxy for outside"
+        );
+        assert_eq!(
+            get(&b, path, forwarded("203.0.113.7, 10.9.1.2"))
+                .await
+                .status,
+            401,
+            "{path}: chain of trusted proxies"
+        );
+    }
+    // Health tells an outsider up or down, and an insider everything.
+    let outside = get(&a, "/v1/health", forwarded("203.0.113.7")).await;
+    assert_eq!(outside.status, 200);
+    assert_eq!(outside.json(), serde_json::json!({"status": "ok"}));
+    let inside = get(&a, "/v1/health", with_token("203.0.113.7", &admin))
+        .await
+        .json();
+    assert_eq!(inside["cluster"]["node"], "a-node", "{inside}");
+
+    // `synchrony cluster status`, the Runbook's first step, as an operator runs it.
+    let url = format!("http://127.0.0.1:{}/synchrony", a.port);
+    let (code, table, stderr) =
+        synchrony_tests::run_cli(&["cluster", "status", "--url", &url]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        table.contains("cluster trust") && table.contains("*a-node") && table.contains(" b-node"),
+        "{table}"
+    );
+    assert!(
+        table.lines().filter(|l| l.contains("alive")).count() == 2,
+        "{table}"
+    );
+    let (code, json, stderr) = synchrony_tests::run_cli(&[
+        "cluster", "status", "--url", &url, "--json", "--token", &admin,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let view: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(view["self"], "a-node");
+    assert_eq!(view["live"].as_array().unwrap().len(), 2, "{view}");
+    let (code, _, stderr) =
+        synchrony_tests::run_cli(&["cluster", "status", "--url", "http://127.0.0.1:1/synchrony"])
+            .await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot connect to 127.0.0.1:1"), "{stderr}");
+}

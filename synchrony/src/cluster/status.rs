@@ -5,8 +5,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-/// Fetches `{base}/v1/cluster` (`base` is `http://host:port{ctx}`).
-pub async fn fetch(base: &str) -> Result<Value, String> {
+/// Fetches `{base}/v1/cluster` (`base` is `http://host:port{ctx}`), with an admin token when
+/// the node enforces tokens.
+pub async fn fetch(base: &str, token: Option<&str>) -> Result<Value, String> {
     let url: url::Url = format!("{}/v1/cluster", base.trim_end_matches('/'))
         .parse()
         .map_err(|e| format!("{base:?} is not a URL: {e}"))?;
@@ -22,8 +23,15 @@ pub async fn fetch(base: &str) -> Result<Value, String> {
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = hyper::Request::get(url.path())
-        .header(hyper::header::HOST, format!("{host}:{port}"))
+    let mut request =
+        hyper::Request::get(url.path()).header(hyper::header::HOST, format!("{host}:{port}"));
+    if let Some(token) = token.filter(|t| !t.trim().is_empty()) {
+        request = request.header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        );
+    }
+    let request = request
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -37,6 +45,12 @@ pub async fn fetch(base: &str) -> Result<Value, String> {
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
+    if status == hyper::StatusCode::UNAUTHORIZED || status == hyper::StatusCode::FORBIDDEN {
+        return Err(format!(
+            "{url} answered {status}: the node enforces tokens; pass an admin token with --token \
+             or SYNCHRONY_ADMIN_TOKEN (`synchrony token --admin ...` mints one)"
+        ));
+    }
     if !status.is_success() {
         return Err(format!(
             "{url} answered {status}: {}",
