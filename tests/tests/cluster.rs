@@ -915,6 +915,85 @@ async fn redis_membership_finds_members_and_forgets_the_dead() {
         wait_for_live(node, 3).await;
     }
     assert_eq!(registered(&name).await.len(), 3);
+
+    // Redis is not trusted: a forged entry (unsigned, or signed with another secret) is
+    // ignored with a WARN and never dialed, and emptying the registry kills no linked member.
+    let epoch = cluster_json(&nodes[0]).await["epoch"].as_u64().unwrap();
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let expiry = synchrony::store::now_millis() + 3_600_000;
+    let forged_mac = synchrony::cluster::registry::sign_entry(
+        b"not-the-cluster-secret-0123456789",
+        &name,
+        "forged-mac",
+        "127.0.0.1:2",
+        expiry,
+    );
+    let _: () = redis::pipe()
+        .zadd(format!("synchrony:{name}:members"), "forged-plain", expiry)
+        .zadd(format!("synchrony:{name}:members"), "forged-mac", expiry)
+        .hset(
+            format!("synchrony:{name}:addrs"),
+            "forged-plain",
+            "127.0.0.1:1",
+        )
+        .hset(format!("synchrony:{name}:addrs"), "forged-mac", forged_mac)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for node in &nodes {
+        while !(node
+            .log()
+            .contains("ignored a Redis registry entry id=forged-plain")
+            && node
+                .log()
+                .contains("ignored a Redis registry entry id=forged-mac"))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "forged entries not refused:\n{}",
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !node.log().contains("addr=127.0.0.1:1 ") && !node.log().contains("addr=127.0.0.1:2 "),
+            "a node dialed a forged address:\n{}",
+            node.log()
+        );
+    }
+    let _: () = redis::pipe()
+        .zrem(
+            format!("synchrony:{name}:members"),
+            &["forged-plain", "forged-mac"],
+        )
+        .del(format!("synchrony:{name}:members"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Every node puts its own entry back within a second; the views never moved.
+    while registered(&name).await.len() != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the nodes did not re-register"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        let view = cluster_json(node).await;
+        assert_eq!(view["live"].as_array().unwrap().len(), 3, "{view}");
+    }
+    assert_eq!(
+        cluster_json(&nodes[0]).await["epoch"].as_u64().unwrap(),
+        epoch,
+        "{}",
+        nodes[0].log()
+    );
+
     let doc = "redis/page";
     let mut clients = Vec::new();
     for node in &nodes {

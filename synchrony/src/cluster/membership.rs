@@ -196,7 +196,7 @@ impl Membership {
     fn state_of(&self, id: &str, member: &Member, now: Instant) -> MemberState {
         let registered = self.registry.as_ref().is_none_or(|r| r.contains(id));
         let silent = now.saturating_duration_since(member.last_heard) > self.timeouts.failure;
-        if member.left || !registered || silent {
+        if member.left || silent || (!registered && !member.linked) {
             return MemberState::Dead;
         }
         match member.unlinked_at {
@@ -373,13 +373,22 @@ mod tests {
     }
 
     #[test]
-    fn with_a_registry_only_registered_members_count() {
+    fn a_registry_finds_members_but_cannot_kill_a_linked_one() {
         let (mut m, t0) = core();
         m.linked("a", info(1), t0);
         m.linked("c", info(3), t0);
-        assert!(m.registry(["a".to_string(), "b".to_string()], t0 + MS));
-        assert_eq!(m.live(), ["a", "b"], "c's entry expired");
-        assert!(m.registry(["a", "b", "c"].map(String::from), t0 + 2 * MS));
+        // An entry gone from the registry does not kill a member whose link is up...
+        m.registry(["a".to_string(), "b".to_string()], t0 + MS);
+        assert_eq!(m.live(), ["a", "b", "c"], "the link proves c alive");
+        assert!(
+            !m.registry(Vec::<String>::new(), t0 + 2 * MS),
+            "an emptied registry changes nothing"
+        );
+        // ...but once its link breaks, no grace: it is dead at once.
+        assert!(m.unlinked("c", t0 + 3 * MS));
+        assert_eq!(m.live(), ["a", "b"]);
+        m.registry(["a", "b", "c"].map(String::from), t0 + 4 * MS);
+        m.linked("c", info(3), t0 + 4 * MS);
         assert_eq!(m.live(), ["a", "b", "c"]);
     }
 

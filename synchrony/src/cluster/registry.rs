@@ -10,12 +10,22 @@
 //!
 //! While Redis is unreachable the last list read stays in force (links still decide who is
 //! alive), and a WARN says so every 30 s.
+//!
+//! Redis is not trusted. Each entry's address is signed with the cluster secret, like multicast
+//! announcements: `v1|<peer address>|<expiry ms>|<HMAC-SHA256 over the cluster name, the node id,
+//! the address and the expiry>`. An unsigned, forged or expired entry is ignored with a WARN (at
+//! most every 30 s per id), so whoever can write to Redis cannot point nodes at a relay; and
+//! since the registry only finds members and the sealed links prove them alive, emptying it
+//! makes no linked member dead (see [`super::membership`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use hmac::{Hmac, Mac};
 use redis::aio::ConnectionManager;
+use sha2::Sha256;
 
+use super::handshake::shown;
 use super::Cluster;
 
 /// How often the entry is renewed and the registry read.
@@ -35,7 +45,74 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Renews this node's entry and returns the live members' ids and addresses.
+fn entry_mac(secret: &[u8], cluster: &str, id: &str, addr: &str, expiry: i64) -> Hmac<Sha256> {
+    // An HMAC key may have any length: `new_from_slice` cannot fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    for part in [
+        b"synchrony-registry/1".as_slice(),
+        cluster.as_bytes(),
+        id.as_bytes(),
+        addr.as_bytes(),
+    ] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac.update(&expiry.to_be_bytes());
+    mac
+}
+
+/// This node's signed entry.
+pub fn sign_entry(secret: &[u8], cluster: &str, id: &str, addr: &str, expiry: i64) -> String {
+    let mac = entry_mac(secret, cluster, id, addr, expiry)
+        .finalize()
+        .into_bytes();
+    format!("v1|{addr}|{expiry}|{}", hex_encode(&mac))
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The address of a member's entry, if its signature holds and it has not expired; else why not.
+pub fn verify_entry(
+    secret: &[u8],
+    cluster: &str,
+    id: &str,
+    entry: &str,
+    now: i64,
+) -> Result<String, &'static str> {
+    let mut parts = entry.split('|');
+    let (Some("v1"), Some(addr), Some(expiry), Some(mac), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err("unsigned or malformed");
+    };
+    let expiry: i64 = expiry.parse().map_err(|_| "malformed expiry")?;
+    let mac = hex_decode(mac).ok_or("malformed signature")?;
+    entry_mac(secret, cluster, id, addr, expiry)
+        .verify_slice(&mac)
+        .map_err(|_| "bad signature (not signed with this cluster's secret)")?;
+    if expiry < now {
+        return Err("expired");
+    }
+    Ok(addr.to_owned())
+}
+
+/// Renews this node's entry and returns the registered ids and their (unverified) entries.
 async fn refresh(
     conn: &mut ConnectionManager,
     cluster: &Cluster,
@@ -48,7 +125,17 @@ async fn refresh(
         .atomic()
         .zadd(&members, me, now + ttl)
         .ignore()
-        .hset(&addrs, me, &cluster.settings.peer_addr)
+        .hset(
+            &addrs,
+            me,
+            sign_entry(
+                &cluster.settings.secret,
+                &cluster.settings.name,
+                me,
+                &cluster.settings.peer_addr,
+                now + ttl,
+            ),
+        )
         .ignore()
         .zrangebyscore(&members, "-inf", now)
         .zrangebyscore(&members, now, "+inf")
@@ -89,6 +176,7 @@ pub(crate) async fn run(cluster: Arc<Cluster>, url: String) {
     };
     let mut conn: Option<ConnectionManager> = None;
     let mut warned: Option<Instant> = None;
+    let mut forged: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
     let mut every = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {
@@ -118,9 +206,26 @@ pub(crate) async fn run(cluster: Arc<Cluster>, url: String) {
                 if warned.take().is_some() {
                     tracing::info!("Redis registry reachable again");
                 }
-                let ids: Vec<String> = members.iter().map(|(id, _)| id.clone()).collect();
+                let now = unix_ms();
+                let mut verified = Vec::new();
+                for (id, entry) in members {
+                    let settings = &cluster.settings;
+                    match verify_entry(&settings.secret, &settings.name, &id, &entry, now) {
+                        Ok(addr) => verified.push((id, addr)),
+                        Err(why) => {
+                            if forged.len() > 1024 {
+                                forged.clear();
+                            }
+                            if forged.get(&id).is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                                tracing::warn!(id = %shown(&id), entry = %shown(&entry), why, "ignored a Redis registry entry");
+                                forged.insert(id, Instant::now());
+                            }
+                        }
+                    }
+                }
+                let ids: Vec<String> = verified.iter().map(|(id, _)| id.clone()).collect();
                 cluster.update_membership(|m, now| m.registry(ids, now));
-                for (id, addr) in members {
+                for (id, addr) in verified {
                     if id != cluster.me() {
                         cluster.dial(addr);
                     }
@@ -158,5 +263,45 @@ pub(crate) async fn deregister(cluster: &Cluster, url: &str) {
             tracing::warn!(%error, "could not leave the Redis registry; the entry expires by itself")
         }
         Err(_) => tracing::warn!("Redis did not answer; the registry entry expires by itself"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_signed_and_forgeries_refused() {
+        let secret = b"0123456789abcdef";
+        let entry = sign_entry(secret, "prod", "node-a", "10.0.0.1:25500", 2_000);
+        assert_eq!(
+            verify_entry(secret, "prod", "node-a", &entry, 1_000),
+            Ok("10.0.0.1:25500".into())
+        );
+        assert_eq!(
+            verify_entry(secret, "prod", "node-a", &entry, 3_000),
+            Err("expired")
+        );
+        assert!(verify_entry(b"0123456789abcdeX", "prod", "node-a", &entry, 1_000).is_err());
+        assert!(
+            verify_entry(secret, "prod", "node-b", &entry, 1_000).is_err(),
+            "another id"
+        );
+        assert!(verify_entry(secret, "staging", "node-a", &entry, 1_000).is_err());
+        let moved = entry.replace("10.0.0.1", "10.6.6.6");
+        assert!(
+            verify_entry(secret, "prod", "node-a", &moved, 1_000).is_err(),
+            "another address"
+        );
+        let later = entry.replace("|2000|", "|9000|");
+        assert!(
+            verify_entry(secret, "prod", "node-a", &later, 1_000).is_err(),
+            "a longer life"
+        );
+        assert_eq!(
+            verify_entry(secret, "prod", "node-a", "10.0.0.1:25500", 1_000),
+            Err("unsigned or malformed")
+        );
     }
 }
