@@ -356,6 +356,8 @@ pub(crate) async fn count(
         "updates": counts.0,
         "snapshots": counts.1,
         "versions": counts.2,
+        "version_bytes": counts.3,
+        "version_bytes_max": engine.config.limits.versions_max_bytes,
     }))
     .into_response())
 }

@@ -156,6 +156,15 @@ pub struct LimitsConfig {
     #[arg(long = "max-doc-bytes", env = "SYNCHRONY_MAX_DOC_BYTES", default_value_t = 64 << 20)]
     pub max_doc_bytes: usize,
 
+    /// Bytes of named versions one document may keep (with at most 1000 versions); a mark past
+    /// it gets 409 `versions-quota`.
+    #[arg(
+        long = "versions-max-bytes",
+        env = "SYNCHRONY_VERSIONS_MAX_BYTES",
+        default_value_t = 256 << 20
+    )]
+    pub versions_max_bytes: u64,
+
     /// WebSocket sessions open at once, at most; past it new editors are refused (503, or 1013
     /// in band) while the heartbeat, health and REST keep answering.
     #[arg(

@@ -320,7 +320,10 @@ pub enum DocCommand {
     /// Makes the document hold what `state` (a named version's) holds, in one transaction that
     /// editors see as an ordinary change; answered once durable.
     Restore {
-        state: Vec<u8>,
+        /// The version's content, decoded off the document's task ([`decode_version`]).
+        version: yrs::Doc,
+        /// Its stored size.
+        bytes: usize,
         reply: oneshot::Sender<Result<(), DocError>>,
     },
     /// Deletes the document and its history (with `versions`, its named versions too); its
@@ -1162,29 +1165,18 @@ impl DocActor {
                 // types (see `nesting`): recording cannot fail.
                 self.publish_own_change(update, &before, reservation, reply);
             }
-            DocCommand::Restore { state, reply } => {
-                let version = yrs::Doc::new();
-                let decoded = catch_unwind(|| Update::decode_v1(&state));
-                let applied = match decoded {
-                    Ok(Ok(update)) => version
-                        .transact_mut()
-                        .apply_update(update)
-                        .map_err(|e| e.to_string()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the stored version could not be decoded".to_owned()),
-                };
-                if let Err(error) = applied {
-                    tracing::error!(%error, "a stored version is unreadable");
-                    let _ = reply.send(Err(DocError::InvalidUpdate(error)));
-                    return;
-                }
-                if !self.fits(state.len()) {
+            DocCommand::Restore {
+                version,
+                bytes,
+                reply,
+            } => {
+                if !self.fits(bytes) {
                     let _ = reply.send(Err(DocError::TooLarge));
                     return;
                 }
                 // The change deletes what is here and inserts the version's content: about the
                 // version's size plus the deleted ranges.
-                let bound = state.len() + self.approx_bytes + 1024;
+                let bound = bytes + self.approx_bytes + 1024;
                 let Some(reservation) = self.deps().persister.reserve(bound) else {
                     let _ = reply.send(Err(DocError::Storage));
                     return;
@@ -2086,4 +2078,28 @@ mod tests {
             "the panicked actor's size still counts"
         );
     }
+}
+
+/// A stored version's state as a document of its own, for [`DocCommand::Restore`]: decoded and
+/// applied on a blocking thread, so a large version never holds up the page's own task.
+pub async fn decode_version(state: Vec<u8>) -> Result<yrs::Doc, DocError> {
+    let decoded = tokio::task::spawn_blocking(move || {
+        let version = yrs::Doc::new();
+        let applied = catch_unwind(|| Update::decode_v1(&state))
+            .map_err(|_| "the stored version could not be decoded".to_owned())
+            .and_then(|decoded| decoded.map_err(|e| e.to_string()))
+            .and_then(|update| {
+                version
+                    .transact_mut()
+                    .apply_update(update)
+                    .map_err(|e| e.to_string())
+            });
+        applied.map(|()| version)
+    })
+    .await
+    .unwrap_or_else(|_| Err("the stored version could not be decoded".to_owned()));
+    decoded.map_err(|error| {
+        tracing::error!(%error, "a stored version is unreadable");
+        DocError::InvalidUpdate(error)
+    })
 }

@@ -284,6 +284,12 @@ async fn route_to_owner(
     }
 }
 
+/// Rich-text resets parsed at once; each holds a blocking thread for up to a few seconds.
+const XML_PARSES_AT_ONCE: usize = 2;
+/// How long a reset waits for its turn to be parsed before 503.
+const XML_PARSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+static XML_PARSES: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+
 /// Whether a document request may be carried to the document's owner: a valid token with at
 /// least read access to the document (full access for a change). What exactly each route
 /// needs (admin for a delete, say) the owner decides.
@@ -965,12 +971,22 @@ async fn write_doc(
                     .collect();
                 let depth = engine.config.limits.max_nesting_depth;
                 let bytes = text.len();
-                // Up to max-doc-bytes of XML: parsed off the threads that serve connections.
+                // Up to max-doc-bytes of XML: parsed off the threads that serve connections, a
+                // few at a time (the rest wait their turn, for a while, then get 503).
+                let parses =
+                    XML_PARSES.get_or_init(|| tokio::sync::Semaphore::new(XML_PARSES_AT_ONCE));
+                let Ok(Ok(permit)) = tokio::time::timeout(XML_PARSE_WAIT, parses.acquire()).await
+                else {
+                    return Err(ApiError::Unavailable(
+                        "too many rich-text resets at once; try again",
+                    ));
+                };
                 let parsed = tokio::task::spawn_blocking(move || {
                     crate::roots::parse_xml(&text, &marks, depth)
                 })
                 .await
                 .unwrap_or_else(|_| Err("the XML could not be parsed".into()));
+                drop(permit);
                 let nodes = parsed.map_err(|message| ApiError::BadRequest {
                     kind: "invalid-xml",
                     message,

@@ -178,6 +178,7 @@ pub fn parse_xml(
         },
         None => body,
     };
+    count_attributes(body)?;
     let wrapped = format!("<synchrony-fragment>{body}</synchrony-fragment>");
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
@@ -191,6 +192,49 @@ pub fn parse_xml(
 
 /// XML nodes (elements, texts, attributes' owners) one reset may hold.
 pub const MAX_XML_NODES: u32 = 1_000_000;
+/// Attributes one element may carry (the parser compares each with the others).
+pub const MAX_XML_ATTRIBUTES_PER_ELEMENT: usize = 64;
+/// Attributes one reset may carry in all.
+pub const MAX_XML_ATTRIBUTES: usize = 200_000;
+
+/// Counts attributes before anything is parsed: an `=` inside a tag and outside quotes begins
+/// one (an upper bound, enough for the caps). Refuses an element with more than
+/// [`MAX_XML_ATTRIBUTES_PER_ELEMENT`] and a body with more than [`MAX_XML_ATTRIBUTES`], in time
+/// linear in the body.
+fn count_attributes(body: &str) -> Result<(), String> {
+    let (mut total, mut here) = (0usize, 0usize);
+    let (mut in_tag, mut quote) = (false, None::<u8>);
+    let bytes = body.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match (in_tag, quote, b) {
+            (_, Some(q), _) if b == q => quote = None,
+            (_, Some(_), _) => {}
+            (false, None, b'<') => {
+                // Comments, declarations and processing instructions hold no attributes.
+                in_tag = !matches!(bytes.get(i + 1), Some(b'!' | b'?'));
+                here = 0;
+            }
+            (true, None, b'"' | b'\'') => quote = Some(b),
+            (true, None, b'>') => in_tag = false,
+            (true, None, b'=') => {
+                here += 1;
+                total += 1;
+                if here > MAX_XML_ATTRIBUTES_PER_ELEMENT {
+                    return Err(format!(
+                        "an element has more than {MAX_XML_ATTRIBUTES_PER_ELEMENT} attributes"
+                    ));
+                }
+                if total > MAX_XML_ATTRIBUTES {
+                    return Err(format!(
+                        "the XML has more than {MAX_XML_ATTRIBUTES} attributes"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 fn too_deep(max_depth: usize) -> String {
     format!("the XML nests deeper than {max_depth} levels (synchrony.max.nesting.depth)")
@@ -591,5 +635,19 @@ mod tests {
         assert!(parse_xml(&marked(8), &marks(&["b"]), 8).is_ok());
         assert!(refused(&marked(9)).contains("nests deeper than 8"));
         assert!(parse_xml("", &marks(&[]), 8).unwrap().is_empty());
+        // Attributes are capped per element and in all before the parser sees them.
+        let attrs = |n: usize| (0..n).map(|i| format!(" a{i}=\"x=y\"")).collect::<String>();
+        assert!(parse_xml(&format!("<p{}/>", attrs(64)), &marks(&[]), 8).is_ok());
+        let many = parse_xml(&format!("<p{}/>", attrs(65)), &marks(&[]), 8).unwrap_err();
+        assert!(many.contains("more than 64 attributes"), "{many}");
+        let started = std::time::Instant::now();
+        let huge = parse_xml(&format!("<p{}/>", attrs(32_000)), &marks(&[]), 8).unwrap_err();
+        assert!(
+            huge.contains("attributes") && started.elapsed() < std::time::Duration::from_secs(2)
+        );
+        let spread: String = (0..4_000).map(|_| format!("<p{}/>", attrs(60))).collect();
+        assert!(parse_xml(&spread, &marks(&[]), 8)
+            .unwrap_err()
+            .contains("200000"));
     }
 }

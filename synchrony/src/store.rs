@@ -477,47 +477,71 @@ impl Store {
     }
 
     /// A document's stored rows: (log rows, snapshots, named versions).
-    pub async fn history_counts(&self, doc: &DocId) -> Result<(u64, u64, u64), StoreError> {
+    pub async fn history_counts(&self, doc: &DocId) -> Result<(u64, u64, u64, u64), StoreError> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM doc_updates WHERE doc_id = $1), \
                     (SELECT COUNT(*) FROM doc_snapshots WHERE doc_id = $1), \
-                    (SELECT COUNT(*) FROM doc_versions WHERE doc_id = $1)",
+                    (SELECT COUNT(*) FROM doc_versions WHERE doc_id = $1), \
+                    (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM doc_versions WHERE doc_id = $1)",
         )
         .bind(doc.as_str())
         .fetch_one(&self.pool)
         .await?;
         let count =
             |i: usize| -> Result<u64, StoreError> { Ok(row.try_get::<i64, _>(i)?.max(0) as u64) };
-        Ok((count(0)?, count(1)?, count(2)?))
+        Ok((count(0)?, count(1)?, count(2)?, count(3)?))
     }
 
-    /// Stores `state` as a named version of `doc`; returns its id and creation time.
+    /// Stores `state` as a named version of `doc` unless the document would then keep more than
+    /// `max_count` versions or `max_bytes` of them; returns its id and creation time, or None
+    /// when a cap refused it. The caps are checked in the insert itself (under a per-document
+    /// lock on PostgreSQL; SQLite runs one writer at a time), so concurrent marks cannot pass
+    /// them together.
     pub async fn add_version(
         &self,
         doc: &DocId,
         label: &str,
         user: &str,
         state: &[u8],
-    ) -> Result<VersionInfo, StoreError> {
+        max_count: u64,
+        max_bytes: u64,
+    ) -> Result<Option<VersionInfo>, StoreError> {
         let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("doc_versions:{}", doc.as_str()))
+                .execute(&mut *tx)
+                .await?;
+        }
         let row = sqlx::query(
             "INSERT INTO doc_versions (doc_id, label, created_by, created_at, data) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+             SELECT $1, $2, $3, $4, $5 \
+             WHERE (SELECT COUNT(*) FROM doc_versions WHERE doc_id = $1) < $6 \
+             AND (SELECT COALESCE(SUM(LENGTH(data)), 0) FROM doc_versions WHERE doc_id = $1) + $7 <= $8 \
+             RETURNING id",
         )
         .bind(doc.as_str())
         .bind(label)
         .bind(user)
         .bind(now)
         .bind(state)
-        .fetch_one(&self.pool)
+        .bind(max_count.min(i64::MAX as u64) as i64)
+        .bind(state.len() as i64)
+        .bind(max_bytes.min(i64::MAX as u64) as i64)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(VersionInfo {
+        tx.commit().await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        Ok(Some(VersionInfo {
             id: row.try_get(0)?,
             label: label.to_owned(),
             user: user.to_owned(),
             created_at: now,
             bytes: state.len() as i64,
-        })
+        }))
     }
 
     /// The named versions of `doc`, oldest first.

@@ -212,15 +212,6 @@ pub(crate) async fn post(
                     ),
                 });
             }
-            if engine.store.versions(&doc).await.map_err(storage)?.len() >= MAX_VERSIONS {
-                return Err(ApiError::Status {
-                    status: StatusCode::CONFLICT,
-                    kind: "too-many-versions",
-                    message: format!(
-                        "document {doc} has {MAX_VERSIONS} versions already; delete some first"
-                    ),
-                });
-            }
             let read = engine
                 .docs
                 .request(&doc, |reply| DocCommand::Read {
@@ -229,11 +220,35 @@ pub(crate) async fn post(
                     reply,
                 })
                 .await?;
-            let info = engine
+            let quota = engine.config.limits.versions_max_bytes;
+            let added = engine
                 .store
-                .add_version(&doc, label, &user, &read.update)
+                .add_version(&doc, label, &user, &read.update, MAX_VERSIONS as u64, quota)
                 .await
                 .map_err(storage)?;
+            let Some(info) = added else {
+                let kept = engine.store.versions(&doc).await.map_err(storage)?;
+                let bytes: i64 = kept.iter().map(|v| v.bytes).sum();
+                return Err(if kept.len() >= MAX_VERSIONS {
+                    ApiError::Status {
+                        status: StatusCode::CONFLICT,
+                        kind: "too-many-versions",
+                        message: format!(
+                            "document {doc} has {MAX_VERSIONS} versions already; delete some first"
+                        ),
+                    }
+                } else {
+                    ApiError::Status {
+                        status: StatusCode::CONFLICT,
+                        kind: "versions-quota",
+                        message: format!(
+                            "document {doc} keeps {bytes} bytes of versions; this one ({} bytes) would pass \
+                             synchrony.versions.max.bytes ({quota}); delete some first",
+                            read.update.len()
+                        ),
+                    }
+                });
+            };
             tracing::info!(%doc, version = info.id, label, "version marked");
             Ok((
                 StatusCode::CREATED,
@@ -243,10 +258,13 @@ pub(crate) async fn post(
         }
         At::Restore(id) => {
             let state = stored(engine, &doc, id).await?;
+            let bytes = state.len();
+            let version = crate::doc::decode_version(state).await?;
             engine
                 .docs
                 .request(&doc, |reply| DocCommand::Restore {
-                    state: state.clone(),
+                    version: version.clone(),
+                    bytes,
                     reply,
                 })
                 .await??;
