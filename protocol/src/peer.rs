@@ -99,6 +99,9 @@ pub enum PeerMessage {
         wants_ack: bool,
         /// The token's `session` claim as JSON, or empty.
         session: String,
+        /// Not a client: the previous owner handing the document's state over. A maintenance
+        /// lock refuses clients' edits, not state moving between owners.
+        handover: bool,
     },
     /// A y-sync frame: from the client (opener → owner) or for it (owner → opener).
     Data {
@@ -246,11 +249,14 @@ impl PeerMessage {
                 read_only,
                 wants_ack,
                 session,
+                handover,
             } => {
                 b.write_var(OPEN);
                 b.write_var(*stream);
                 b.write_string(doc);
-                b.write_u8(u8::from(*read_only) | (u8::from(*wants_ack) << 1));
+                b.write_u8(
+                    u8::from(*read_only) | (u8::from(*wants_ack) << 1) | (u8::from(*handover) << 2),
+                );
                 b.write_string(session);
             }
             PeerMessage::Data { stream, frame } => {
@@ -337,7 +343,7 @@ impl PeerMessage {
                 let stream = c.read_var().map_err(bad)?;
                 let doc = c.read_string().map_err(bad)?.to_owned();
                 let flags = c.read_u8().map_err(bad)?;
-                if flags > 3 {
+                if flags > 7 {
                     return Err(PeerError::Malformed(format!("open flags {flags}")));
                 }
                 PeerMessage::Open {
@@ -346,6 +352,7 @@ impl PeerMessage {
                     read_only: flags & 1 != 0,
                     wants_ack: flags & 2 != 0,
                     session: c.read_string().map_err(bad)?.to_owned(),
+                    handover: flags & 4 != 0,
                 }
             }
             DATA => PeerMessage::Data {
@@ -417,6 +424,7 @@ mod tests {
                 read_only: true,
                 wants_ack: true,
                 session: r#"{"name":"a"}"#.into(),
+                handover: true,
             },
             PeerMessage::Data {
                 stream: u64::MAX,
@@ -476,10 +484,11 @@ mod tests {
             read_only: false,
             wants_ack: false,
             session: String::new(),
+            handover: false,
         }
         .encode();
         // The flags byte sits after the tag, the stream and the one-byte-long id.
-        open[4] = 4;
+        open[4] = 8;
         assert!(matches!(
             PeerMessage::decode(&open),
             Err(PeerError::Malformed(_))

@@ -390,7 +390,8 @@ fn secret(
         return Err(ConfigError::Secret {
             key,
             reason: format!(
-                "is {} bytes; a secret must be at least {min} bytes (unset it to leave it off)",
+                "is {} bytes; a secret must be at least {min} bytes: generate one, for example \
+                 with `openssl rand -hex 32`, and give every node the same (or unset it to leave it off)",
                 value.len()
             ),
         });
@@ -430,6 +431,11 @@ impl AuthConfig {
 pub struct ServeConfig {
     #[command(flatten)]
     pub test_hooks: crate::testing::TestHooks,
+
+    /// Unknown `synchrony.*`, `cluster.*`, `reza.*` and `jwt.*` keys stop the start (exit 2)
+    /// instead of a WARN each (the default suits Confluence's launch lines).
+    #[arg(long = "config-strict", env = "SYNCHRONY_CONFIG_STRICT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub config_strict: bool,
 
     /// Address to listen on. Loopback by default; set it (e.g. 0.0.0.0) to serve other machines.
     #[arg(long, env = "SYNCHRONY_BIND", default_value = "127.0.0.1")]

@@ -273,6 +273,9 @@ pub struct JoinRequest {
     /// attached to a local actor has them pushed straight to its client, and keeps `out` for
     /// what is meant for this connection alone (the handshake, acknowledgements, resyncs).
     pub broadcast_to: Option<Outbound>,
+    /// The previous owner handing the state over (a cluster hand-over), not a client: a
+    /// maintenance lock does not refuse it.
+    pub handover: bool,
 }
 
 pub enum DocCommand {
@@ -599,6 +602,8 @@ struct Conn {
     awareness_ids: HashSet<ClientID>,
     wants_ack: bool,
     read_only: bool,
+    /// A previous owner handing the state over: not refused under a lock.
+    handover: bool,
     session: Option<serde_json::Value>,
     /// Update-bearing messages received from this connection.
     received: u64,
@@ -1033,6 +1038,7 @@ impl DocActor {
                     // Refused updates are never durable, so read-only clients get no acks.
                     wants_ack: request.wants_persisted_ack && !request.read_only,
                     read_only: request.read_only,
+                    handover: request.handover,
                     session: request.session,
                     received: 0,
                     pending_acks: VecDeque::new(),
@@ -1347,7 +1353,8 @@ impl DocActor {
         if !self.refused_locked {
             self.locks_rx.mark_unchanged();
         }
-        if self.locked() {
+        let handover = self.conns.get(&conn_id).is_some_and(|c| c.handover);
+        if self.locked() && !handover {
             let Some(holds) = self.refuse(conn_id, &raw, LOCKED_REASON) else {
                 return;
             };

@@ -158,6 +158,7 @@ pub fn session(data: &[u8]) {
             read_only: false,
             session: None,
             broadcast_to: None,
+            handover: false,
         };
         let (bad_out, _bad_rx, _bad_state) = Outbound::new(&limits);
         let (good_out, mut good_rx, _good_state) = Outbound::new(&limits);

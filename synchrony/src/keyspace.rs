@@ -61,6 +61,8 @@ pub struct Key {
 pub struct Resolved {
     pub args: Vec<String>,
     pub warnings: Vec<String>,
+    /// The unknown keys among the warnings (fatal with `synchrony.config.strict`).
+    pub unknown: Vec<String>,
     /// (key, value, source) of every value taken from outside the command line.
     pub taken: Vec<(Key, String, Source)>,
     pub keys: Vec<Key>,
@@ -399,9 +401,9 @@ pub fn resolve(
         let hint = closest(&canonical, known.iter().copied())
             .map(|c| format!("; did you mean {c}?"))
             .unwrap_or_default();
-        resolved
-            .warnings
-            .push(format!("unknown configuration key {k} ({place}){hint}"));
+        let line = format!("unknown configuration key {k} ({place}){hint}");
+        resolved.unknown.push(line.clone());
+        resolved.warnings.push(line);
     }
 
     // Flags go right after the subcommand (or the program name when it is implied).

@@ -276,10 +276,21 @@ fn parse_cli() -> (Cli, Resolved, clap::ArgMatches) {
             error.exit();
         }
     };
-    match Cli::from_arg_matches(&matches) {
-        Ok(cli) => (cli, resolved, matches),
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
         Err(error) => error.exit(),
+    };
+    let strict = match &cli.command {
+        Some(Command::Serve(config) | Command::Config(config)) => config.config_strict,
+        _ => false,
+    };
+    if strict && !resolved.unknown.is_empty() {
+        for line in &resolved.unknown {
+            eprintln!("configuration error: {line} (synchrony.config.strict is true)");
+        }
+        std::process::exit(exit::CONFIG.into());
     }
+    (cli, resolved, matches)
 }
 
 /// `synchrony config`: every key of `serve`, its value and where it came from.
@@ -555,7 +566,7 @@ async fn serve(config: ServeConfig) -> ExitCode {
         tokio::spawn(async move { engine.serve(listener).await })
     };
     if let Err(error) = engine.initialize().await {
-        tracing::error!(%error, "storage unavailable");
+        tracing::error!(%error, database = %engine.store.target(), "storage unavailable (synchrony.database.url)");
         engine.shutdown().await;
         return ExitCode::from(match error {
             EngineError::Config(_) => exit::CONFIG,

@@ -148,6 +148,7 @@ pub async fn run(
         read_only: access == Access::Read,
         session: principal.session.clone(),
         broadcast_to: None,
+        handover: false,
     };
     let joined = timeout(JOIN_DEADLINE, engine.join(&doc, request))
         .await

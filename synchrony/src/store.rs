@@ -205,6 +205,25 @@ impl Store {
         self.backend
     }
 
+    /// Where the database is, for messages: `host:port/database` or the SQLite file, never the
+    /// credentials.
+    pub fn target(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(url) if self.backend == Backend::Postgres => {
+                let host = url.host_str().unwrap_or("?");
+                let port = url.port().unwrap_or(5432);
+                let socket = url
+                    .query_pairs()
+                    .find(|(k, _)| k == "host")
+                    .map(|(_, v)| format!(" (socket {v})"))
+                    .unwrap_or_default();
+                format!("{host}:{port}{}{socket}", url.path())
+            }
+            Ok(url) => url.path().to_owned(),
+            Err(_) => "?".into(),
+        }
+    }
+
     /// Runs the migrations of this backend's dialect.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // A database a newer release migrated further still opens: during a rolling upgrade

@@ -705,3 +705,63 @@ async fn empty_and_short_secrets_never_count_as_configured() {
     let health = engine.health().await;
     assert_eq!(health["auth"], "open", "{health}");
 }
+
+/// `synchrony.config.strict=true` turns an unknown key into a refusal to start; without it the
+/// key gets a WARN and the engine starts (Confluence's launch lines carry keys of its own).
+/// `synchrony config | head` ends quietly when the pipe closes.
+#[tokio::test]
+async fn strict_configuration_refuses_unknown_keys_and_config_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (code, _, stderr) = synchrony_tests::run_cli_with_env(
+        &["serve", "--port", "0", "--data-dir", &data],
+        &[("synchrony.prot", "1"), ("synchrony.config.strict", "true")],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown configuration key synchrony.prot")
+            && stderr.contains("did you mean synchrony.port?")
+            && stderr.contains("synchrony.config.strict is true"),
+        "{stderr}"
+    );
+    // Not strict: a WARN, and `config` lists the keys.
+    let output = config_output(&[], &[("synchrony.prot", "1")]).await;
+    assert!(line(&output, "synchrony.config.strict").contains("false"));
+    // A reader that is gone before the listing starts (as `| head` is after its lines): the
+    // writes fail with a broken pipe, and that ends the listing without a panic.
+    let mut child = std::process::Command::new(synchrony_tests::engine_binary())
+        .arg("config")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A database that cannot be reached at start: exit 4, and the message names the key and where
+/// it pointed (never the password).
+#[tokio::test]
+async fn an_unreachable_database_names_the_key_and_the_address() {
+    let (code, stderr) = run_engine_to_exit(&[
+        "serve",
+        "--port",
+        "0",
+        "--database-url",
+        "postgres://someone:hunter2@127.0.0.1:1/pages",
+    ])
+    .await;
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(
+        stderr.contains("synchrony.database.url") && stderr.contains("127.0.0.1:1/pages"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was logged: {stderr}"
+    );
+}

@@ -124,6 +124,7 @@ async fn run(cluster: Arc<Cluster>, hub: Arc<Hub>, mut events: mpsc::Receiver<St
         read_only: true,
         wants_ack: false,
         session: String::new(),
+        handover: false,
     };
     if hub.link.send(open).await {
         loop {

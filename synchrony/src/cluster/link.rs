@@ -1046,6 +1046,7 @@ fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> b
             read_only,
             wants_ack,
             session,
+            handover,
         } => {
             if link.is_ours(stream) {
                 tracing::warn!(peer = %link.node, stream, "peer opened a stream with our numbering");
@@ -1061,6 +1062,7 @@ fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> b
                 read_only,
                 wants_ack,
                 session,
+                handover,
             };
             let (cluster, link) = (cluster.clone(), link.clone());
             let tracker = cluster.tracker.clone();

@@ -476,6 +476,7 @@ impl crate::doc::Handoff for ClusterHandoff {
                     read_only: false,
                     wants_ack: false,
                     session: String::new(),
+                    handover: true,
                 })
                 .await
                 && link

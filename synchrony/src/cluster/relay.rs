@@ -57,6 +57,7 @@ pub(crate) struct Open {
     pub read_only: bool,
     pub wants_ack: bool,
     pub session: String,
+    pub handover: bool,
 }
 
 /// The owner's side of a stream: a connection of the local actor whose client is on another
@@ -91,6 +92,7 @@ pub(crate) async fn serve(
         read_only: open.read_only,
         session: serde_json::from_str(&open.session).ok(),
         broadcast_to: None,
+        handover: open.handover,
     };
     let joined = timeout(JOIN_DEADLINE, cluster.docs.join(&doc, request))
         .await
@@ -303,6 +305,7 @@ async fn attach(
                 read_only: client.read_only,
                 session: client.session.clone(),
                 broadcast_to: Some(client.out.clone()),
+                handover: false,
             };
             let link = timeout(JOIN_DEADLINE, cluster.docs.join(doc, request))
                 .await
@@ -322,6 +325,7 @@ async fn attach(
                     .as_ref()
                     .map(|s| s.to_string())
                     .unwrap_or_default(),
+                handover: false,
             };
             if !link.send(open).await {
                 link.forget_opened(stream);
