@@ -2011,6 +2011,30 @@ struct Applied {
     persist: Option<(Vec<u8>, Reservation)>,
 }
 
+/// A stored version's state as a document of its own, for [`DocCommand::Restore`]: decoded and
+/// applied on a blocking thread, so a large version never holds up the page's own task.
+pub async fn decode_version(state: Vec<u8>) -> Result<yrs::Doc, DocError> {
+    let decoded = tokio::task::spawn_blocking(move || {
+        let version = yrs::Doc::new();
+        let applied = catch_unwind(|| Update::decode_v1(&state))
+            .map_err(|_| "the stored version could not be decoded".to_owned())
+            .and_then(|decoded| decoded.map_err(|e| e.to_string()))
+            .and_then(|update| {
+                version
+                    .transact_mut()
+                    .apply_update(update)
+                    .map_err(|e| e.to_string())
+            });
+        applied.map(|()| version)
+    })
+    .await
+    .unwrap_or_else(|_| Err("the stored version could not be decoded".to_owned()));
+    decoded.map_err(|error| {
+        tracing::error!(%error, "a stored version is unreadable");
+        DocError::InvalidUpdate(error)
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -2067,6 +2091,87 @@ mod tests {
         assert_eq!(state.queued_bytes.load(Ordering::Acquire), 0);
     }
 
+    /// A maintenance lock refuses clients' edits, not state moving between owners: a previous
+    /// owner's hand-over (its whole state as a sync step 2) is merged while the page is locked.
+    /// Refused, the new owner would go on without what the old one accepted after it loaded.
+    #[tokio::test]
+    async fn a_locked_document_takes_a_hand_over_and_refuses_a_client() {
+        let (_dir, docs) = docs().await;
+        docs.deps.locks.insert(
+            "maintenance",
+            crate::locks::Held {
+                scope: crate::locks::Scope::All,
+                expires_at: crate::store::now_millis() + 600_000,
+            },
+        );
+        let id = DocId::parse("locked/page").unwrap();
+        let limits = crate::config::ServeConfig::default().limits;
+        let state_with = |client: u64, s: &str| {
+            let doc = yrs::Doc::with_client_id(client);
+            let text = doc.get_or_insert_text("t");
+            text.insert(&mut doc.transact_mut(), 0, s);
+            let update = doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default());
+            update
+        };
+        let cases = [
+            (
+                1,
+                false,
+                Message::Sync(SyncMessage::Update(state_with(11, "client "))),
+            ),
+            (
+                2,
+                true,
+                Message::Sync(SyncMessage::SyncStep2(state_with(12, "handed over"))),
+            ),
+        ];
+        for (conn_id, handover, message) in cases {
+            let (out, mut rx, _state) = Outbound::new(&limits);
+            let request = JoinRequest {
+                conn_id,
+                out,
+                wants_persisted_ack: false,
+                read_only: false,
+                session: None,
+                broadcast_to: None,
+                handover,
+            };
+            let handle = docs.join(&id, request).await.expect("joins");
+            let received = std::time::Instant::now();
+            assert!(
+                handle
+                    .send(DocCommand::Message {
+                        conn_id,
+                        message,
+                        received
+                    })
+                    .await
+            );
+            let (reply, answer) = oneshot::channel();
+            let read = DocCommand::Read {
+                text_root: Some("t".into()),
+                xml: false,
+                reply,
+            };
+            assert!(handle.send(read).await);
+            let read = answer.await.expect("the document answers");
+            let expected = if handover { "handed over" } else { "" };
+            assert_eq!(
+                read.text,
+                Some(Ok(expected.to_owned())),
+                "handover: {handover}"
+            );
+            // The client heard why its edit was refused; the hand-over heard nothing of it.
+            let mut refused = false;
+            while let Ok(frame) = rx.try_recv() {
+                refused |= String::from_utf8_lossy(&frame).contains("hub.error/locked");
+            }
+            assert_eq!(refused, !handover, "handover: {handover}");
+        }
+    }
+
     #[tokio::test]
     async fn a_document_that_ends_in_a_panic_gives_back_its_resident_bytes() {
         let (_dir, docs) = docs().await;
@@ -2085,28 +2190,4 @@ mod tests {
             "the panicked actor's size still counts"
         );
     }
-}
-
-/// A stored version's state as a document of its own, for [`DocCommand::Restore`]: decoded and
-/// applied on a blocking thread, so a large version never holds up the page's own task.
-pub async fn decode_version(state: Vec<u8>) -> Result<yrs::Doc, DocError> {
-    let decoded = tokio::task::spawn_blocking(move || {
-        let version = yrs::Doc::new();
-        let applied = catch_unwind(|| Update::decode_v1(&state))
-            .map_err(|_| "the stored version could not be decoded".to_owned())
-            .and_then(|decoded| decoded.map_err(|e| e.to_string()))
-            .and_then(|update| {
-                version
-                    .transact_mut()
-                    .apply_update(update)
-                    .map_err(|e| e.to_string())
-            });
-        applied.map(|()| version)
-    })
-    .await
-    .unwrap_or_else(|_| Err("the stored version could not be decoded".to_owned()));
-    decoded.map_err(|error| {
-        tracing::error!(%error, "a stored version is unreadable");
-        DocError::InvalidUpdate(error)
-    })
 }

@@ -72,6 +72,13 @@ enum ClusterCommand {
         /// An admin token, for a node that enforces tokens (`synchrony token --admin`).
         #[arg(long, env = "SYNCHRONY_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Wait until the node sees this many live members, every member alive and its links
+        /// up (the rolling restart's gate); exit 1 if that does not happen within --wait-secs.
+        #[arg(long = "wait-live", value_name = "N")]
+        wait_live: Option<usize>,
+        /// How long --wait-live waits.
+        #[arg(long = "wait-secs", default_value_t = 300, value_name = "SECONDS")]
+        wait_secs: u64,
     },
 }
 
@@ -395,8 +402,27 @@ async fn run((cli, resolved, matches): (Cli, Resolved, clap::ArgMatches)) -> Exi
         Some(Command::Serve(config)) => serve(*config).await,
         Some(Command::Config(_)) => print_config(&resolved, &matches),
         Some(Command::Supervise(args)) => supervise(args).await,
-        Some(Command::Cluster(ClusterCommand::Status { url, json, token })) => {
-            match synchrony::cluster::status::fetch(&url, token.as_deref()).await {
+        Some(Command::Cluster(ClusterCommand::Status {
+            url,
+            json,
+            token,
+            wait_live,
+            wait_secs,
+        })) => {
+            let fetched = match wait_live {
+                None => synchrony::cluster::status::fetch(&url, token.as_deref()).await,
+                Some(live) => {
+                    let within = std::time::Duration::from_secs(wait_secs);
+                    synchrony::cluster::status::wait_until_settled(
+                        &url,
+                        token.as_deref(),
+                        live,
+                        within,
+                    )
+                    .await
+                }
+            };
+            match fetched {
                 Ok(status) if json => {
                     println!("{status:#}");
                     ExitCode::SUCCESS

@@ -1149,7 +1149,11 @@ async fn type_round_tolerant(
 async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_loses_nothing() {
     let db = PgDatabase::create().await;
     let addrs = peer_addresses(3);
-    let options = |i: usize| node_options(&db.url, &addrs[i], &addrs, SECRET, "test");
+    // Named nodes, as the Runbook's rolling restart asks: a restarted node takes its own place.
+    let options = |i: usize| {
+        node_options(&db.url, &addrs[i], &addrs, SECRET, "test")
+            .arg("--node-name", format!("node-{i}"))
+    };
     let mut nodes = Vec::new();
     for i in 0..3 {
         nodes.push(EngineProcess::start(&options(i)).await);
@@ -1217,10 +1221,37 @@ async fn a_rolling_restart_disconnects_only_the_restarted_nodes_clients_and_lose
         }
         let started = tokio::time::Instant::now();
         nodes[n] = EngineProcess::start(&options(n)).await;
+        // The Runbook's gate, as an operator runs it, on every node.
         for node in &nodes {
-            wait_for_live(node, 3).await;
+            let url = format!("http://127.0.0.1:{}/synchrony", node.port);
+            let (code, table, stderr) = synchrony_tests::run_cli(&[
+                "cluster",
+                "status",
+                "--url",
+                &url,
+                "--wait-live",
+                "3",
+                "--wait-secs",
+                "60",
+            ])
+            .await;
+            assert_eq!(code, Some(0), "{stderr}\n{}", node.log());
+            assert!(table.contains("live 3"), "{table}");
         }
         restarted_at.push(started.elapsed());
+        // It came back under its own name: every view holds the same three members, none dead.
+        assert_eq!(node_id(&nodes[n]).await, format!("node-{n}"));
+        for node in &nodes {
+            let view = cluster_json(node).await;
+            let members = view["members"].as_array().unwrap();
+            let mut ids: Vec<&str> = members.iter().map(|m| m["id"].as_str().unwrap()).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, ["node-0", "node-1", "node-2"], "{view}");
+            assert!(
+                members.iter().all(|m| m["state"] == "alive"),
+                "a member is not alive after node-{n} came back: {view}"
+            );
+        }
         // Its clients reconnect to it, bringing what they typed while it was down.
         for (c, client) in clients.iter_mut().enumerate() {
             if c % 3 == n {
@@ -1323,11 +1354,12 @@ async fn a_starting_node_admits_no_client_before_it_has_joined_the_cluster() {
 }
 
 /// Nodes one peer protocol version apart link (at the lower version) and serve together, as
-/// during an upgrade; a node two versions apart is refused, and both sides say why.
+/// during an upgrade; a node two versions apart is refused, and both sides say why; so is one
+/// of a release from before the sealed channel, told to stop every node instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
     let db = PgDatabase::create().await;
-    let addrs = peer_addresses(3);
+    let addrs = peer_addresses(4);
     let current = synchrony_protocol::peer::PEER_PROTOCOL_VERSION;
     let version = "--test-peer-protocol-version";
     let old = EngineProcess::start(&node_options(
@@ -1369,6 +1401,22 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
             "the refusal is not logged on both sides:\n{}\n{}",
             old.log(),
             far.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A release from before the sealed channel (version 1) is refused with what to do instead.
+    let sealed = synchrony_protocol::peer::PEER_PROTOCOL_FIRST;
+    let before = EngineProcess::start(
+        &node_options(&db.url, &addrs[3], &addrs[..1], SECRET, "test").arg(version, sealed - 1),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(old.log().contains("stop every node") && before.log().contains("stop every node")) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pre-sealing refusal is not logged on both sides:\n{}\n{}",
+            old.log(),
+            before.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

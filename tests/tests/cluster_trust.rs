@@ -815,4 +815,170 @@ async fn operator_endpoints_behind_a_proxy_need_an_admin_token_and_cluster_statu
             .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("cannot connect to 127.0.0.1:1"), "{stderr}");
+    // The rolling restart's gate: settled at two live members, never at three.
+    let (code, table, stderr) =
+        synchrony_tests::run_cli(&["cluster", "status", "--url", &url, "--wait-live", "2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(table.contains("live 2"), "{table}");
+    let (code, _, stderr) = synchrony_tests::run_cli(&[
+        "cluster",
+        "status",
+        "--url",
+        &url,
+        "--wait-live",
+        "3",
+        "--wait-secs",
+        "2",
+    ])
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("did not settle within 2s: 2 live members of 3"),
+        "{stderr}"
+    );
+}
+
+/// A page id whose owner is `owner` (its node name), asked of `node`.
+async fn page_owned_by(node: &EngineProcess, prefix: &str, owner: &str) -> String {
+    for i in 0..200 {
+        let doc = format!("{prefix}-{i}");
+        let (status, body) = node.get(&format!("/v1/cluster/owner/{doc}")).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if answer["owner"] == owner {
+            return doc;
+        }
+    }
+    panic!("no page of 200 is owned by {owner}");
+}
+
+/// How long one edit typed on `from` takes to show on `to`.
+async fn crossing(from: &mut YClient, to: &mut YClient, marker: &str) -> Duration {
+    let started = tokio::time::Instant::now();
+    from.append(marker).await;
+    to.wait_until(marker, |c| c.text().contains(marker)).await;
+    started.elapsed()
+}
+
+/// One stream never stalls a link. While a page's load is held up in PostgreSQL (its table
+/// locked) and a client floods another page, both owned across the link, a third page's edits
+/// keep crossing that link well inside the failure timeout, no member is suspected and the
+/// view's epoch stays as it was; the held page then loads and syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_load_and_a_flooding_client_leave_the_link_and_other_pages_alone() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(2);
+    let a = EngineProcess::start(&node(&db.url, "a", &addrs[0], &addrs)).await;
+    let b = EngineProcess::start(&node(&db.url, "b", &addrs[1], &addrs)).await;
+    let logs = || format!("a:\n{}\nb:\n{}", a.log(), b.log());
+    wait_for("two live members on each node", &logs, || async {
+        live_count(&a).await == 2 && live_count(&b).await == 2
+    })
+    .await;
+    // Every page below is owned by a and reached from b, so all of them cross the one link.
+    let quiet = page_owned_by(&b, "fair/quiet", "a").await;
+    let held = page_owned_by(&b, "fair/held", "a").await;
+    let flooded = page_owned_by(&b, "fair/flood", "a").await;
+    let mut typist = YClient::synced(&b, &quiet, false).await;
+    let mut reader = YClient::synced(&a, &quiet, false).await;
+    let mut before = Vec::new();
+    for i in 0..10 {
+        before.push(crossing(&mut typist, &mut reader, &format!("[before {i}]")).await);
+    }
+    let mut flooder = YClient::synced(&b, &flooded, false).await;
+    let epochs = (
+        cluster_json(&a).await["epoch"].clone(),
+        cluster_json(&b).await["epoch"].clone(),
+    );
+
+    // Hold up every page load: a load reads doc_snapshots, which this transaction locks.
+    let mut lock = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE doc_snapshots IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let held_url = b.ws_url(&held, "");
+    let held_client = tokio::spawn(async move {
+        let mut client = synchrony_tests::RawClient::connect(&held_url)
+            .await
+            .unwrap();
+        let step1 = Message::Sync(SyncMessage::SyncStep1(yrs::StateVector::default()));
+        client.send_message(&step1).await;
+        // Its first answer is the owner's sync step 1 or 2: the page loaded.
+        client.next_binary(WAIT * 2).await.is_some()
+    });
+    // The flood: 1 KiB edits as fast as b takes them, never reading (bounded in count and time).
+    let flood = tokio::spawn(async move {
+        let chunk = "f".repeat(1024);
+        let mut sent = 0u32;
+        let pressing = async {
+            while sent < 20_000 {
+                let update = {
+                    let text = flooder.doc.get_or_insert_text("content");
+                    let mut txn = flooder.doc.transact_mut();
+                    text.insert(&mut txn, 0, &chunk);
+                    txn.encode_update_v1()
+                };
+                let message = Message::Sync(SyncMessage::Update(update));
+                if !flooder.raw.try_send(&message).await {
+                    break; // b closed it (its queue is full): the flood is over
+                }
+                sent += 1;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), pressing).await;
+        sent
+    });
+    // For longer than the failure timeout (3 s), the quiet page's edits keep crossing.
+    let mut during = Vec::new();
+    let stall_ends = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut i = 0;
+    while tokio::time::Instant::now() < stall_ends {
+        during.push(crossing(&mut typist, &mut reader, &format!("[during {i}]")).await);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !held_client.is_finished(),
+        "the held page loaded while its table was locked"
+    );
+    for node in [&a, &b] {
+        let view = cluster_json(node).await;
+        let members = view["members"].as_array().unwrap();
+        assert!(
+            members.iter().all(|m| m["state"] == "alive"),
+            "a member was suspected while one load was held and one page flooded: {view}"
+        );
+    }
+    let now = (
+        cluster_json(&a).await["epoch"].clone(),
+        cluster_json(&b).await["epoch"].clone(),
+    );
+    assert_eq!(
+        now, epochs,
+        "the view changed under a held load and a flood"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    assert!(
+        held_client.await.unwrap(),
+        "the held page never synced once its table was free"
+    );
+    let flooded_edits = flood.await.unwrap();
+    during.sort_unstable();
+    let slowest = *during.last().unwrap();
+    println!(
+        "quiet page across the link: before {:?} (slowest), during a held load and a flood of {flooded_edits} KiB edits {:?} (median of {}), {slowest:?} (slowest)",
+        before.iter().max().unwrap(),
+        during[during.len() / 2],
+        during.len()
+    );
+    // A stalled link would hold the quiet page's edits until the table is free (8 s) and its
+    // heartbeats past the failure timeout (3 s).
+    assert!(
+        slowest < Duration::from_secs(3),
+        "an edit to the quiet page took {slowest:?} to cross while another page was held and one flooded:\n{}",
+        logs()
+    );
 }

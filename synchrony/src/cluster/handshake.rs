@@ -91,6 +91,15 @@ impl Identity {
 
 /// Checks the other side's hello against ours; the error is the reason given in `Refuse`.
 pub fn check_hello(mine: &Hello, theirs: &Hello) -> Result<(), String> {
+    let first = synchrony_protocol::peer::PEER_PROTOCOL_FIRST;
+    if theirs.version.min(mine.version) < first {
+        return Err(format!(
+            "peer protocol version {} cannot link with this node's {}: version {first} sealed \
+             the peer channel, which earlier releases cannot speak (stop every node of the \
+             earlier release, then start them all on this one)",
+            theirs.version, mine.version
+        ));
+    }
     if link_version(mine.version, theirs.version).is_none() {
         return Err(format!(
             "peer protocol version {} cannot link with this node's {}: nodes interoperate only \
@@ -162,6 +171,14 @@ mod tests {
         let mut old = hello("b", "prod");
         old.version = 0;
         assert!(check_hello(&mine, &old).unwrap_err().contains("version"));
+        // Version 1 (before the sealed channel) is one apart but cannot link: say what to do.
+        old.version = synchrony_protocol::peer::PEER_PROTOCOL_FIRST - 1;
+        assert!(check_hello(&mine, &old)
+            .unwrap_err()
+            .contains("stop every node"));
+        assert!(check_hello(&old, &mine)
+            .unwrap_err()
+            .contains("stop every node"));
         // One version apart links (at the lower); two apart does not.
         let mut next = hello("b", "prod");
         next.version = PEER_PROTOCOL_VERSION + 1;

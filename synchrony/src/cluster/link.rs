@@ -611,7 +611,9 @@ async fn accept_handshake(
 }
 
 enum Dialed {
-    Linked(Box<Wire>, Hello, Sealer, Opener),
+    /// The link's wire, the peer's hello and the sealed channel's two ends (boxed: they are
+    /// large and this is moved once per dial).
+    Linked(Box<(Wire, Hello, Sealer, Opener)>),
     /// The address is this node's own.
     Itself,
 }
@@ -692,7 +694,7 @@ async fn dial_handshake(cluster: &Cluster, addr: &str) -> Result<Dialed, String>
         return Err(reason);
     }
     send_sealed(&mut wire, &mut sealer, &heartbeat(cluster)).await?;
-    Ok(Dialed::Linked(Box::new(wire), theirs, sealer, opener))
+    Ok(Dialed::Linked(Box::new((wire, theirs, sealer, opener))))
 }
 
 pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
@@ -721,14 +723,15 @@ pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
                 tracing::debug!(%addr, "member address is this node's own");
                 return;
             }
-            Ok(Dialed::Linked(wire, hello, sealer, opener)) => {
+            Ok(Dialed::Linked(linked)) => {
+                let (wire, hello, sealer, opener) = *linked;
                 if let Ok(mut aliases) = cluster.links.aliases.lock() {
                     aliases.insert(addr.clone(), hello.node.clone());
                 }
                 backoff = Duration::from_millis(100);
                 warned = None;
                 failing_since = None;
-                run_link(cluster.clone(), *wire, hello, true, sealer, opener).await;
+                run_link(cluster.clone(), wire, hello, true, sealer, opener).await;
             }
             Err(reason) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);

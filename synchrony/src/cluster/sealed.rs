@@ -295,10 +295,10 @@ impl<T> Outbox<T> {
 mod tests {
     use super::*;
 
-    fn pair(
-        secret: &[u8],
-        other_secret: &[u8],
-    ) -> Result<((Sealer, Opener), (Sealer, Opener)), String> {
+    /// One side's two ends of the channel.
+    type Ends = (Sealer, Opener);
+
+    fn pair(secret: &[u8], other_secret: &[u8]) -> Result<(Ends, Ends), String> {
         let (d, a) = (b"dialer hello".as_slice(), b"acceptor hello".as_slice());
         let mut dialer = handshake(secret, d, a, true).unwrap();
         let mut acceptor = handshake(other_secret, d, a, false).unwrap();

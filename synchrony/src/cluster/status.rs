@@ -60,6 +60,59 @@ pub async fn fetch(base: &str, token: Option<&str>) -> Result<Value, String> {
     serde_json::from_slice(&body).map_err(|e| format!("{url} did not answer JSON: {e}"))
 }
 
+/// Why a view is not yet the settled one `--wait-live` waits for, if it is not.
+pub fn unsettled(status: &Value, live: usize) -> Option<String> {
+    if status["clustered"] != Value::Bool(true) {
+        return Some("the node is not in a cluster".into());
+    }
+    let seen = status["live"].as_array().map_or(0, Vec::len);
+    if seen < live {
+        return Some(format!("{seen} live members of {live}"));
+    }
+    let members = status["members"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if let Some(m) = members.iter().find(|m| m["state"] != "alive") {
+        return Some(format!("member {} is {}", m["id"], m["state"]));
+    }
+    if let Some(m) = members.iter().find(|m| m["link"] == Value::Bool(false)) {
+        return Some(format!("the link to member {} is down", m["id"]));
+    }
+    None
+}
+
+/// Asks the node every half second until its view is settled (`live` members or more, every
+/// member alive, every link up); unreachable nodes are asked again (one may be restarting).
+/// Gives the last status once settled, else what was still missing after `within`.
+pub async fn wait_until_settled(
+    base: &str,
+    token: Option<&str>,
+    live: usize,
+    within: std::time::Duration,
+) -> Result<Value, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let missing = match fetch(base, token).await {
+            Ok(status) => match unsettled(&status, live) {
+                None => return Ok(status),
+                Some(missing) => missing,
+            },
+            // A malformed URL or a refused token will not get better by waiting.
+            Err(error) if error.contains("not a URL") || error.contains("enforces tokens") => {
+                return Err(error)
+            }
+            Err(error) => error,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the cluster did not settle within {within:?}: {missing}"
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// Lays out rows under a header, each column as wide as its widest cell.
 fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let header = header.map(String::from);
@@ -186,5 +239,36 @@ mod tests {
         assert!(lines[5].starts_with("CLUSTER PANIC: 1 node(s)"), "{table}");
         assert!(lines[7].starts_with("x     staging"), "{table}");
         assert!(render(&serde_json::json!({"clustered": false})).contains("not in a cluster"));
+    }
+
+    #[test]
+    fn settled_means_enough_live_members_all_alive_and_linked() {
+        let view = |live: &[&str], members: serde_json::Value| serde_json::json!({"clustered": true, "live": live, "members": members});
+        let up = serde_json::json!([
+            {"id": "a", "state": "alive", "link": null},
+            {"id": "b", "state": "alive", "link": true},
+        ]);
+        assert_eq!(unsettled(&view(&["a", "b"], up.clone()), 2), None);
+        assert_eq!(
+            unsettled(&view(&["a", "b"], up), 3).as_deref(),
+            Some("2 live members of 3")
+        );
+        let dead = serde_json::json!([
+            {"id": "a", "state": "alive", "link": null},
+            {"id": "b", "state": "alive", "link": true},
+            {"id": "c", "state": "dead", "link": false},
+        ]);
+        assert_eq!(
+            unsettled(&view(&["a", "b"], dead), 2).as_deref(),
+            Some("member \"c\" is \"dead\"")
+        );
+        let down = serde_json::json!([
+            {"id": "a", "state": "alive", "link": null},
+            {"id": "b", "state": "alive", "link": false},
+        ]);
+        assert!(
+            unsettled(&view(&["a", "b"], down), 2).is_some_and(|m| m.contains("link to member"))
+        );
+        assert!(unsettled(&serde_json::json!({"clustered": false}), 1).is_some());
     }
 }
