@@ -27,10 +27,28 @@ fn token() -> String {
     mint_hs256(&claims, JWT).unwrap()
 }
 
+/// An admin token: the nodes enforce tokens, and the test asks them from another namespace, so
+/// it is not one of their own machine's callers.
+fn admin_token() -> String {
+    let now = synchrony::gate::unix_now();
+    let claims = MintClaims {
+        iss: Some("test".into()),
+        aud: None,
+        sub: Some("operator".into()),
+        iat: now,
+        exp: now + 3600,
+        access: [("admin".to_owned(), "admin".to_owned())].into(),
+        session: None,
+    };
+    mint_hs256(&claims, JWT).unwrap()
+}
+
 async fn cluster_json(node: &EngineProcess) -> serde_json::Value {
-    let (status, body) = node.get("/v1/cluster").await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    let answer = node
+        .request("GET", "/v1/cluster", Some(&admin_token()), b"")
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    answer.json()
 }
 
 async fn wait_live(nodes: &[&EngineProcess], n: usize, what: &str) {
@@ -52,18 +70,27 @@ async fn a_partition_keeps_both_sides_serving_and_heals_with_nothing_lost() {
     let net = match Network::build(20 + (std::process::id() % 200) as u8, 3, true) {
         Ok(net) => net,
         Err(why) => {
-            eprintln!("SKIPPED: cannot build network namespaces here ({why})");
+            synchrony_tests::skip(
+                synchrony_tests::Lacking::NetworkNamespaces,
+                &why.to_string(),
+            );
             return;
         }
     };
     let db = PgDatabase::create().await;
     let Some(url) = db.socket_url().await else {
-        eprintln!("SKIPPED: PostgreSQL has no Unix socket for nodes in other namespaces");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::PostgresSocket,
+            "PostgreSQL has no Unix socket",
+        );
         return;
     };
     // The socket may ask for another authentication than TCP does (Debian's `peer`).
     if let Err(error) = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
-        eprintln!("SKIPPED: PostgreSQL's Unix socket refuses this test's user ({error})");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::PostgresSocket,
+            &format!("it refuses this test's user: {error}"),
+        );
         return;
     }
     let peers: Vec<String> = (0..3)
