@@ -11,7 +11,19 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 work="$(mktemp -d)"
+# Every test that cannot run here records why (synchrony_tests::skip); the list is printed last.
+export SYNCHRONY_TEST_SKIPS="$work/skipped"
+: > "$SYNCHRONY_TEST_SKIPS"
+report_skips() {
+  if [ -s "$SYNCHRONY_TEST_SKIPS" ]; then
+    printf '==> SKIPPED (%s), each saying why:\n' "$(wc -l < "$SYNCHRONY_TEST_SKIPS")" >&2
+    sed 's/^/    /' "$SYNCHRONY_TEST_SKIPS" >&2
+  else
+    printf '==> skipped: nothing\n' >&2
+  fi
+}
 cleanup() {
+  report_skips
   if [ -n "${PRIVATE_PGDATA:-}" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PRIVATE_PGDATA" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -104,9 +116,11 @@ command -v chromium >/dev/null 2>&1 || ensure_apt chromium
 # The cluster tests put Debian's nginx in front of the nodes (its service is not started:
 # the tests run their own instance on a free port).
 command -v nginx >/dev/null 2>&1 || ensure_apt nginx-light
+# The multicast and partition tests build network namespaces with iproute2's `ip`.
+command -v ip >/dev/null 2>&1 || ensure_apt iproute2
 
 log "building and testing the TypeScript client (client-js) and the demo page against the engine"
 (cd client-js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm run check:demo && npm test)
 
 log "running the Rust tests"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

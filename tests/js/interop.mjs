@@ -200,6 +200,11 @@ const scenarios = {
     const n = Number(args[0] || 3)
     const secs = Number(args[1] || 5)
     const clients = Array.from({ length: n }, (_, i) => client(`typist${i}`))
+    // Connections each typist lost (its node killed) and came back from.
+    clients.forEach((c) => {
+      c.drops = 0
+      c.provider.on('status', ({ status }) => { if (status === 'disconnected') c.drops++ })
+    })
     await waitFor('all typists synced', () => clients.every(synced))
     const markers = []
     const end = Date.now() + secs * 1000
@@ -217,8 +222,9 @@ const scenarios = {
     }), 40000)
     await waitFor('the typists to converge', () => sameState(clients))
     const text = clients[0].text.toString()
+    const reconnected = clients.filter((c) => c.drops > 0).length
     clients.forEach((c) => c.provider.destroy())
-    return { text, edits: markers.length }
+    return { text, edits: markers.length, reconnected }
   },
 
   // A rich-text page as y-prosemirror keeps it (block elements holding XML texts, marks as

@@ -30,6 +30,88 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use yrs::updates::decoder::Decode;
 use yrs::{GetString, ReadTxn, Text, Transact, Update};
 
+/// What a machine may lack that a test needs: the reason a test is skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lacking {
+    /// The recorded editing traces beside the checkout (`../shared/data/traces/`).
+    Traces,
+    /// Creating network namespaces and veth pairs (CAP_NET_ADMIN and iproute2's `ip`).
+    NetworkNamespaces,
+    /// Mounting a filesystem (root).
+    Mount,
+    /// A PostgreSQL Unix socket that nodes in other namespaces can use.
+    PostgresSocket,
+    /// The PostgreSQL server binaries (`initdb`, `pg_ctl`).
+    PostgresBinaries,
+    /// Debian's nginx.
+    Nginx,
+}
+
+impl Lacking {
+    /// The name `tests/ci-allowed-skips` uses.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Traces => "traces",
+            Self::NetworkNamespaces => "network-namespaces",
+            Self::Mount => "mount",
+            Self::PostgresSocket => "postgres-socket",
+            Self::PostgresBinaries => "postgres-binaries",
+            Self::Nginx => "nginx",
+        }
+    }
+}
+
+/// Records that the running test cannot run on this machine, which lacks `what` (`detail`
+/// says more); the caller then returns. A skip is never silent: it goes to stderr and to the
+/// file named by `SYNCHRONY_TEST_SKIPS`, whose lines `tests/run.sh` prints at the end. Under
+/// `CI=true` it fails the test instead, unless `what` is declared in `tests/ci-allowed-skips`
+/// (the one list of what CI's machine may genuinely lack).
+pub fn skip(what: Lacking, detail: &str) {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|stem| {
+            stem.rsplit_once('-')
+                .map_or(stem.clone(), |(name, _)| name.to_owned())
+        })
+        .unwrap_or_default();
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    let line = format!("{binary}::{test}: lacks {} ({detail})", what.key());
+    // Straight to the stream, not through `eprintln!`, which `cargo test` captures.
+    {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {line}");
+    }
+    if let Some(path) = std::env::var_os("SYNCHRONY_TEST_SKIPS") {
+        use std::io::Write;
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| writeln!(file, "{line}"));
+        if let Err(error) = appended {
+            panic!(
+                "cannot record the skip in {}: {error}",
+                Path::new(&path).display()
+            );
+        }
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") && !ci_allows(what) {
+        panic!(
+            "SKIPPED under CI=true, which allows only the skips declared in tests/ci-allowed-skips: {line}"
+        );
+    }
+}
+
+/// Whether `tests/ci-allowed-skips` declares `what` (lines `key  # why`).
+fn ci_allows(what: Lacking) -> bool {
+    let list = std::fs::read_to_string(workspace_root().join("tests/ci-allowed-skips"))
+        .unwrap_or_default();
+    list.lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .any(|key| key == what.key())
+}
+
 /// Generous bound for anything that should happen "soon" on a loaded, shared machine.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -294,7 +376,8 @@ impl EngineProcess {
             .unwrap()
     }
 
-    fn signal(&self, signal: nix::sys::signal::Signal) {
+    /// Sends `signal` and returns at once (no wait for the exit).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal);
     }
 }
@@ -749,6 +832,18 @@ impl YClient {
             .await;
         self.wait_until("the sync after reconnecting", |c| c.synced)
             .await;
+    }
+
+    /// Sends an update unless the connection is gone; false when it is.
+    pub async fn try_send_update(&mut self, update: Vec<u8>) -> bool {
+        let sent = self
+            .raw
+            .try_send(&Message::Sync(SyncMessage::Update(update)))
+            .await;
+        if sent {
+            self.record_sent();
+        }
+        sent
     }
 
     pub async fn send_update(&mut self, update: Vec<u8>) {

@@ -139,29 +139,53 @@ async fn an_update_past_the_document_size_limit_is_refused_with_4413() {
     let mut other = YClient::synced(&engine, doc, false).await;
     let chunk = "x".repeat(40_000);
     let mut accepted = 0;
+    // Each chunk is either acknowledged as stored (accepted) or answered with a close (refused):
+    // silence counts as neither.
     let code = loop {
         writer.append(&chunk).await;
-        match writer.raw.next_event(Duration::from_millis(300)).await {
-            synchrony_tests::Next::Ended(code) => break code,
-            _ => accepted += 1,
+        let edits = writer.edits;
+        let deadline = tokio::time::Instant::now() + synchrony_tests::WAIT;
+        let refused = loop {
+            if writer.acked_edits() == edits {
+                break None;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chunk {} was neither acknowledged nor refused",
+                accepted + 1
+            );
+            if let synchrony_tests::Next::Ended(code) =
+                writer.pump_one(Duration::from_millis(200)).await
+            {
+                break Some(code);
+            }
+        };
+        match refused {
+            Some(code) => break code,
+            None => accepted += 1,
         }
         assert!(accepted < 20, "the size limit never applied");
     };
     assert_eq!(code, Some(4413));
-    assert!(
-        accepted >= 3,
-        "accepted only {accepted} chunks before the limit"
+    // 200,000 bytes hold four 40,000-byte chunks with their encoding, not five.
+    assert_eq!(
+        accepted, 4,
+        "accepted {accepted} chunks under a 200,000-byte limit"
     );
-    // The other client still works, and storage holds only the accepted chunks.
-    let mut third = YClient::synced(&engine, doc, false).await;
+    // The other client still works, and storage holds exactly the accepted chunks and its edit.
+    let mut third = YClient::synced(&engine, doc, true).await;
     third.append("still fine").await;
+    third
+        .wait_until("its edit acknowledged", |c| c.acked_edits() == 1)
+        .await;
     other
         .wait_until("the edit after the refusal", |c| {
             c.text().ends_with("still fine")
         })
         .await;
     let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
-    assert!(stored.len() <= 200_000, "stored {} bytes", stored.len());
+    assert_eq!(stored, format!("{}still fine", chunk.repeat(accepted)));
+    assert_eq!(other.text(), stored);
 }
 
 #[tokio::test]

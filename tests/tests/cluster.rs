@@ -284,11 +284,44 @@ async fn killing_the_owner_loses_nothing_acknowledged_and_survivors_stay_connect
         let mut markers = Vec::new();
         let before = rng.random_range(1..15usize);
         type_rounds(&mut clients, 0..before, &mut markers).await;
-        // Typing goes on through the failover; a close would make `drain` panic.
-        let (_, ()) = tokio::join!(
-            nodes[victim].kill9(),
-            type_rounds(&mut clients, before..before + 30, &mut markers)
+        // The kill lands at a seeded moment while every client types (a close would make
+        // `drain` panic): the clients type a round at a time until it has been sent.
+        let pid = nix::unistd::Pid::from_raw(nodes[victim].pid as i32);
+        let kill_at = Duration::from_millis(rng.random_range(0..300u64));
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(kill_at).await;
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        });
+        let mut round = before;
+        while !killer.is_finished() {
+            type_rounds(&mut clients, round..round + 1, &mut markers).await;
+            round += 1;
+        }
+        killer.await.unwrap();
+        nodes[victim].kill9().await;
+        // What the dead owner acknowledged is in storage now, read before any new owner exists
+        // (that takes the 1 s link grace) and so before any client has sent anything again.
+        for client in &mut clients {
+            client.drain(Duration::from_millis(50)).await;
+        }
+        let (stored_at_kill, _) = stored_text(&db.url, &doc).await;
+        let mut acknowledged = 0;
+        for (c, client) in clients.iter().enumerate() {
+            for r in 0..client.acked_edits() {
+                let marker = format!("<{c}.{r}>");
+                assert!(
+                    stored_at_kill.contains(&marker),
+                    "seed {seed}: {marker}, acknowledged by the killed owner, is not in storage"
+                );
+                acknowledged += 1;
+            }
+        }
+        assert!(
+            acknowledged > 0,
+            "seed {seed}: nothing acknowledged before the kill"
         );
+        // Typing goes on through the failover.
+        type_rounds(&mut clients, round..round + 30, &mut markers).await;
         for &s in &survivors {
             wait_for_live(&nodes[s], 2).await;
         }
@@ -570,7 +603,10 @@ async fn a_page_made_through_nginx_is_the_same_on_every_node() {
     let db = PgDatabase::create().await;
     let nodes = start_nodes(&db.url, 3).await;
     let Some(nginx) = Nginx::start(&nodes).await else {
-        eprintln!("SKIPPED: nginx is not installed (tests/run.sh installs Debian's)");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::Nginx,
+            "nginx is not installed (tests/run.sh installs Debian's)",
+        );
         return;
     };
     let doc = "wiki/acceptance-page";
@@ -643,31 +679,54 @@ async fn type_rounds(
 async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone() {
     let db = PgDatabase::create().await;
     let addrs = peer_addresses(3);
-    let options = |i: usize| node_options(&db.url, &addrs[i], &addrs, SECRET, "test");
+    // Named nodes, so that where each page goes when c joins is known before it does.
+    let names = ["join-a", "join-b", "join-c"];
+    let options = |i: usize| {
+        node_options(&db.url, &addrs[i], &addrs, SECRET, "test").arg("--node-name", names[i])
+    };
     let mut a = EngineProcess::start(&options(0)).await;
     let b = EngineProcess::start(&options(1)).await;
     wait_for_live(&a, 2).await;
     wait_for_live(&b, 2).await;
-    // Six documents, three owned by a and three by b, two clients each, all connected to b.
-    let (a_id, b_id) = (node_id(&a).await, node_id(&b).await);
-    let view = vec![a_id.clone(), b_id.clone()];
+    // Six documents, three owned by a and three by b, two clients each, all connected to b. Of
+    // a's, one moves to c when it joins and two stay (they move when a leaves); of b's, one moves
+    // to c and two stay.
+    let (a_id, b_id, c_id) = (
+        names[0].to_owned(),
+        names[1].to_owned(),
+        names[2].to_owned(),
+    );
+    let two = vec![a_id.clone(), b_id.clone()];
+    let three = vec![a_id.clone(), b_id.clone(), c_id.clone()];
     let (mut of_a, mut of_b) = (Vec::new(), Vec::new());
-    for i in 0.. {
+    for i in 0..10_000 {
         let doc = format!("moving/{i}");
-        match synchrony::placement::rendezvous(&view, &doc) {
-            Some(o) if o == a_id && of_a.len() < 3 => of_a.push(doc),
-            Some(o) if o == b_id && of_b.len() < 3 => of_b.push(doc),
-            _ => {}
+        let now = synchrony::placement::rendezvous(&two, &doc).unwrap();
+        let then = synchrony::placement::rendezvous(&three, &doc).unwrap();
+        let mine = if now == a_id { &mut of_a } else { &mut of_b };
+        let moves = mine.iter().filter(|(_, m)| *m).count();
+        let wanted = if then == c_id {
+            moves < 1
+        } else {
+            mine.len() - moves < 2
+        };
+        if wanted {
+            mine.push((doc, then == c_id));
         }
         if of_a.len() + of_b.len() == 6 {
             break;
         }
     }
-    let docs: Vec<String> = of_a.into_iter().chain(of_b).collect();
+    assert_eq!(
+        of_a.len() + of_b.len(),
+        6,
+        "no such six pages among 10,000 ids"
+    );
+    let docs: Vec<String> = of_a.iter().chain(&of_b).map(|(d, _)| d.clone()).collect();
     for doc in &docs {
         assert_eq!(
             owner_of(&b, doc).await,
-            synchrony::placement::rendezvous(&view, doc).unwrap()
+            synchrony::placement::rendezvous(&two, doc).unwrap()
         );
     }
     let mut clients = Vec::new();
@@ -687,15 +746,20 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
     );
     wait_for_live(&b, 3).await;
     type_rounds(&mut clients, 25..35, &mut markers).await;
-    let c_id = node_id(&c).await;
+    assert_eq!(node_id(&c).await, c_id);
+    // Every page is where the three-node view puts it: two moved to c, two still on a.
     let (mut moved_to_c, mut owned_by_a) = (0, 0);
     for doc in &docs {
         let owner = owner_of(&b, doc).await;
+        assert_eq!(
+            owner,
+            synchrony::placement::rendezvous(&three, doc).unwrap(),
+            "{doc}"
+        );
         moved_to_c += usize::from(owner == c_id);
         owned_by_a += usize::from(owner == a_id);
     }
-    // Of a's three documents, those c did not take move when a leaves: something moves.
-    assert!(moved_to_c + owned_by_a > 0);
+    assert_eq!((moved_to_c, owned_by_a), (2, 2));
 
     // a leaves with SIGTERM while everyone types.
     let (status, ()) = tokio::join!(
@@ -708,9 +772,7 @@ async fn a_node_joins_and_another_leaves_under_load_without_disconnecting_anyone
         "a stopped before handing its documents over:\n{}",
         a.log()
     );
-    if owned_by_a > 0 {
-        assert!(a.log().contains("handing the document over"), "{}", a.log());
-    }
+    assert!(a.log().contains("handing the document over"), "{}", a.log());
     wait_for_live(&b, 2).await;
     type_rounds(&mut clients, 55..60, &mut markers).await;
 
@@ -1073,7 +1135,10 @@ async fn editors_behind_nginx_survive_the_death_of_a_node() {
     let db = PgDatabase::create().await;
     let mut nodes = start_nodes(&db.url, 3).await;
     let Some(nginx) = Nginx::start(&nodes).await else {
-        eprintln!("SKIPPED: nginx is not installed (tests/run.sh installs Debian's)");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::Nginx,
+            "nginx is not installed (tests/run.sh installs Debian's)",
+        );
         return;
     };
     let doc = "wiki/typing-through-a-death";
@@ -1081,14 +1146,40 @@ async fn editors_behind_nginx_survive_the_death_of_a_node() {
     let typing = tokio::spawn(async move {
         synchrony_tests::node_at("typing", &base, doc, &["4", "6"], &|| String::new()).await
     });
-    // Kill a node while they type (each of the four editors has a one in three chance of being
-    // on it; the owner of the document may be it too).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    nodes[2].kill9().await;
+    // Once all four are connected, kill a node that holds some of them while they type.
+    let mut held = [0u64; 3];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for (i, node) in nodes.iter().enumerate() {
+            held[i] = node.health().await["connections"].as_u64().unwrap();
+        }
+        let (_, typed_so_far) = nodes[0]
+            .get(&format!("/v1/data/{doc}?format=text&name=content"))
+            .await;
+        if held.iter().sum::<u64>() == 4 && typed_so_far.contains("<typist") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the four editors never all connected and typed: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let victim = (0..3).max_by_key(|&i| held[i]).unwrap();
+    nodes[victim].kill9().await;
     let typed = typing.await.unwrap();
     let text = typed["text"].as_str().unwrap().to_owned();
     assert!(typed["edits"].as_u64().unwrap() > 0);
-    for node in &nodes[..2] {
+    // Every editor of the killed node lost its connection and came back through nginx.
+    assert!(
+        typed["reconnected"].as_u64().unwrap() >= held[victim],
+        "{} of the {} editors on the killed node reconnected: {typed}",
+        typed["reconnected"],
+        held[victim]
+    );
+    let survivors: Vec<&EngineProcess> =
+        (0..3).filter(|&i| i != victim).map(|i| &nodes[i]).collect();
+    for node in survivors {
         wait_for_live(node, 2).await;
         let (status, body) = node
             .get(&format!("/v1/data/{doc}?format=text&name=content"))

@@ -188,22 +188,29 @@ async fn loads_race_compaction(url: &str) {
             }
         })
     };
+    let compactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let compactor = {
-        let (store, doc) = (store.clone(), doc.clone());
+        let (store, doc, compactions) = (store.clone(), doc.clone(), compactions.clone());
         tokio::spawn(async move {
             let mut merged = 0;
             while merged < 40 {
                 if let Ok(c) = store.compact(&doc).await {
                     merged += u64::from(c.merged_rows > 0);
+                    compactions.store(merged, std::sync::atomic::Ordering::Release);
                 }
                 tokio::task::yield_now().await;
             }
         })
     };
+    let compacted = || compactions.load(std::sync::atomic::Ordering::Acquire);
+    let compacted_before = compacted();
+    // Loads that found both a snapshot and log rows: a compaction had run and appends followed.
+    let mut mixed = 0;
     let mut loads = 0;
     while !writer.is_finished() || loads < 50 {
         let before: Vec<String> = committed.lock().unwrap().clone();
         let stored = store.load(&doc).await.unwrap();
+        mixed += usize::from(stored.snapshot.is_some() && !stored.updates.is_empty());
         let merged =
             synchrony::store::merge(&doc, stored.snapshot.as_deref(), &stored.updates).unwrap();
         let ydoc = yrs::Doc::new();
@@ -220,6 +227,14 @@ async fn loads_race_compaction(url: &str) {
         }
         loads += 1;
     }
+    // The race was run: compactions committed while the loads went on.
+    let during = compacted() - compacted_before;
+    println!("{loads} loads; {during} compactions merged rows meanwhile; {mixed} loads saw a snapshot and log rows");
+    assert!(
+        during >= 2,
+        "only {during} compactions ran during {loads} loads"
+    );
+    assert!(mixed > 0, "no load found a snapshot with log rows after it");
     writer.await.unwrap();
     compactor.abort();
 }

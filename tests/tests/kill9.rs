@@ -51,8 +51,26 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
     let kill_after = rng.random_range(200..1500u64);
     let started = tokio::time::Instant::now();
     let mut round = 0;
-    while started.elapsed().as_millis() < u128::from(kill_after) {
+    let mut killed: Option<tokio::time::Instant> = None;
+    let mut open = [true; 4];
+    // The clients type until the kill has closed every connection: it lands between two sends
+    // of a round, with edits in flight. What a client counts as acknowledged is what the engine
+    // told it before it died.
+    while open.iter().any(|o| *o) {
+        if killed.is_none() && started.elapsed().as_millis() >= u128::from(kill_after) {
+            engine.signal(nix::sys::signal::Signal::SIGKILL);
+            killed = Some(tokio::time::Instant::now());
+        }
+        if let Some(at) = killed {
+            assert!(
+                at.elapsed() < synchrony_tests::WAIT,
+                "seed {seed}: connections still open after the kill"
+            );
+        }
         for (c, client) in clients.iter_mut().enumerate() {
+            if !open[c] {
+                continue;
+            }
             // Each client writes its own text, so that markers never split one another.
             let marker = format!("<{c}.{round}>{}", "m".repeat(rng.random_range(0..40)));
             let update = {
@@ -63,17 +81,17 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
                 txn.encode_update_v1()
             };
             client.edits += 1;
-            client.send_update(update).await;
             // Read what arrived (acks and others' edits) without waiting long.
-            let _ = client.pump_one(std::time::Duration::from_millis(2)).await;
+            open[c] = client.try_send_update(update).await
+                && !matches!(
+                    client.pump_one(std::time::Duration::from_millis(2)).await,
+                    synchrony_tests::Next::Ended(_)
+                );
         }
         round += 1;
     }
-    // Let acknowledgements in flight arrive, as a client would have seen them.
-    for client in clients.iter_mut() {
-        client.drain(std::time::Duration::from_millis(20)).await;
-    }
     engine.kill9().await;
+    let killed_after = killed.map(|at| at - started);
     let acked: Vec<(usize, u64)> = clients
         .iter()
         .enumerate()
@@ -92,7 +110,7 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
         }
     }
     eprintln!(
-        "seed {seed}: killed after {kill_after} ms, {round} rounds, {checked} acknowledged edits all stored"
+        "seed {seed}: killed after {killed_after:?}, {round} rounds, {checked} acknowledged edits all stored"
     );
     assert!(
         checked > 0,

@@ -191,9 +191,14 @@ async fn silent_connections_time_out_and_live_ones_stay() {
         idle_closes, 1,
         "the engine should have closed exactly the silent connection for idleness:\n{log}"
     );
+    // The live connection still edits: a newcomer's sync holds its edit.
     live.append("still here").await;
-    let reader = YClient::synced(&engine, "app/idle-conn", false).await;
-    let _ = reader;
+    let mut reader = YClient::synced(&engine, "app/idle-conn", false).await;
+    reader
+        .wait_until("the live client's edit", |r| {
+            r.text().ends_with("still here")
+        })
+        .await;
 }
 
 #[tokio::test]

@@ -186,22 +186,49 @@ async fn the_host_restarts_a_killed_engine_and_stops_it_cleanly() {
     let first = host.wait_for("running", |s| s["state"] == "running").await;
     let engine_pid = first["pid"].as_i64().unwrap() as i32;
 
-    // JavaScript editors type for 6 s; meanwhile an acknowledging client writes, and the engine
-    // is killed under all of them.
+    // JavaScript editors type for 6 s; meanwhile an acknowledging client writes on a page of its
+    // own (so that nobody holds its edits to send them again), and the engine is killed under all
+    // of them while that client is still typing.
     let ws_base = format!("ws://127.0.0.1:{port}/synchrony");
     let editor_args = [token.as_str(), "6000"];
     let editors = node_at("editing", &ws_base, doc, &editor_args, &String::new);
+    let own = "confluence/page-8";
+    let own_token = editor_token(port, own);
     let killer = async {
-        let mut writer = connect_retrying(port, doc, &token).await;
+        // Both editors are typing (their edits reach a watcher).
+        let mut watcher = connect_retrying(port, doc, &token).await;
+        watcher
+            .wait_until("both editors typing", |c| {
+                c.text().contains("[ed1:") && c.text().contains("[ed2:")
+            })
+            .await;
+        let mut writer = connect_retrying(port, own, &own_token).await;
         for i in 0..40 {
             writer.append(&format!("<{i}>")).await;
             let _ = writer.pump_one(Duration::from_millis(20)).await;
         }
         writer
-            .wait_until("acks before the kill", |c| c.acked_edits() == 40)
+            .wait_until("acks of the first 40", |c| c.acked_edits() == 40)
             .await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Forty more sent back to back, and the kill right behind them: some are in flight.
+        for i in 40..80 {
+            writer.append(&format!("<{i}>")).await;
+        }
         signal(engine_pid, nix::sys::signal::Signal::SIGKILL);
+        // Every acknowledgement the engine sent before it died, then storage read directly.
+        while !matches!(
+            writer.pump_one(Duration::from_millis(500)).await,
+            synchrony_tests::Next::Ended(_)
+        ) {}
+        let acked = writer.acked_edits();
+        let (stored, _) = stored_text(&db.url, own).await;
+        println!("{acked} of 80 edits acknowledged at the kill");
+        for i in 0..acked {
+            assert!(
+                stored.contains(&format!("<{i}>")),
+                "acknowledged edit <{i}> is not in storage after the kill"
+            );
+        }
         let restarted = host
             .wait_for("a restart", |s| {
                 s["state"] == "running" && s["restarts"] == 1
@@ -209,9 +236,9 @@ async fn the_host_restarts_a_killed_engine_and_stops_it_cleanly() {
             .await;
         assert_ne!(restarted["pid"], first["pid"]);
         assert_eq!(restarted["last_exit"]["signal"], 9);
-        // Every acknowledged edit survived the kill.
-        let reader = connect_retrying(port, doc, &token).await;
-        for i in 0..40 {
+        // The restarted engine serves every acknowledged edit.
+        let reader = connect_retrying(port, own, &own_token).await;
+        for i in 0..acked {
             assert!(
                 reader.text().contains(&format!("<{i}>")),
                 "acknowledged edit <{i}> lost"
@@ -234,9 +261,6 @@ async fn the_host_restarts_a_killed_engine_and_stops_it_cleanly() {
     assert_eq!(last["last_exit"]["code"], 0, "{last}");
     println!("clean stop took {:?}", started.elapsed());
     let (stored, _) = stored_text(&db.url, doc).await;
-    for i in 0..40 {
-        assert!(stored.contains(&format!("<{i}>")));
-    }
     for marker in ["[ed1:0]", "[ed2:0]"] {
         assert!(stored.contains(marker) && converged.contains(marker));
     }
@@ -261,9 +285,9 @@ async fn the_engine_dies_with_its_host() {
     signal(host.pid(), nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
     while !gone(engine_pid) {
-        // The contract is 2 s; the bound here leaves room for a loaded machine.
+        // The contract is 2 s; twice that leaves room for a loaded machine.
         assert!(
-            killed.elapsed() < Duration::from_secs(10),
+            killed.elapsed() < Duration::from_secs(4),
             "engine still running after its host died"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

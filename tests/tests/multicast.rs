@@ -38,7 +38,10 @@ async fn nodes_find_each_other_by_multicast_and_strangers_are_not_let_in() {
     let net = match Network::build(7, 4, false) {
         Ok(net) => net,
         Err(why) => {
-            eprintln!("SKIPPED: cannot build network namespaces here ({why})");
+            synchrony_tests::skip(
+                synchrony_tests::Lacking::NetworkNamespaces,
+                &why.to_string(),
+            );
             return;
         }
     };
@@ -46,11 +49,17 @@ async fn nodes_find_each_other_by_multicast_and_strangers_are_not_let_in() {
     // its Unix socket.
     let db = PgDatabase::create().await;
     let Some(url) = db.socket_url().await else {
-        eprintln!("SKIPPED: PostgreSQL has no Unix socket for nodes in other namespaces");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::PostgresSocket,
+            "PostgreSQL has no Unix socket",
+        );
         return;
     };
     if let Err(error) = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
-        eprintln!("SKIPPED: PostgreSQL's Unix socket refuses this test's user ({error})");
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::PostgresSocket,
+            &format!("it refuses this test's user: {error}"),
+        );
         return;
     }
     let started = tokio::time::Instant::now();

@@ -15,7 +15,10 @@ use yrs::{Text, Transact};
 fn trace(name: &str) -> Option<serde_json::Value> {
     let path: PathBuf = workspace_root().join("../shared/data/traces").join(name);
     let Ok(file) = std::fs::File::open(&path) else {
-        println!("SKIPPED: trace {} is absent", path.display());
+        synchrony_tests::skip(
+            synchrony_tests::Lacking::Traces,
+            &format!("{} is absent", path.display()),
+        );
         return None;
     };
     let mut json = String::new();
