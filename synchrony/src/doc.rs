@@ -388,8 +388,13 @@ pub const LOCKED_REASON: &str = "hub.error/locked: the document is locked for ma
 pub enum JoinError {
     #[error("server busy (memory bound reached or document being deleted); try again")]
     Busy,
+    /// What storage holds for the document cannot be read back (corrupt): retrying will not
+    /// help until an operator looks.
     #[error("document could not be loaded")]
     LoadFailed,
+    /// Storage did not answer the load (down, or slower than the deadline): try again.
+    #[error("storage unavailable: the document could not be read; try again")]
+    LoadUnavailable,
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("storage unavailable and the commit queue full; try again")]
@@ -840,11 +845,15 @@ impl DocActor {
             .observe(loading.elapsed().as_secs_f64());
         if let Err(error) = loaded {
             tracing::error!(%error, "loading failed");
+            let answer = match error {
+                StoreError::Corrupt { .. } => JoinError::LoadFailed,
+                _ => JoinError::LoadUnavailable,
+            };
             self.docs.forget(&self.id, self.generation);
             rx.close();
             while let Some(command) = rx.recv().await {
                 if let DocCommand::Join { reply, .. } = command {
-                    let _ = reply.send(Err(JoinError::LoadFailed));
+                    let _ = reply.send(Err(answer.clone()));
                 }
             }
             return;

@@ -104,6 +104,9 @@ impl From<JoinError> for ApiError {
     fn from(e: JoinError) -> Self {
         match e {
             JoinError::LoadFailed => ApiError::Unavailable("document could not be loaded"),
+            JoinError::LoadUnavailable => {
+                ApiError::Unavailable("storage unavailable: the document could not be read")
+            }
             JoinError::ShuttingDown => ApiError::Unavailable("shutting down"),
             JoinError::Busy => ApiError::Unavailable("document busy; try again"),
             JoinError::StorageUnavailable => {

@@ -131,6 +131,9 @@ enum Request {
 #[derive(Clone)]
 pub struct Persister {
     tx: mpsc::Sender<Request>,
+    /// Updates the writer has taken off the queue and is committing (retrying, when storage is
+    /// down): still uncommitted, no longer in the channel.
+    committing: Arc<std::sync::atomic::AtomicUsize>,
     budget: Arc<Semaphore>,
     status: Arc<StorageStatus>,
     metrics: CommitMetrics,
@@ -153,6 +156,7 @@ impl Persister {
         let status = Arc::new(StorageStatus::default());
         status.set(Ok(()));
         let metrics = CommitMetrics::default();
+        let committing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tracker.spawn(run(
             store,
             window,
@@ -160,10 +164,12 @@ impl Persister {
             stop,
             status.clone(),
             metrics.clone(),
+            committing.clone(),
         ));
         Self {
             metrics,
             tx,
+            committing,
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             status,
         }
@@ -195,10 +201,11 @@ impl Persister {
         })
     }
 
-    /// Updates and bytes waiting to be committed.
+    /// Updates and bytes waiting to be committed (queued, or in the batch being committed).
     pub fn queued(&self) -> (usize, usize) {
+        let committing = self.committing.load(std::sync::atomic::Ordering::Acquire);
         (
-            QUEUE_LEN.saturating_sub(self.tx.capacity()),
+            QUEUE_LEN.saturating_sub(self.tx.capacity()) + committing,
             QUEUE_BYTES.saturating_sub(self.budget.available_permits()),
         )
     }
@@ -337,7 +344,13 @@ async fn run(
     stop: CancellationToken,
     status: Arc<StorageStatus>,
     metrics: CommitMetrics,
+    committing: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let commit = async |batch: Batch| {
+        committing.store(batch.entries.len(), std::sync::atomic::Ordering::Release);
+        batch.commit(&store, &status, &metrics).await;
+        committing.store(0, std::sync::atomic::Ordering::Release);
+    };
     loop {
         let first = tokio::select! {
             request = rx.recv() => request,
@@ -357,7 +370,7 @@ async fn run(
                 _ = stop.cancelled() => break,
             }
         }
-        batch.commit(&store, &status, &metrics).await;
+        commit(batch).await;
     }
     // Stopping: everything that reached the queue is committed before the task ends.
     rx.close();
@@ -367,7 +380,7 @@ async fn run(
     }
     if !batch.is_empty() {
         let updates = batch.entries.len();
-        batch.commit(&store, &status, &metrics).await;
+        commit(batch).await;
         tracing::info!(updates, "final group commit done");
     }
 }

@@ -83,6 +83,7 @@ pub fn join_error_code(error: &JoinError) -> CloseCode {
         JoinError::ShuttingDown => CloseCode::SERVICE_RESTART,
         JoinError::Busy
         | JoinError::StorageUnavailable
+        | JoinError::LoadUnavailable
         | JoinError::Timeout
         | JoinError::NotJoined => CloseCode::TRY_AGAIN_LATER,
         JoinError::LoadFailed => CloseCode::INTERNAL_ERROR,

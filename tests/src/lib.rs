@@ -382,6 +382,36 @@ impl EngineProcess {
     }
 }
 
+/// Sends only the head of a `PUT` announcing `length` bytes (and 64 KiB of them), then reads
+/// the answer's status line: an engine that refuses before reading the body answers at once.
+pub async fn put_head(
+    node: &EngineProcess,
+    path: &str,
+    token: Option<&str>,
+    length: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(("127.0.0.1", node.port)).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "PUT /synchrony{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let _ = stream.write_all(&vec![0u8; 64 << 10]).await;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .expect("an answer before the body was sent")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Runs `synchrony <args>` to completion (bounded) and returns its exit code and stderr.
 pub async fn run_engine_to_exit(args: &[&str]) -> (Option<i32>, String) {
     let (code, _, stderr) = run_cli(args).await;

@@ -843,3 +843,309 @@ async fn encrypted_editor_tokens_minted_by_jwcrypto() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("jwt.private.key"), "{stderr}");
 }
+
+/// What a route needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Needs {
+    Read,
+    Full,
+    Admin,
+}
+
+/// A REST call with an optional token; `outside` adds an `X-Forwarded-For` of another machine,
+/// as a request through a proxy carries, so the engine does not count it as its own machine's.
+async fn call(
+    engine: &EngineProcess,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+    outside: bool,
+) -> synchrony_tests::HttpResponse {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    if let Some(b) = &bearer {
+        headers.push(("Authorization", b.as_str()));
+    }
+    if outside {
+        headers.push(("X-Forwarded-For", "203.0.113.9"));
+    }
+    headers.push(("Content-Type", "application/json"));
+    synchrony_tests::http_to(
+        "127.0.0.1",
+        engine.port,
+        method,
+        &format!("/synchrony{path}"),
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Everything a refused call must leave as it was, read with the admin token: the page's
+/// content, its versions, its stored rows, the locks and the document list.
+async fn fingerprint(engine: &EngineProcess, admin: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for path in [
+        "/v1/data/wiki/page-1?format=update",
+        "/v1/data/wiki/page-1/versions",
+        "/v1/history/count?doc=wiki/page-1",
+        "/v1/hub-lock-state",
+        "/v1/data?prefix=wiki/",
+    ] {
+        let r = call(engine, "GET", path, Some(admin), b"", false).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        seen.push(format!("{path}: {:?}", r.body));
+    }
+    seen
+}
+
+/// Every REST route meets every wrong token: none, a bad signature, an expired one, another
+/// page's, a read-only one where a change is asked, a page's where an admin is needed; each is
+/// refused with its status and type, and nothing (content, versions, stored rows, locks, the
+/// document list) changes. The operator routes are asked from outside (through a proxy), where
+/// they need an admin token. Read routes answer a read-only token.
+#[tokio::test]
+async fn every_rest_route_refuses_every_wrong_token_and_changes_nothing() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let admin = token(&[("admin", "admin")]);
+    let page = [("/data/wiki/page-1", "full")];
+    let setup = [
+        (
+            "PUT",
+            "/v1/data/wiki/page-1?reset=true&name=content",
+            &b"base"[..],
+        ),
+        (
+            "POST",
+            "/v1/data/wiki/page-1/versions",
+            br#"{"label":"v1"}"#,
+        ),
+        (
+            "PUT",
+            "/v1/data/wiki/page-1?reset=true&name=content",
+            b"after the version",
+        ),
+        (
+            "POST",
+            "/v1/hub-lock-state?lock-id=6f1c2a52-0c1e-4d52-9d1b-1e9a3f0c0001",
+            br#"{"point-list":["wiki/other"],"timeout-ms":600000}"#,
+        ),
+    ];
+    for (method, path, body) in setup {
+        let r = call(&engine, method, path, Some(&admin), body, false).await;
+        assert!(r.status < 300, "{method} {path}: {}", r.text());
+    }
+    let now = unix_now();
+    let wrong: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        (
+            "bad signature",
+            Some(token_with(&page, |_| {}, "another-secret-0000")),
+        ),
+        (
+            "expired",
+            Some(token_with(
+                &page,
+                |c| {
+                    c.iat = now - 4000;
+                    c.exp = now - 120;
+                },
+                SECRET,
+            )),
+        ),
+        (
+            "another page's",
+            Some(token(&[("/data/wiki/page-2", "full")])),
+        ),
+        ("read-only", Some(token(&[("/data/wiki/page-1", "read")]))),
+        ("the page's, not admin", Some(token(&page))),
+    ];
+    let lock = "/v1/hub-lock-state?lock-id=6f1c2a52-0c1e-4d52-9d1b-1e9a3f0c0001";
+    let new_lock = "/v1/hub-lock-state?lock-id=6f1c2a52-0c1e-4d52-9d1b-1e9a3f0c0002";
+    // (method, path, body, needs, asked from outside)
+    let routes: Vec<(&str, &str, &[u8], Needs, bool)> = vec![
+        ("GET", "/v1/data/wiki/page-1", b"", Needs::Read, false),
+        (
+            "PUT",
+            "/v1/data/wiki/page-1?reset=true&name=content",
+            b"changed",
+            Needs::Full,
+            false,
+        ),
+        (
+            "POST",
+            "/v1/data/wiki/page-1/versions",
+            br#"{"label":"v2"}"#,
+            Needs::Full,
+            false,
+        ),
+        (
+            "GET",
+            "/v1/data/wiki/page-1/versions",
+            b"",
+            Needs::Read,
+            false,
+        ),
+        (
+            "GET",
+            "/v1/data/wiki/page-1/versions/1",
+            b"",
+            Needs::Read,
+            false,
+        ),
+        (
+            "POST",
+            "/v1/data/wiki/page-1/versions/1/restore",
+            b"",
+            Needs::Full,
+            false,
+        ),
+        (
+            "DELETE",
+            "/v1/data/wiki/page-1/versions/1",
+            b"",
+            Needs::Admin,
+            false,
+        ),
+        ("DELETE", "/v1/data/wiki/page-1", b"", Needs::Admin, false),
+        ("GET", "/v1/data?prefix=wiki/", b"", Needs::Admin, false),
+        ("GET", "/v1/hub-lock-state", b"", Needs::Admin, false),
+        (
+            "POST",
+            new_lock,
+            br#"{"point-list":["wiki/page-1"]}"#,
+            Needs::Admin,
+            false,
+        ),
+        ("DELETE", lock, b"", Needs::Admin, false),
+        (
+            "POST",
+            "/v1/history/evict/soft?threshold-hours=0",
+            b"",
+            Needs::Admin,
+            false,
+        ),
+        (
+            "POST",
+            "/v1/history/evict/hard?threshold-hours=0",
+            b"",
+            Needs::Admin,
+            false,
+        ),
+        (
+            "GET",
+            "/v1/history/count?doc=wiki/page-1",
+            b"",
+            Needs::Admin,
+            false,
+        ),
+        ("GET", "/v1/cluster", b"", Needs::Admin, true),
+        (
+            "GET",
+            "/v1/cluster/owner/wiki/page-1",
+            b"",
+            Needs::Admin,
+            true,
+        ),
+        ("GET", "/metrics", b"", Needs::Admin, true),
+    ];
+    let before = fingerprint(&engine, &admin).await;
+    let mut refusals = 0;
+    for (method, path, body, needs, outside) in &routes {
+        for (who, token) in &wrong {
+            let allowed = match (*who, needs) {
+                ("read-only", Needs::Read) => true,
+                ("the page's, not admin", Needs::Read | Needs::Full) => true,
+                _ => false,
+            };
+            if allowed && *needs != Needs::Read {
+                continue; // a change it may make; the refusals are what this test is about
+            }
+            let r = call(&engine, method, path, token.as_deref(), body, *outside).await;
+            let want: (u16, &str) = match *who {
+                _ if allowed => (200, ""),
+                "no token" => (401, "jwt/missing"),
+                "bad signature" => (401, "jwt/invalid-signature"),
+                "expired" => (401, "jwt/expired"),
+                _ => (403, "forbidden"),
+            };
+            assert_eq!(
+                r.status,
+                want.0,
+                "{method} {path} with {who} token: {}",
+                r.text()
+            );
+            if want.0 != 200 {
+                assert_eq!(
+                    r.json()["type"],
+                    want.1,
+                    "{method} {path} with {who} token: {}",
+                    r.text()
+                );
+                refusals += 1;
+            }
+            assert_eq!(
+                fingerprint(&engine, &admin).await,
+                before,
+                "{method} {path} with {who} token changed something"
+            );
+        }
+    }
+    // From outside, health tells a caller without an admin token only up or down.
+    for (who, token) in &wrong {
+        let r = call(&engine, "GET", "/v1/health", token.as_deref(), b"", true).await;
+        assert_eq!(r.status, 200, "{who}: {}", r.text());
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"status": "ok"}),
+            "health with {who} token"
+        );
+    }
+    let r = call(&engine, "GET", "/v1/health", Some(&admin), b"", true).await;
+    assert!(r.json()["storage"].is_object(), "{}", r.text());
+    println!(
+        "{refusals} refusals over {} routes, none changed anything",
+        routes.len()
+    );
+}
+
+/// `synchrony.metrics.access` in each of its modes, asked from this machine and from outside
+/// (through a proxy), with no token, a page's token and an admin token.
+#[tokio::test]
+async fn metrics_answer_each_access_mode_as_documented() {
+    let admin = token(&[("admin", "admin")]);
+    let page = token(&[("/data/wiki/page-1", "full")]);
+    // (mode, [local none, outside none, outside page, outside admin, local admin])
+    let modes = [
+        ("open", [200, 200, 200, 200, 200]),
+        ("loopback", [200, 401, 403, 200, 200]),
+        ("token", [401, 401, 403, 200, 200]),
+    ];
+    for (mode, want) in modes {
+        let engine =
+            EngineProcess::start(&secured(EngineOptions::default()).arg("--metrics-access", mode))
+                .await;
+        assert_eq!(register(&engine, SECRET).await, 200);
+        let asks = [
+            (None, false),
+            (None, true),
+            (Some(page.as_str()), true),
+            (Some(admin.as_str()), true),
+            (Some(admin.as_str()), false),
+        ];
+        for ((token, outside), status) in asks.into_iter().zip(want) {
+            let r = call(&engine, "GET", "/metrics", token, b"", outside).await;
+            assert_eq!(
+                r.status,
+                status,
+                "metrics in {mode} mode, token {token:?}, outside {outside}: {}",
+                r.text()
+            );
+            if status == 200 {
+                assert!(r.text().contains("synchrony_"), "{}", r.text());
+            }
+        }
+    }
+}

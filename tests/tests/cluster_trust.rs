@@ -580,30 +580,6 @@ async fn link_bytes_sent(node: &EngineProcess, peer: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends the head of a `PUT` announcing `length` body bytes and a little of the body, then
-/// reads the answer's status line without sending the rest.
-async fn put_head(node: &EngineProcess, path: &str, token: Option<&str>, length: usize) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", node.port)).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "PUT /synchrony{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let _ = stream.write_all(&vec![0u8; 64 << 10]).await;
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
-        .await
-        .expect("an answer before the body was sent")
-        .unwrap();
-    String::from_utf8_lossy(&answer[..n])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_a_page_owned_elsewhere_is_refused_before_its_body_is_read() {
     let db = PgDatabase::create().await;
@@ -652,7 +628,7 @@ async fn a_request_for_a_page_owned_elsewhere_is_refused_before_its_body_is_read
         ("another page's token", Some(other_page), "403"),
         ("a read-only token", Some(read_only), "403"),
     ] {
-        let line = put_head(&a, &path, token.as_deref(), 40 << 20).await;
+        let line = synchrony_tests::put_head(&a, &path, token.as_deref(), 40 << 20).await;
         assert!(
             line.contains(status),
             "{what}: a 40 MiB PUT to a non-owner answered {line:?}, not {status}"

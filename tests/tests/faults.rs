@@ -88,6 +88,13 @@ async fn postgres_stopped_under_typing_editors() {
         return;
     };
     let engine = EngineProcess::start(&EngineOptions::postgres(&pg.url())).await;
+    // A second engine on the same database, stopped with SIGTERM while storage is down.
+    let mut doomed =
+        EngineProcess::start(&EngineOptions::postgres(&pg.url()).arg("--drain-timeout-secs", 3))
+            .await;
+    let mut doomed_editor = YClient::synced(&doomed, "app/doomed", true).await;
+    // A loaded page to delete while storage is down (its editor stays).
+    let _elsewhere = YClient::synced(&engine, "app/elsewhere", false).await;
     let doc = "app/outage";
     let mut a = YClient::synced(&engine, doc, true).await;
     let mut b = YClient::synced(&engine, doc, true).await;
@@ -135,19 +142,66 @@ async fn postgres_stopped_under_typing_editors() {
         started.elapsed()
     );
 
+    // Meanwhile, against deadlines the README gives: a delete gives up after 5 s (503); a
+    // join to a page that is not loaded ends within its 15 s deadline with 1013 (try again); a
+    // SIGTERM with edits not committed ends the drain at its timeout with exit 5 and an ERROR
+    // naming them.
+    let deadlines = async {
+        let started = tokio::time::Instant::now();
+        let delete = engine
+            .request("DELETE", "/v1/data/app/elsewhere", None, b"")
+            .await;
+        let took = started.elapsed();
+        assert_eq!(delete.status, 503, "{}", delete.text());
+        assert!(
+            took >= std::time::Duration::from_secs(4) && took < std::time::Duration::from_secs(10),
+            "the delete gave up after {took:?}, not at 5 s"
+        );
+        let started = tokio::time::Instant::now();
+        let mut joiner = synchrony_tests::RawClient::connect(&engine.ws_url("app/not-loaded", ""))
+            .await
+            .unwrap();
+        let ended = joiner.ended(WAIT).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(&ended, synchrony_tests::Ended::Closed { code: 1013, .. }),
+            "a join during the outage ended with {ended:?}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "the join gave up after {took:?}, past its 15 s deadline"
+        );
+        println!("a join during the outage ended with 1013 after {took:?}");
+        doomed_editor.append("never committed;").await;
+        let status = doomed.terminate().await;
+        assert_eq!(
+            status.code(),
+            Some(5),
+            "SIGTERM with storage down: {status:?}"
+        );
+        let log = doomed.log();
+        assert!(
+            log.contains("drain did not finish in time") && log.contains("uncommitted_updates=1"),
+            "{log}"
+        );
+        assert_eq!(doomed_editor.acked_edits(), 0);
+    };
     // Both keep typing through the outage and see each other; nothing new is acknowledged.
     let mut i = 0;
-    while stopped.elapsed() < outage() {
-        a.append(&format!("A{i};")).await;
-        b.append(&format!("B{i};")).await;
-        let (want_a, want_b) = (format!("A{i};"), format!("B{i};"));
-        a.wait_until("b's edit during the outage", |c| c.text().contains(&want_b))
-            .await;
-        b.wait_until("a's edit during the outage", |c| c.text().contains(&want_a))
-            .await;
-        i += 1;
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    let typing = async {
+        while stopped.elapsed() < outage() {
+            a.append(&format!("A{i};")).await;
+            b.append(&format!("B{i};")).await;
+            let (want_a, want_b) = (format!("A{i};"), format!("B{i};"));
+            a.wait_until("b's edit during the outage", |c| c.text().contains(&want_b))
+                .await;
+            b.wait_until("a's edit during the outage", |c| c.text().contains(&want_a))
+                .await;
+            i += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    tokio::join!(deadlines, typing);
     assert_eq!(
         a.acked_edits(),
         5,

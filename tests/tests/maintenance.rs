@@ -373,3 +373,165 @@ async fn acknowledgements_never_cover_an_edit_refused_under_a_lock() {
     let reader = YClient::synced(&engine, doc, false).await;
     assert_eq!(reader.text(), "before refused twice ");
 }
+
+/// A maintenance lock is a row of `doc_locks`: it outlives the engine. After a restart the page
+/// is still locked (listed, and a change refused with 423) until the lock is released.
+#[tokio::test]
+async fn a_lock_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EngineOptions::sqlite(dir.path());
+    let mut engine = EngineProcess::start(&options).await;
+    let doc = "app/locked-across-a-restart";
+    let lock = "/synchrony/v1/hub-lock-state?lock-id=3c7d1b8e-2f4a-4e0b-8a51-0d2c9e6f7a10";
+    let body = format!(r#"{{"point-list":["{doc}"],"timeout-ms":600000}}"#);
+    let taken = synchrony_tests::http(engine.port, "POST", lock, &[], body.as_bytes()).await;
+    assert_eq!(taken.status, 200, "{}", taken.text());
+    assert!(engine.terminate().await.success());
+    let engine = EngineProcess::start(&options).await;
+    let (status, listed) = engine.get("/v1/hub-lock-state").await;
+    assert_eq!(status, 200);
+    assert!(
+        listed.contains(doc),
+        "the lock is gone after a restart: {listed}"
+    );
+    let path = format!("/v1/data/{doc}?reset=true&name=content");
+    let refused = engine.request("PUT", &path, None, b"changed").await;
+    assert_eq!(refused.status, 423, "{}", refused.text());
+    assert_eq!(refused.json()["type"], "hub.error/locked");
+    let released = synchrony_tests::http(engine.port, "DELETE", lock, &[], b"").await;
+    assert_eq!(released.json()["released"], true, "{}", released.text());
+    assert_eq!(
+        engine.request("PUT", &path, None, b"changed").await.status,
+        200
+    );
+}
+
+/// A page keeps at most 1,000 named versions: the next mark gets 409 `too-many-versions` and
+/// stores nothing; deleting one makes room again.
+#[tokio::test]
+async fn the_thousand_and_first_version_is_refused() {
+    let engine = EngineProcess::start(&EngineOptions::default()).await;
+    let doc = "app/many-versions";
+    let put = engine
+        .request(
+            "PUT",
+            &format!("/v1/data/{doc}?reset=true&name=content"),
+            None,
+            b"x",
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let base = format!("/synchrony/v1/data/{doc}/versions");
+    let mark = |n: usize| {
+        let base = base.clone();
+        let port = engine.port;
+        async move {
+            let body = format!(r#"{{"label":"v{n}"}}"#);
+            synchrony_tests::http(port, "POST", &base, &[], body.as_bytes()).await
+        }
+    };
+    for batch in 0..125 {
+        let answers = futures_util::future::join_all((0..8).map(|k| mark(batch * 8 + k))).await;
+        for answer in answers {
+            assert_eq!(answer.status, 201, "{}", answer.text());
+        }
+    }
+    let refused = mark(1000).await;
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert_eq!(refused.json()["type"], "too-many-versions");
+    let (_, count) = engine.get(&format!("/v1/history/count?doc={doc}")).await;
+    let count: serde_json::Value = serde_json::from_str(&count).unwrap();
+    assert_eq!(count["versions"], 1000, "{count}");
+    let first = synchrony_tests::http(engine.port, "DELETE", &format!("{base}/1"), &[], b"").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(mark(1001).await.status, 201);
+}
+
+/// A restore while two editors type: what was typed after the version and before the restore
+/// is gone, the version's content is back, what is typed after the restore stays, and both
+/// editors and storage end with the same text.
+#[tokio::test]
+async fn a_restore_while_editors_type_converges_on_the_version_and_later_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(&EngineOptions::sqlite(dir.path())).await;
+    let doc = "app/restored-under-typing";
+    let mut a = YClient::synced(&engine, doc, true).await;
+    let mut b = YClient::synced(&engine, doc, true).await;
+    let type_round = async |a: &mut YClient, b: &mut YClient, tag: &str, i: usize| {
+        a.append(&format!("<a{tag}{i}>")).await;
+        b.append(&format!("<b{tag}{i}>")).await;
+        let _ = a.pump_one(std::time::Duration::from_millis(5)).await;
+        let _ = b.pump_one(std::time::Duration::from_millis(5)).await;
+    };
+    for i in 0..10 {
+        type_round(&mut a, &mut b, "kept", i).await;
+    }
+    for c in [&mut a, &mut b] {
+        let edits = c.edits;
+        c.wait_until("acks before the mark", |c| c.acked_edits() == edits)
+            .await;
+    }
+    let marked = engine
+        .request(
+            "POST",
+            &format!("/v1/data/{doc}/versions"),
+            None,
+            br#"{"label":"v"}"#,
+        )
+        .await;
+    assert_eq!(marked.status, 201, "{}", marked.text());
+    let version = marked.json()["version"]["id"].as_i64().unwrap();
+    for i in 0..10 {
+        type_round(&mut a, &mut b, "gone", i).await;
+    }
+    for c in [&mut a, &mut b] {
+        let edits = c.edits;
+        c.wait_until("acks before the restore", |c| c.acked_edits() == edits)
+            .await;
+    }
+    // The restore goes out while both keep typing.
+    let restore_path = format!("/v1/data/{doc}/versions/{version}/restore");
+    let restore = engine.request("POST", &restore_path, None, b"");
+    let typing = async {
+        for i in 0..10 {
+            type_round(&mut a, &mut b, "during", i).await;
+        }
+    };
+    let (restored, ()) = tokio::join!(restore, typing);
+    assert_eq!(restored.status, 200, "{}", restored.text());
+    for i in 0..10 {
+        type_round(&mut a, &mut b, "after", i).await;
+    }
+    a.wait_until("the last edit of b", |c| c.text().contains("<bafter9>"))
+        .await;
+    b.wait_until("the last edit of a", |c| c.text().contains("<aafter9>"))
+        .await;
+    for c in [&mut a, &mut b] {
+        let edits = c.edits;
+        c.wait_until("every edit acknowledged", |c| c.acked_edits() == edits)
+            .await;
+    }
+    a.drain(std::time::Duration::from_millis(200)).await;
+    b.drain(std::time::Duration::from_millis(200)).await;
+    let text = a.text();
+    assert_eq!(b.text(), text);
+    let (stored, _) =
+        synchrony_tests::stored_text(&synchrony_tests::sqlite_url(dir.path()), doc).await;
+    assert_eq!(stored, text);
+    for i in 0..10 {
+        for who in ["a", "b"] {
+            assert!(
+                text.contains(&format!("<{who}kept{i}>")),
+                "{who}kept{i} lost: {text}"
+            );
+            assert!(
+                !text.contains(&format!("<{who}gone{i}>")),
+                "{who}gone{i} survived: {text}"
+            );
+            assert!(
+                text.contains(&format!("<{who}after{i}>")),
+                "{who}after{i} lost: {text}"
+            );
+        }
+    }
+}

@@ -55,6 +55,16 @@ pub(crate) const STREAM_QUEUE: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A failing address is logged at WARN at most this often.
 pub(crate) const WARN_EVERY: Duration = Duration::from_secs(30);
+/// How long before an address that answered as this node itself is dialed again.
+const ITSELF_RETRY: Duration = Duration::from_secs(30);
+/// Handshakes one remote address may have in progress at once (of [`MAX_HANDSHAKES`]).
+const HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Handshake slots kept for addresses of known members, beyond [`MAX_HANDSHAKES`].
+const MEMBER_HANDSHAKES: usize = 16;
+/// The first hello must arrive this soon after the connection opens (dialers send it at once).
+const FIRST_HELLO: Duration = Duration::from_secs(2);
+/// Refusals logged as WARN per [`WARN_EVERY`] in all; the rest are counted and summed up.
+const LOUD_REFUSALS: u32 = 20;
 
 /// What a route hears on a stream it opened.
 #[derive(Debug)]
@@ -439,9 +449,27 @@ impl From<String> for Refusal {
 }
 
 /// Logs refusals at most every [`WARN_EVERY`] per remote address and kind of refusal (debug
-/// in between). The kind is the reason's first words, which never hold remote content.
+/// in between), and at most [`LOUD_REFUSALS`] WARN lines per [`WARN_EVERY`] in all (those held
+/// back are counted in one line). The kind is the reason's first 16 letters, which never hold
+/// remote content (remote numbers and names come later, or are not letters).
 #[derive(Default)]
-struct RefusalLog(Mutex<HashMap<(std::net::IpAddr, String), Instant>>);
+struct RefusalLog(Mutex<RefusalWindow>);
+
+#[derive(Default)]
+struct RefusalWindow {
+    last: HashMap<(std::net::IpAddr, String), Instant>,
+    started: Option<Instant>,
+    loud: u32,
+    held_back: u64,
+}
+
+fn refusal_kind(reason: &str) -> String {
+    reason
+        .chars()
+        .filter(|c| c.is_ascii_alphabetic() || *c == ' ')
+        .take(16)
+        .collect()
+}
 
 impl RefusalLog {
     fn log(&self, remote: std::net::SocketAddr, refusal: &Refusal) {
@@ -450,20 +478,34 @@ impl RefusalLog {
             .as_deref()
             .map(shown)
             .unwrap_or_else(|| "?".into());
-        let loud = self.0.lock().is_ok_and(|mut last| {
-            if last.len() > 4096 {
-                last.clear();
-            }
+        let mut summary = None;
+        let loud = self.0.lock().is_ok_and(|mut w| {
             let now = Instant::now();
-            let key = (remote.ip(), refusal.reason.chars().take(16).collect());
-            match last.get(&key) {
-                Some(at) if at.elapsed() < WARN_EVERY => false,
-                _ => {
-                    last.insert(key, now);
-                    true
-                }
+            if w.started.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                summary = Some(std::mem::take(&mut w.held_back)).filter(|n| *n > 0);
+                w.started = Some(now);
+                w.loud = 0;
+                w.last.retain(|_, at| at.elapsed() < WARN_EVERY);
             }
+            let key = (remote.ip(), refusal_kind(&refusal.reason));
+            let repeat = w.last.get(&key).is_some_and(|at| at.elapsed() < WARN_EVERY);
+            if repeat {
+                return false;
+            }
+            if w.loud >= LOUD_REFUSALS || w.last.len() >= 4096 {
+                w.held_back += 1;
+                return false;
+            }
+            w.last.insert(key, now);
+            w.loud += 1;
+            true
         });
+        if let Some(n) = summary {
+            tracing::warn!(
+                refusals = n,
+                "peer links refused in the last 30 s were not logged one by one (too many)"
+            );
+        }
         if loud {
             tracing::warn!(%remote, %node, reason = %refusal.reason, "refused a peer link (repeats from this address are logged at debug for 30 s)");
         } else {
@@ -472,8 +514,42 @@ impl RefusalLog {
     }
 }
 
+/// Handshakes in progress per remote address, so that one address cannot hold every slot.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One handshake of one address, counted until dropped.
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut counts = self.0.lock().ok()?;
+        let n = counts.entry(ip).or_default();
+        if *n >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.0 .0.lock() {
+            if let Some(n) = counts.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.1);
+                }
+            }
+        }
+    }
+}
+
 pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let member_handshakes = Arc::new(tokio::sync::Semaphore::new(MEMBER_HANDSHAKES));
+    let per_address = Arc::new(PerAddress::default());
     let refusals = Arc::new(RefusalLog::default());
     loop {
         let accepted = tokio::select! {
@@ -488,15 +564,42 @@ pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(slot) = handshakes.clone().try_acquire_owned() else {
-            // Dropping the socket closes it: past the cap nothing is read.
+        // Dropping the socket closes it: past a cap nothing is read. A known member's address
+        // may use the slots kept for members when the others are taken.
+        let Some(address_slot) = per_address.take(remote.ip()) else {
             refusals.log(
                 remote,
                 &Refusal::from(format!(
-                    "{MAX_HANDSHAKES} handshakes are already in progress"
+                    "too many handshakes from this address ({HANDSHAKES_PER_ADDRESS})"
                 )),
             );
             continue;
+        };
+        let slot = match handshakes.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) if cluster.is_member_ip(remote.ip()) => {
+                match member_handshakes.clone().try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        refusals.log(
+                            remote,
+                            &Refusal::from(format!(
+                                "{MAX_HANDSHAKES} handshakes are already in progress"
+                            )),
+                        );
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                refusals.log(
+                    remote,
+                    &Refusal::from(format!(
+                        "{MAX_HANDSHAKES} handshakes are already in progress"
+                    )),
+                );
+                continue;
+            }
         };
         let cluster = cluster.clone();
         let tracker = cluster.tracker.clone();
@@ -514,6 +617,7 @@ pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
                 Ok(outcome) => outcome,
             };
             drop(slot);
+            drop(address_slot);
             match outcome {
                 Ok((hello, sealer, opener)) => {
                     run_link(cluster, wire, hello, false, sealer, opener).await
@@ -530,7 +634,9 @@ async fn accept_handshake(
     wire: &mut Wire,
     remote: std::net::SocketAddr,
 ) -> Result<(Hello, Sealer, Opener), Refusal> {
-    let theirs_bytes = receive(wire).await?;
+    let theirs_bytes = timeout(FIRST_HELLO, receive(wire))
+        .await
+        .map_err(|_| Refusal::from(format!("no hello within {FIRST_HELLO:?}")))??;
     let theirs = expect_hello(&theirs_bytes)?;
     let node = Some(theirs.node.clone());
     let refused = |reason: String| Refusal {
@@ -720,8 +826,19 @@ pub(crate) async fn dial_loop(cluster: Arc<Cluster>, addr: String) {
             .unwrap_or_else(|_| Err(format!("no handshake within {HANDSHAKE_DEADLINE:?}")));
         match dialed {
             Ok(Dialed::Itself) => {
-                tracing::debug!(%addr, "member address is this node's own");
-                return;
+                // Said by an unauthenticated hello, which anyone on the path can echo: never a
+                // reason to stop dialing for good. Asked again rarely, and given up like any
+                // address that is not configured.
+                tracing::debug!(%addr, "member address answers as this node's own");
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if !seed && since.elapsed() >= super::membership::FORGET_AFTER {
+                    cluster.forget_address(&addr);
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ITSELF_RETRY) => {}
+                    _ = cluster.cancel.cancelled() => return,
+                }
             }
             Ok(Dialed::Linked(linked)) => {
                 let (wire, hello, sealer, opener) = *linked;
@@ -1117,4 +1234,56 @@ fn dispatch(cluster: &Arc<Cluster>, link: &Arc<Link>, message: PeerMessage) -> b
         }
     }
     true
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_kind_holds_no_remote_content() {
+        // Remote numbers and names do not make new kinds, so they cannot make new WARN lines.
+        assert_eq!(
+            refusal_kind("12 trailing bytes"),
+            refusal_kind("99999 trailing bytes")
+        );
+        assert_eq!(
+            refusal_kind(r#"node of cluster "a" is not a member"#),
+            refusal_kind(r#"node of cluster "zz" is not a member"#)
+        );
+        assert_ne!(
+            refusal_kind("no hello within 2s"),
+            refusal_kind("wrong secret")
+        );
+    }
+
+    #[test]
+    fn refusals_past_the_loud_budget_are_held_back_and_counted() {
+        let log = RefusalLog::default();
+        for i in 0..(LOUD_REFUSALS as u16 + 30) {
+            let remote = std::net::SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 1));
+            log.log(remote, &Refusal::from("wrong secret".to_owned()));
+        }
+        let w = log.0.lock().unwrap();
+        assert_eq!(w.loud, LOUD_REFUSALS);
+        assert_eq!(w.held_back, 30);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_handshakes() {
+        let per = Arc::new(PerAddress::default());
+        let ip: std::net::IpAddr = [192, 0, 2, 1].into();
+        let slots: Vec<_> = (0..HANDSHAKES_PER_ADDRESS)
+            .map(|_| per.take(ip).unwrap())
+            .collect();
+        assert!(per.take(ip).is_none());
+        assert!(per.take([192, 0, 2, 2].into()).is_some());
+        drop(slots);
+        assert!(per.take(ip).is_some());
+        assert!(
+            per.0.lock().unwrap().is_empty(),
+            "counts are forgotten at zero"
+        );
+    }
 }

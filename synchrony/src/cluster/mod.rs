@@ -261,6 +261,20 @@ impl Cluster {
     }
 
     /// Peer addresses of the live members, for heartbeats.
+    /// Whether `ip` is the address of a member this node knows or of a configured member: such
+    /// a peer may use the handshake slots kept for members.
+    pub(crate) fn is_member_ip(&self, ip: std::net::IpAddr) -> bool {
+        let members = self.members();
+        members
+            .iter()
+            .map(|m| m.info.peer_addr.as_str())
+            .chain(self.settings.seeds.iter().map(String::as_str))
+            .any(|a| {
+                a.parse::<std::net::SocketAddr>()
+                    .is_ok_and(|s| s.ip() == ip)
+            })
+    }
+
     fn known_addresses(&self) -> Vec<String> {
         self.members()
             .into_iter()

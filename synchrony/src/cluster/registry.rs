@@ -213,12 +213,17 @@ pub(crate) async fn run(cluster: Arc<Cluster>, url: String) {
                     match verify_entry(&settings.secret, &settings.name, &id, &entry, now) {
                         Ok(addr) => verified.push((id, addr)),
                         Err(why) => {
-                            if forged.len() > 1024 {
-                                forged.clear();
+                            // One WARN per id every 30 s, for at most 1,024 ids at once (a
+                            // registry full of junk must not flood the log); the rest at debug.
+                            if forged.len() >= 1024 {
+                                forged.retain(|_, at| at.elapsed() < WARN_EVERY);
                             }
-                            if forged.get(&id).is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            let due = forged.get(&id).is_none_or(|at| at.elapsed() >= WARN_EVERY);
+                            if due && forged.len() < 1024 {
                                 tracing::warn!(id = %shown(&id), entry = %shown(&entry), why, "ignored a Redis registry entry");
                                 forged.insert(id, Instant::now());
+                            } else {
+                                tracing::debug!(id = %shown(&id), why, "ignored a Redis registry entry");
                             }
                         }
                     }
