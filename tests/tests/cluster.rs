@@ -1516,3 +1516,146 @@ async fn nodes_one_protocol_version_apart_link_and_two_apart_are_refused() {
         2
     );
 }
+
+/// An eviction job asked of one node runs on every node, each on the pages it owns, and the
+/// answer sums them: nine pages spread over three owners are each counted once (skipped by the
+/// soft job while open, merged by the hard one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_job_runs_on_every_node_and_sums_their_reports() {
+    let db = PgDatabase::create().await;
+    let nodes = start_nodes(&db.url, 3).await;
+    let ids = [
+        node_id(&nodes[0]).await,
+        node_id(&nodes[1]).await,
+        node_id(&nodes[2]).await,
+    ];
+    let mut pages: Vec<String> = Vec::new();
+    let mut per_owner = [0; 3];
+    for i in 0.. {
+        let doc = format!("evict/{i}");
+        let owner = owner_of(&nodes[0], &doc).await;
+        let k = ids.iter().position(|id| *id == owner).unwrap();
+        if per_owner[k] < 3 {
+            per_owner[k] += 1;
+            pages.push(doc);
+        }
+        if pages.len() == 9 {
+            break;
+        }
+    }
+    // Three changes each, through node 0 (carried to the owners): three log rows per page.
+    for doc in &pages {
+        for n in 0..3 {
+            let path = format!("/v1/data/{doc}?reset=true&name=content");
+            let put = nodes[0]
+                .request("PUT", &path, None, format!("v{n}").as_bytes())
+                .await;
+            assert_eq!(put.status, 200, "{}", put.text());
+        }
+    }
+    // The soft job passes over open pages: each is counted once, as skipped by its owner.
+    let soft = nodes[0]
+        .request(
+            "POST",
+            "/v1/history/evict/soft?threshold-hours=0",
+            None,
+            b"",
+        )
+        .await;
+    assert_eq!(soft.status, 200, "{}", soft.text());
+    let soft = soft.json();
+    assert_eq!(soft["nodes"], 3, "{soft}");
+    assert_eq!(
+        soft["report"]["skipped"], 9,
+        "each open page counted once: {soft}"
+    );
+    assert_eq!(soft["report"]["documents"], 0, "{soft}");
+    // The hard job (history only) merges every page's log, each on its owner.
+    let answer = nodes[0]
+        .request(
+            "POST",
+            "/v1/history/evict/hard?threshold-hours=0&delete=false",
+            None,
+            b"",
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = answer.json();
+    println!("eviction over three nodes: {soft} then {answer}");
+    assert_eq!(answer["nodes"], 3, "{answer}");
+    assert_eq!(answer["unreached"], serde_json::json!([]), "{answer}");
+    let report = &answer["report"];
+    assert_eq!(
+        report["documents"], 9,
+        "each page counted once, by its owner: {answer}"
+    );
+    assert_eq!(report["compacted"], 9, "{answer}");
+    assert_eq!(report["skipped"], 0, "{answer}");
+    assert_eq!(report["failed"], 0, "{answer}");
+    // Every page's log was merged into its snapshot, and its content is intact.
+    for doc in &pages {
+        let (_, count) = nodes[1].get(&format!("/v1/history/count?doc={doc}")).await;
+        let count: serde_json::Value = serde_json::from_str(&count).unwrap();
+        assert_eq!(count["updates"], 0, "{doc}: {count}");
+        let (_, text) = nodes[2]
+            .get(&format!("/v1/data/{doc}?format=text&name=content"))
+            .await;
+        assert_eq!(text, "v2", "{doc}");
+    }
+}
+
+/// A lock change is confirmed by every live member before it is answered: with one member
+/// frozen (SIGSTOP: its link stays open, nothing answers), the lock is recorded but the answer
+/// is 503 `lock-not-confirmed` naming it; thawed, it applies the lock from storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_a_member_cannot_confirm_is_answered_503_and_applied_later() {
+    let db = PgDatabase::create().await;
+    let nodes = start_nodes(&db.url, 2).await;
+    let frozen = node_id(&nodes[1]).await;
+    let pid = nix::unistd::Pid::from_raw(nodes[1].pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let lock = "/v1/hub-lock-state?lock-id=8b0e6c1a-5d2f-4a7e-9c3b-2f1d0e9a8b01";
+    let answer = nodes[0]
+        .request(
+            "POST",
+            lock,
+            None,
+            br#"{"point-list":["frozen/page"],"timeout-ms":600000}"#,
+        )
+        .await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(
+        answer.json()["type"],
+        "lock-not-confirmed",
+        "{}",
+        answer.text()
+    );
+    assert!(answer.text().contains(&frozen), "{}", answer.text());
+    let (_, listed) = nodes[0].get("/v1/hub-lock-state").await;
+    assert!(
+        listed.contains("frozen/page"),
+        "recorded on the node asked: {listed}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, listed) = nodes[1].get("/v1/hub-lock-state").await;
+        if listed.contains("frozen/page") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the thawed member never applied the lock: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = nodes[1]
+        .request(
+            "PUT",
+            "/v1/data/frozen/page?reset=true&name=content",
+            None,
+            b"x",
+        )
+        .await;
+    assert_eq!(refused.status, 423, "{}", refused.text());
+}
