@@ -243,7 +243,10 @@ async fn route_to_owner(
         if engine.clustered() {
             return ApiError::Unavailable("not ready").into_response();
         }
-        return next.run(request).await;
+        return match tokens_first(&engine, request, &doc).await {
+            Ok(request) => next.run(request).await,
+            Err(refusal) => refusal,
+        };
     };
     if request
         .extensions()
@@ -261,7 +264,10 @@ async fn route_to_owner(
         return next.run(request).await;
     };
     match cluster.owner_in(&cluster.view(), id.as_str()) {
-        Owner::Local => next.run(request).await,
+        Owner::Local => match tokens_first(&engine, request, &doc).await {
+            Ok(request) => next.run(request).await,
+            Err(refusal) => refusal,
+        },
         Owner::Remote { node } => {
             // Tokens first: a request that could not pass the owner's checks is refused here,
             // before its body is read or anything crosses the link (the owner checks again,
@@ -292,6 +298,29 @@ const XML_PARSES_AT_ONCE: usize = 2;
 /// How long a reset waits for its turn to be parsed before 503.
 const XML_PARSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 static XML_PARSES: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+
+/// Tokens first for a change that carries a body (`PUT`, `POST`): the caller must hold a valid
+/// token allowed to change the page before a byte of the body is read. (A handler extracts
+/// its body before it runs, so its own access check would come after reading it all; the
+/// handler still checks exactly what its route needs.)
+async fn tokens_first(
+    engine: &Arc<Engine>,
+    request: axum::extract::Request,
+    doc: &str,
+) -> Result<axum::extract::Request, Response> {
+    use axum::http::Method;
+    if !matches!(*request.method(), Method::PUT | Method::POST) {
+        return Ok(request);
+    }
+    let Ok(id) = DocId::parse(crate::versions::split(doc).0) else {
+        return Ok(request);
+    };
+    let (mut parts, body) = request.into_parts();
+    may_reach(engine, &mut parts, &id)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    Ok(axum::extract::Request::from_parts(parts, body))
+}
 
 /// Whether a document request may be carried to the document's owner: a valid token with at
 /// least read access to the document (full access for a change). What exactly each route

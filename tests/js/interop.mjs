@@ -80,8 +80,13 @@ const scenarios = {
     offline.provider.disconnect()
     offline.text.insert(0, 'OFFLINE;')
     offline.map.set('offline', true)
-    await new Promise((resolve) => setTimeout(resolve, 200))
+    // An edit made after it by a connected client reaches the others: had the offline edit
+    // leaked, it would have been there first.
+    clients[1].map.set('after-offline', true)
+    await waitFor('the connected edit after the offline one',
+      () => clients.slice(1).every((c) => c.map.get('after-offline') === true))
     if (clients.slice(1).some((c) => c.text.toString().includes('OFFLINE'))) fail('offline edit leaked before reconnect')
+    if (offline.map.get('after-offline') !== undefined) fail('the disconnected client still receives')
     offline.provider.connect()
     await waitFor('offline edits to reach the others',
       () => clients.every((c) => c.text.toString().startsWith('OFFLINE;') && c.map.get('offline') === true))
@@ -362,7 +367,13 @@ const scenarios = {
     await waitFor('sync', () => synced(c))
     c.provider.ws.addEventListener('message', (e) => seen.push(new Uint8Array(e.data)[0]))
     for (let i = 0; i < 10; i++) c.text.insert(0, `${i}`)
-    await new Promise((resolve) => setTimeout(resolve, 500))
+    // Another client's edit after them comes back to this one after anything the engine sent
+    // it about its own ten.
+    const other = client('other')
+    await waitFor('the other synced', () => synced(other))
+    other.text.insert(0, 'END;')
+    await waitFor('the edit after them', () => c.text.toString().includes('END;'))
+    other.provider.destroy()
     c.provider.destroy()
     const unknown = seen.filter((t) => t > 3)
     if (unknown.length) fail(`stock client received message types ${unknown}`)

@@ -1148,3 +1148,33 @@ async fn metrics_answer_each_access_mode_as_documented() {
         }
     }
 }
+
+/// A REST change's body is read only once its token is known to allow it: a 40 MiB `PUT` (the
+/// head and 64 KiB of it sent) without a token, with another page's token and with a read-only
+/// token is answered at once, without waiting for the rest; the page is unchanged.
+#[tokio::test]
+async fn rest_bodies_are_read_only_after_the_token_allows_the_change() {
+    let engine = EngineProcess::start(&secured(EngineOptions::default())).await;
+    assert_eq!(register(&engine, SECRET).await, 200);
+    let path = "/v1/data/wiki/page-1?reset=true&name=content";
+    let other = token(&[("/data/wiki/page-2", "full")]);
+    let read = token(&[("/data/wiki/page-1", "read")]);
+    for (who, token, status) in [
+        ("no token", None, "401"),
+        ("another page's token", Some(other.as_str()), "403"),
+        ("a read-only token", Some(read.as_str()), "403"),
+    ] {
+        let line = synchrony_tests::put_head(&engine, path, token, 40 << 20).await;
+        assert!(line.contains(status), "{who}: {line}");
+    }
+    let admin = token(&[("admin", "admin")]);
+    let page = engine
+        .request(
+            "GET",
+            "/v1/data/wiki/page-1?format=text&name=content",
+            Some(&admin),
+            b"",
+        )
+        .await;
+    assert_eq!(page.text(), "", "{}", page.text());
+}

@@ -93,8 +93,13 @@ async fn postgres_stopped_under_typing_editors() {
         EngineProcess::start(&EngineOptions::postgres(&pg.url()).arg("--drain-timeout-secs", 3))
             .await;
     let mut doomed_editor = YClient::synced(&doomed, "app/doomed", true).await;
-    // A loaded page to delete while storage is down (its editor stays).
+    // A loaded page to delete while storage is down (its editor stays), and two to fill the
+    // commit queue (loaded now: nothing loads while storage is down).
     let _elsewhere = YClient::synced(&engine, "app/elsewhere", false).await;
+    let mut fillers = [
+        YClient::synced(&engine, "app/filler-1", false).await,
+        YClient::synced(&engine, "app/filler-2", false).await,
+    ];
     let doc = "app/outage";
     let mut a = YClient::synced(&engine, doc, true).await;
     let mut b = YClient::synced(&engine, doc, true).await;
@@ -202,6 +207,44 @@ async fn postgres_stopped_under_typing_editors() {
         }
     };
     tokio::join!(deadlines, typing);
+    // The commit queue holds 64 MiB: writers of 1 MiB edits (on two pages, each well under
+    // the 64 MiB page limit) fill it and are refused with 1013 (their clients keep what they
+    // typed), and so is a join while the queue is full.
+    let mib = "f".repeat(1 << 20);
+    let mut sent = 0;
+    let refused = 'filling: loop {
+        for filler in &mut fillers {
+            assert!(sent < 200, "the queue never filled after {sent} MiB");
+            if !filler.try_append(&mib).await {
+                break 'filling filler.raw.ended(WAIT).await;
+            }
+            sent += 1;
+            if let synchrony_tests::Next::Ended(code) =
+                filler.pump_one(std::time::Duration::from_millis(1)).await
+            {
+                break 'filling synchrony_tests::Ended::Closed {
+                    code: code.unwrap_or(0),
+                    reason: filler.raw.closed.clone().unwrap_or_default(),
+                };
+            }
+        }
+    };
+    assert!(
+        matches!(&refused, synchrony_tests::Ended::Closed { code: 1013, .. }),
+        "a writer filling the queue ended with {refused:?} after {sent} MiB"
+    );
+    assert!(
+        (58..=72).contains(&sent),
+        "the 64 MiB queue took {sent} MiB"
+    );
+    let mut late = synchrony_tests::RawClient::connect(&engine.ws_url("app/late", ""))
+        .await
+        .unwrap();
+    let ended = late.ended(WAIT).await;
+    assert!(
+        matches!(&ended, synchrony_tests::Ended::Closed { code: 1013, .. }),
+        "a join while the queue is full ended with {ended:?}"
+    );
     assert_eq!(
         a.acked_edits(),
         5,
