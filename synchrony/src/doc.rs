@@ -1549,6 +1549,14 @@ impl DocActor {
             let mut txn = doc.transact_mut();
             let had_pending = txn.has_missing_updates();
             txn.apply_update(update).map_err(|e| e.to_string())?;
+            if let Some(marker) = &crate::testing::hooks().panic_on_update_with {
+                if raw
+                    .windows(marker.len().max(1))
+                    .any(|w| w == marker.as_bytes())
+                {
+                    panic!("test hook: yrs failed half-way through an update");
+                }
+            }
             let changed = txn.before_state() != txn.after_state() || !txn.delete_set().is_empty();
             let encoded = changed.then(|| txn.encode_update_v1());
             let missing = txn.has_missing_updates();

@@ -674,6 +674,9 @@ async fn serve(config: ServeConfig) -> ExitCode {
             // waiting for its links to die, and its documents hand their state over first
             // (within a quarter of the drain).
             engine.stop_admitting();
+            if let Some(ms) = synchrony::testing::hooks().delay_leave_ms {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             if let Some(cluster) = engine.cluster.get() {
                 cluster.leave(drain_timeout / 4).await;
             }

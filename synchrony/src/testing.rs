@@ -14,6 +14,15 @@ pub struct TestHooks {
     /// apart, in one build).
     #[arg(long = "test-peer-protocol-version", hide = true)]
     pub peer_protocol_version: Option<u32>,
+    /// Makes yrs "fail" half-way through applying any update whose bytes contain this text:
+    /// applied inside the transaction, then a panic (the rebuild from storage that follows is
+    /// otherwise reachable only through a yrs bug).
+    #[arg(long = "test-panic-on-update-with", hide = true)]
+    pub panic_on_update_with: Option<String>,
+    /// Holds a stopping node this long after it stops admitting clients and before it leaves
+    /// its cluster (the moment in which it must refuse editors but still carry REST, widened).
+    #[arg(long = "test-delay-leave-ms", hide = true)]
+    pub delay_leave_ms: Option<u64>,
 }
 
 static HOOKS: OnceLock<TestHooks> = OnceLock::new();

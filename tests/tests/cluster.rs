@@ -1659,3 +1659,80 @@ async fn a_lock_a_member_cannot_confirm_is_answered_503_and_applied_later() {
         .await;
     assert_eq!(refused.status, 423, "{}", refused.text());
 }
+
+/// A stopping node (SIGTERM) admits no new editor from that moment: WebSocket upgrades get 503
+/// and `/heartbeat` fails, so a load balancer sends editors elsewhere, while its open sessions
+/// go on and document REST requests are still carried to their owners. The hidden test flag
+/// holds the node in that moment for 3 s; then it leaves and closes its editors with 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_refuses_editors_and_still_carries_rest() {
+    let db = PgDatabase::create().await;
+    let addrs = peer_addresses(2);
+    let a = EngineProcess::start(&node_options(&db.url, &addrs[0], &addrs, SECRET, "test")).await;
+    let mut b = EngineProcess::start(
+        &node_options(&db.url, &addrs[1], &addrs, SECRET, "test")
+            .arg("--test-delay-leave-ms", 3000),
+    )
+    .await;
+    wait_for_live(&a, 2).await;
+    wait_for_live(&b, 2).await;
+    let a_id = node_id(&a).await;
+    let mut page = String::new();
+    for i in 0.. {
+        page = format!("stopping/{i}");
+        if owner_of(&b, &page).await == a_id {
+            break;
+        }
+    }
+    let put = a
+        .request(
+            "PUT",
+            &format!("/v1/data/{page}?reset=true&name=content"),
+            None,
+            b"carried",
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.text());
+    let mut editor = YClient::synced(&b, &page, true).await;
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    // The heartbeat fails first (it is how a load balancer learns); then, in the same moment:
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.get("/heartbeat").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the heartbeat never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let upgrade = synchrony_tests::RawClient::connect(&b.ws_url(&page, "")).await;
+    let refused = upgrade.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        refused.contains("503"),
+        "an upgrade to a stopping node: {refused:?}"
+    );
+    let (status, text) = b
+        .get(&format!("/v1/data/{page}?format=text&name=content"))
+        .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "carried"),
+        "REST through a stopping node"
+    );
+    // The open session goes on meanwhile.
+    editor.append("typed while its node stops;").await;
+    editor
+        .wait_until("acknowledged", |c| c.acked_edits() == 1)
+        .await;
+    assert_eq!(
+        b.get("/heartbeat").await.0,
+        503,
+        "the moment ended before the checks did"
+    );
+    // Then the node leaves, its editor is closed with 1012, and it exits cleanly.
+    let ended = editor.raw.ended(WAIT).await;
+    assert!(
+        matches!(&ended, synchrony_tests::Ended::Closed { code: 1012, .. }),
+        "the stopping node's editor ended with {ended:?}"
+    );
+    assert!(b.terminate().await.success());
+}
