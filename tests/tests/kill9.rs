@@ -48,8 +48,11 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
     for _ in 0..4 {
         clients.push(YClient::synced(&engine, &doc, true).await);
     }
-    let kill_after = rng.random_range(200..1500u64);
+    // Counted from the first acknowledgement (so that every trial has some to check, however
+    // slow the machine's first commit), the kill lands at a seeded moment while all type.
+    let kill_after = rng.random_range(0..1300u64);
     let started = tokio::time::Instant::now();
+    let mut first_ack: Option<tokio::time::Instant> = None;
     let mut round = 0;
     let mut killed: Option<tokio::time::Instant> = None;
     let mut open = [true; 4];
@@ -57,7 +60,16 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
     // of a round, with edits in flight. What a client counts as acknowledged is what the engine
     // told it before it died.
     while open.iter().any(|o| *o) {
-        if killed.is_none() && started.elapsed().as_millis() >= u128::from(kill_after) {
+        if first_ack.is_none() && clients.iter().any(|c| c.acked_edits() > 0) {
+            first_ack = Some(tokio::time::Instant::now());
+        }
+        assert!(
+            first_ack.is_some() || started.elapsed() < synchrony_tests::WAIT,
+            "seed {seed}: nothing acknowledged within {:?}",
+            synchrony_tests::WAIT
+        );
+        let due = first_ack.is_some_and(|at| at.elapsed().as_millis() >= u128::from(kill_after));
+        if killed.is_none() && due {
             engine.signal(nix::sys::signal::Signal::SIGKILL);
             killed = Some(tokio::time::Instant::now());
         }
@@ -110,7 +122,7 @@ async fn trial(options: &EngineOptions, url: &str, seed: u64) {
         }
     }
     eprintln!(
-        "seed {seed}: killed after {killed_after:?}, {round} rounds, {checked} acknowledged edits all stored"
+        "seed {seed}: killed {kill_after} ms after the first acknowledgement ({killed_after:?} in), {round} rounds, {checked} acknowledged edits all stored"
     );
     assert!(
         checked > 0,
