@@ -304,3 +304,48 @@ async fn an_update_yrs_fails_on_half_way_rebuilds_the_document_from_storage() {
         engine.log()
     );
 }
+
+/// Subdocuments are refused end to end (the engine neither loads nor syncs them, and their
+/// structs leaked memory in yrs): an update holding one closes its WebSocket with 1007 and gets
+/// 400 through REST; the bystander and storage are untouched.
+#[tokio::test]
+async fn an_update_holding_a_subdocument_is_refused_on_the_socket_and_through_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProcess::start(&EngineOptions::sqlite(dir.path())).await;
+    let doc = "app/with-a-subdocument";
+    let mut bystander = YClient::synced(&engine, doc, true).await;
+    bystander.append("kept;").await;
+    bystander.wait_until("ack", |c| c.acked_edits() == 1).await;
+    let update = {
+        use yrs::Transact;
+        let d = yrs::Doc::new();
+        let map = d.get_or_insert_map("m");
+        let mut txn = d.transact_mut();
+        yrs::Map::insert(&map, &mut txn, "sub", yrs::Doc::new());
+        txn.encode_update_v1()
+    };
+    let mut sender = YClient::synced(&engine, doc, false).await;
+    sender
+        .raw
+        .send_message(&Message::Sync(SyncMessage::Update(update.clone())))
+        .await;
+    match sender.raw.ended(WAIT).await {
+        Ended::Closed { code, reason } => {
+            assert_eq!(code, 1007, "{reason}");
+        }
+        Ended::Dropped => panic!("dropped without a close frame"),
+    }
+    let put = engine
+        .request("PUT", &format!("/v1/data/{doc}"), None, &update)
+        .await;
+    assert_eq!(put.status, 400, "{}", put.text());
+    assert!(
+        put.text().contains("subdocuments are not supported"),
+        "{}",
+        put.text()
+    );
+    bystander.append("after;").await;
+    bystander.wait_until("ack", |c| c.acked_edits() == 2).await;
+    let (stored, _) = stored_text(&sqlite_url(dir.path()), doc).await;
+    assert_eq!(stored, "kept;after;");
+}

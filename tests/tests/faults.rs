@@ -129,7 +129,20 @@ async fn postgres_stopped_under_typing_editors() {
     let health = engine.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
     assert_eq!(health["storage"]["status"], "unavailable", "{health}");
-    assert!(health["reason"].is_string(), "{health}");
+    // The first edit after the stop is what failed: one uncommitted, with its bytes.
+    assert!(
+        health["storage"]["uncommitted_updates"].as_u64() >= Some(1),
+        "{health}"
+    );
+    assert!(
+        health["storage"]["uncommitted_bytes"].as_u64() > Some(0),
+        "{health}"
+    );
+    let reason = health["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("group commits failing") || reason.contains("storage probe failing"),
+        "{health}"
+    );
 
     let started = tokio::time::Instant::now();
     let put = engine
@@ -275,7 +288,19 @@ async fn postgres_stopped_under_typing_editors() {
         "outage of {:?}: heartbeat failed {noticed:?} after the stop, {i} rounds of edits",
         outage()
     );
-    assert!(engine.log().contains("storage unavailable"));
+    // One ERROR when commits started failing, one INFO when they succeeded again.
+    let log = engine.log();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("group commit failed: storage unavailable"),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        count("group commit succeeded: storage available again"),
+        1,
+        "{log}"
+    );
 }
 
 /// A small tmpfs the test mounts (and unmounts when dropped); None without the right to mount.
@@ -373,7 +398,7 @@ async fn sqlite_on_a_full_disk() {
     let health = engine.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
     let problem = health["storage"]["problem"].as_str().unwrap_or_default();
-    assert!(problem.contains("full"), "{health}");
+    assert!(problem.contains("database or disk is full"), "{health}");
     assert!(
         a.acked_edits() < a.edits && b.acked_edits() < b.edits,
         "edits were acknowledged on a full disk"

@@ -177,6 +177,12 @@ async fn deeply_nested_input_is_refused_everywhere_and_hurts_nobody() {
             "{name}: {}",
             response.text()
         );
+        assert_eq!(
+            response.json()["type"],
+            "invalid-update",
+            "{name}: {}",
+            response.text()
+        );
     }
     let rendered = engine
         .request("GET", &format!("/v1/data/{doc}"), Some(&admin), b"")
@@ -467,16 +473,54 @@ async fn a_large_registration_body_is_refused_before_auth() {
         &EngineOptions::default().arg("--service-authtoken", "registration-token-0123"),
     )
     .await;
-    let big = format!(r#"{{"appid":"a","secret":"{}"}}"#, "s".repeat(100_000));
-    let response = synchrony_tests::http(
-        engine.port,
-        "POST",
-        "/synchrony/v1/apps/secret",
-        &[("Content-Type", "application/json")],
-        big.as_bytes(),
-    )
+    let post = |body: String| {
+        let port = engine.port;
+        async move {
+            synchrony_tests::http(
+                port,
+                "POST",
+                "/synchrony/v1/apps/secret",
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    // 16 KiB is the bound: one byte over is refused, a body under it reaches the token check.
+    let sized = |n: usize| {
+        let frame = r#"{"appid":"a","secret":"","auth-token":"wrong"}"#.len();
+        format!(
+            r#"{{"appid":"a","secret":"{}","auth-token":"wrong"}}"#,
+            "s".repeat(n - frame)
+        )
+    };
+    let over = post(sized(16 * 1024 + 1)).await;
+    assert_eq!(over.status, 413, "{}", over.text());
+    // Under it the body is read and judged (here: its secret is too long to register).
+    let under = post(sized(16 * 1024 - 1)).await;
+    assert_eq!(under.status, 400, "{}", under.text());
+    assert_eq!(under.json()["type"], "invalid-request", "{}", under.text());
+    let big = post(format!(
+        r#"{{"appid":"a","secret":"{}"}}"#,
+        "s".repeat(100_000)
+    ))
     .await;
-    assert_eq!(response.status, 413, "{}", response.text());
+    assert_eq!(big.status, 413, "{}", big.text());
+    // Unread: a body announced at 10 MiB is refused after its head and 64 KiB of it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", engine.port))
+        .await
+        .unwrap();
+    let head = "POST /synchrony/v1/apps/secret HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10485760\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let _ = stream.write_all(&vec![b' '; 64 << 10]).await;
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .expect("answered before the body was sent")
+        .unwrap();
+    let line = String::from_utf8_lossy(&answer[..n]);
+    assert!(line.starts_with("HTTP/1.1 413"), "{line}");
 }
 
 /// Floods of health requests and of tokens naming random apps need no database: health reports
@@ -585,5 +629,10 @@ async fn an_update_repeating_a_clients_structs_is_refused_before_yrs_sees_it() {
         .request("PUT", &format!("/v1/data/{doc}"), None, &found)
         .await;
     assert_eq!(put.status, 400, "{}", put.text());
-    assert!(put.text().contains("listed again"), "{}", put.text());
+    // The refusal names the client and the clock its structs are listed again from.
+    let said = put.text();
+    assert!(
+        said.contains("the structs of client ") && said.contains(" are listed again from clock "),
+        "{said}"
+    );
 }

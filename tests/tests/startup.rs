@@ -686,6 +686,20 @@ async fn empty_and_short_secrets_never_count_as_configured() {
             ],
             "cluster.authentication.secret is empty",
         ),
+        (
+            with(&[
+                "--jwt-secret",
+                "a-static-secret-of-32-bytes-or-more",
+                "--cluster-join-type",
+                "tcpip",
+                "--cluster-join-tcpip-members",
+                "127.0.0.1",
+                "--cluster-authentication-secret",
+                "too-short",
+            ]),
+            vec![],
+            "cluster.authentication.secret: is 9 bytes; a secret must be at least 16 bytes: generate one, for example with `openssl rand -hex 32`",
+        ),
     ];
     for (args, env, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
