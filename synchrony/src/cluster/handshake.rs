@@ -19,7 +19,7 @@
 //! replayed first message gets nowhere. A hello from another cluster or version is refused
 //! before any key is used. Each side sends the identity of its database (a row the first
 //! start writes, [`crate::store::StoreIdentity`]) sealed: nodes on different databases refuse
-//! each other (and one of them stops serving, see [`crate::cluster::StoreCheck`]).
+//! each other (and one of them stops serving, see `StoreCheck` in the cluster module).
 
 use synchrony_protocol::peer::{link_version, Hello, NONCE_BYTES, PEER_PROTOCOL_VERSION};
 use yrs::encoding::read::{Cursor, Read};

@@ -6,7 +6,7 @@
 //! odd, the acceptor even, so a stream id says who opened it.
 //!
 //! Before the handshake completes a connection may send only small frames ([`HELLO_MAX`]),
-//! must finish within [`HANDSHAKE_DEADLINE`], and at most [`MAX_HANDSHAKES`] connections may be
+//! must finish within `HANDSHAKE_DEADLINE`, and at most `MAX_HANDSHAKES` connections may be
 //! in that state at once; refusals are logged with the remote address and what it claimed to
 //! be, escaped and cut short, at most every 30 s per address. After it, everything is sealed
 //! ([`super::sealed`]). The reader never waits on a stream: a stream whose consumer is full

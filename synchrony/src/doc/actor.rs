@@ -1,636 +1,38 @@
-//! Documents: one actor task owns each loaded document.
-//!
-//! [`Docs`] is the registry. The first joiner of a document spawns its [`DocActor`]; later
-//! joiners find the same actor, so N simultaneous first joiners cause one load (the actor loads
-//! before it reads its mailbox). Every change to a document goes through its actor: the actor
-//! applies it, encodes the resulting update once and hands the same bytes to every connection
-//! and to the persister.
-//!
-//! Connections receive frames through a bounded [`Outbound`] queue. The actor never waits on a
-//! connection: when a queue is full the connection is marked lagging, its queue is dropped, and
-//! once the connection asks for it, it is resynced from the document's full state (cached, so a
-//! storm of joiners or laggards costs one encoding).
+//! The actor that owns one loaded document: its connections, its yrs document and awareness,
+//! the updates it applies, refuses or hands to the persister, and its life from load to unload.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use super::*;
 
-use bytes::Bytes;
-use synchrony_protocol::{encode_message, ext, CloseCode, DocId, Message, SyncMessage};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use yrs::block::ClientID;
-use yrs::sync::{Awareness, AwarenessUpdate};
-use yrs::updates::decoder::Decode;
-use yrs::updates::encoder::Encode;
-use yrs::{Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Update, WriteTxn};
-
-use crate::config::{CompactionConfig, LimitsConfig, TimingConfig};
-use crate::nesting::{NestingError, NestingIndex};
-use crate::persist::{DurableWatch, Persister, Reservation};
-use crate::store::{LogEntry, Store, StoreError};
-
-/// Commands a document's mailbox holds, at most.
-const MAILBOX_LEN: usize = 256;
-
-/// How long a REST request waits for its document, and for its change to be durable.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-
-/// How often a document with no clients looks whether another node owns it now (then it hands
-/// its state over and unloads without waiting out `doc-idle-secs`).
-const IDLE_RECHECK: Duration = Duration::from_secs(1);
-
-/// How long a document waits for storage where it must (a delete, a rebuild, an unload with
-/// REST callers waiting) before it gives up with "storage unavailable".
-pub const STORAGE_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Awareness client ids one connection may hold states for (a y-websocket client uses one).
-pub const MAX_AWARENESS_IDS: usize = 8;
-/// Largest awareness state (its JSON text) a connection may publish.
-pub const MAX_AWARENESS_STATE_BYTES: usize = 64 * 1024;
-
-/// What the rest of the engine needs to run documents.
-/// Where a document goes when another node owns it now (set by the cluster).
-pub trait Handoff: Send + Sync {
-    /// Whether another node owns `doc` in this node's current view.
-    fn owned_elsewhere(&self, doc: &DocId) -> bool;
-    /// Gives `state` (a sync step 2 frame with the whole document) to the owner, which merges
-    /// it like any client's step 2.
-    fn hand_over(&self, doc: &DocId, state: Bytes);
-}
-
-#[derive(Clone)]
-pub struct DocDeps {
-    /// Set once the node joins a cluster.
-    pub handoff: Arc<std::sync::OnceLock<Arc<dyn Handoff>>>,
-    pub store: Store,
-    pub persister: Persister,
-    pub limits: LimitsConfig,
-    pub timing: TimingConfig,
-    pub compaction: CompactionConfig,
-    /// Bound on the encoded size of all loaded documents (`synchrony.memory.max`).
-    pub memory_max: u64,
-    pub cancel: CancellationToken,
-    pub tracker: TaskTracker,
-    /// Maintenance locks (`{ctx}/v1/hub-lock-state`): locked documents refuse edits.
-    pub locks: Arc<crate::locks::Locks>,
-    pub metrics: Arc<DocMetrics>,
-}
-
-/// What documents count for `GET {ctx}/metrics`.
-pub struct DocMetrics {
-    /// Seconds to load a document from storage.
-    pub load_seconds: prometheus_client::metrics::histogram::Histogram,
-    /// Seconds from an update's frame arriving to its broadcast being queued for every other
-    /// client (mailbox wait, checks, integration and fan-out).
-    pub broadcast_seconds: prometheus_client::metrics::histogram::Histogram,
-    /// Full states sent to clients that fell behind (or whose route moved).
-    pub resyncs: prometheus_client::metrics::counter::Counter,
-}
-
-impl Default for DocMetrics {
-    fn default() -> Self {
-        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-        Self {
-            // 0.5 ms to about 8 s.
-            load_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
-            // 50 µs to about 1.6 s.
-            broadcast_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            resyncs: Default::default(),
-        }
-    }
-}
-
-impl DocDeps {
-    /// Dependencies for documents on `store` with `config`'s limits and timers, a persister of
-    /// their own and no engine around them: for tests and fuzzing.
-    pub fn standalone(store: Store, config: &crate::config::ServeConfig) -> Self {
-        let tracker = TaskTracker::new();
-        let persister = Persister::spawn(
-            store.clone(),
-            config.timing.flush_window(),
-            CancellationToken::new(),
-            &tracker,
-        );
-        Self {
-            handoff: Arc::default(),
-            store,
-            persister,
-            limits: config.limits.clone(),
-            timing: config.timing.clone(),
-            compaction: config.compaction.clone(),
-            memory_max: config.managed.memory_max,
-            locks: Arc::default(),
-            metrics: Arc::default(),
-            cancel: CancellationToken::new(),
-            tracker,
-        }
-    }
-}
-
-/// Shared between a connection's session task and the actor that feeds it.
-pub struct OutboundState {
-    /// Bytes queued and not yet taken by the session.
-    queued_bytes: AtomicUsize,
-    /// The budget for `queued_bytes` (`synchrony.outbound.queue.bytes`).
-    max_bytes: usize,
-    /// Length of the one frame of at least `max_bytes` in the queue (0: none): a document's
-    /// state may be larger than the budget and is allowed on top of it, once at a time.
-    oversized: AtomicUsize,
-    /// Set by the actor when it dropped frames for this connection.
-    lagged: AtomicBool,
-    /// A close the actor asks the session to perform.
-    close: Mutex<Option<(CloseCode, String)>>,
-    /// Wakes the session for `lagged` or `close`.
-    pub notify: Notify,
-}
-
-impl OutboundState {
-    /// Accounts for a frame the session took off the queue.
-    pub fn taken(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-        if len >= self.max_bytes {
-            self.oversized.store(0, Ordering::Release);
-        }
-    }
-
-    /// The close the actor asked for, if any.
-    pub fn take_close(&self) -> Option<(CloseCode, String)> {
-        self.close.lock().ok().and_then(|mut c| c.take())
-    }
-
-    /// Whether the actor dropped frames; clears the flag.
-    pub fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
-    }
-
-    fn request_close(&self, code: CloseCode, reason: &str) {
-        if let Ok(mut close) = self.close.lock() {
-            close.get_or_insert((code, reason.to_owned()));
-        }
-        self.notify.notify_one();
-    }
-}
-
-/// The actor's side of a connection's outbound queue.
-#[derive(Clone)]
-pub struct Outbound {
-    tx: mpsc::Sender<Bytes>,
-    state: Arc<OutboundState>,
-    max_bytes: usize,
-}
-
-impl Outbound {
-    /// Whether the session has gone.
-    fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Creates the queue; the receiver belongs to the session.
-    pub fn new(limits: &LimitsConfig) -> (Self, mpsc::Receiver<Bytes>, Arc<OutboundState>) {
-        let (tx, rx) = mpsc::channel(limits.outbound_queue_messages.max(4));
-        let state = Arc::new(OutboundState {
-            queued_bytes: AtomicUsize::new(0),
-            max_bytes: limits.outbound_queue_bytes,
-            oversized: AtomicUsize::new(0),
-            lagged: AtomicBool::new(false),
-            close: Mutex::new(None),
-            notify: Notify::new(),
-        });
-        let out = Self {
-            tx,
-            state: state.clone(),
-            max_bytes: limits.outbound_queue_bytes,
-        };
-        (out, rx, state)
-    }
-
-    /// [`Outbound::push`], for a cluster route relaying the owner's frames.
-    pub(crate) fn push_frame(&self, frame: &Bytes) -> bool {
-        self.push(frame)
-    }
-
-    /// Asks the session to close its client.
-    pub(crate) fn request_close(&self, code: CloseCode, reason: &str) {
-        self.state.request_close(code, reason);
-    }
-
-    /// Queues a frame without waiting. Returns false (and marks the connection lagging) when
-    /// the queue is over its bounds.
-    fn push(&self, frame: &Bytes) -> bool {
-        if self.state.lagged.load(Ordering::Acquire) {
-            return false;
-        }
-        let queued = self.state.queued_bytes.load(Ordering::Acquire);
-        let oversized = self.state.oversized.load(Ordering::Acquire);
-        // The budget bounds the backlog of ordinary frames. One frame at least as large as the
-        // budget (a big document's state, sent on join or resync) is allowed on top of it, so
-        // it reaches a client even with small messages queued around it; a second one while
-        // the first is still queued means the client is not reading.
-        let large = frame.len() >= self.max_bytes;
-        let fits = if large {
-            oversized == 0 && queued.saturating_sub(oversized) < self.max_bytes
-        } else {
-            queued.saturating_sub(oversized).saturating_add(frame.len()) <= self.max_bytes
-        };
-        if fits {
-            // Counted before the frame is in the queue: counted after, the session could take
-            // it (and subtract its length) first, and another producer (a cluster route pushes
-            // beside the actor) would read the wrapped-around count.
-            self.state
-                .queued_bytes
-                .fetch_add(frame.len(), Ordering::AcqRel);
-            if large {
-                self.state.oversized.store(frame.len(), Ordering::Release);
-            }
-            if self.tx.try_send(frame.clone()).is_ok() {
-                return true;
-            }
-            self.state.taken(frame.len());
-        }
-        self.state.lagged.store(true, Ordering::Release);
-        self.state.notify.notify_one();
-        false
-    }
-}
-
-/// A connection joining a document.
-#[derive(Clone)]
-pub struct JoinRequest {
-    pub conn_id: u64,
-    pub out: Outbound,
-    /// The client asked for "persisted through N" acknowledgements.
-    pub wants_persisted_ack: bool,
-    /// The token grants read access only: updates are refused.
-    pub read_only: bool,
-    /// The token's `session` claim (name, avatar), shown to hosts as who is connected.
-    pub session: Option<serde_json::Value>,
-    /// Where broadcasts (others' updates and awareness) go, if not to `out`: a cluster route
-    /// attached to a local actor has them pushed straight to its client, and keeps `out` for
-    /// what is meant for this connection alone (the handshake, acknowledgements, resyncs).
-    pub broadcast_to: Option<Outbound>,
-    /// The previous owner handing the state over (a cluster hand-over), not a client: a
-    /// maintenance lock does not refuse it.
-    pub handover: bool,
-}
-
-pub enum DocCommand {
-    Join {
-        request: JoinRequest,
-        reply: oneshot::Sender<Result<(), JoinError>>,
-    },
-    /// A decoded message from a connection, and when its frame arrived.
-    Message {
-        conn_id: u64,
-        message: Message,
-        received: std::time::Instant,
-    },
-    /// The connection's session emptied its queue after lagging: send it the full state.
-    Resync {
-        conn_id: u64,
-    },
-    /// Stop sending the connection broadcasts: another connection of its node carries them.
-    Quiet {
-        conn_id: u64,
-    },
-    Leave {
-        conn_id: u64,
-    },
-    /// The document's state, for the REST API.
-    Read {
-        /// Also return the text of this root.
-        text_root: Option<String>,
-        /// As XML (a rich-text root) rather than plain text.
-        xml: bool,
-        reply: oneshot::Sender<DocRead>,
-    },
-    /// Applies an update from outside the editor; answered once it is durable.
-    Apply {
-        update: Vec<u8>,
-        reply: oneshot::Sender<Result<(), DocError>>,
-    },
-    /// Replaces the content of a text or rich-text root in one transaction; answered once
-    /// durable.
-    ResetText {
-        root: String,
-        content: ResetContent,
-        reply: oneshot::Sender<Result<(), DocError>>,
-    },
-    /// Makes the document hold what `state` (a named version's) holds, in one transaction that
-    /// editors see as an ordinary change; answered once durable.
-    Restore {
-        /// The version's content, decoded off the document's task ([`decode_version`]).
-        version: yrs::Doc,
-        /// Its stored size.
-        bytes: usize,
-        reply: oneshot::Sender<Result<(), DocError>>,
-    },
-    /// Deletes the document and its history (with `versions`, its named versions too); its
-    /// clients are closed with 4404 and `reason`.
-    Delete {
-        versions: bool,
-        reason: &'static str,
-        reply: oneshot::Sender<Result<(), DocError>>,
-    },
-}
-
-/// A document's state as the REST API shows it.
-#[derive(Debug, Clone)]
-pub struct DocRead {
-    /// The whole state as a Yjs v1 update.
-    pub update: Vec<u8>,
-    /// Each root type as JSON (texts as strings, maps as objects, arrays as arrays).
-    pub json: serde_json::Value,
-    /// The text (or XML) of the requested root, or why that root has none.
-    pub text: Option<Result<String, String>>,
-    /// The `session` claims of connected clients.
-    pub sessions: Vec<serde_json::Value>,
-}
-
-/// What a reset writes.
-#[derive(Debug, Clone)]
-pub enum ResetContent {
-    /// Into a text root.
-    Text(String),
-    /// Into a rich-text (`Y.XmlFragment`) root; `bytes` is the size of the XML it came from.
-    Xml {
-        nodes: Vec<crate::roots::XmlNode>,
-        bytes: usize,
-    },
-}
-
-/// Why a REST change was refused.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum DocError {
-    #[error("invalid update: {0}")]
-    InvalidUpdate(String),
-    #[error("the document would pass the size limit")]
-    TooLarge,
-    #[error("storage failed")]
-    Storage,
-    /// A change meant for one type of root aimed at a root of another.
-    #[error("{0}")]
-    WrongRoot(String),
-    /// A maintenance lock holds the document (`{ctx}/v1/hub-lock-state`).
-    #[error("the document is locked for maintenance; edits are refused until the lock ends")]
-    Locked,
-}
-
-/// The permission-denied reason a client's edit to a locked document gets (Synchrony's error
-/// type, then words for people).
-pub const LOCKED_REASON: &str = "hub.error/locked: the document is locked for maintenance";
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum JoinError {
-    #[error("server busy (memory bound reached or document being deleted); try again")]
-    Busy,
-    /// What storage holds for the document cannot be read back (corrupt): retrying will not
-    /// help until an operator looks.
-    #[error("document could not be loaded")]
-    LoadFailed,
-    /// Storage did not answer the load (down, or slower than the deadline): try again.
-    #[error("storage unavailable: the document could not be read; try again")]
-    LoadUnavailable,
-    #[error("server is shutting down")]
-    ShuttingDown,
-    #[error("storage unavailable and the commit queue full; try again")]
-    StorageUnavailable,
-    #[error("the document did not answer in time; try again")]
-    Timeout,
-    #[error("the node has not joined its cluster yet; try again")]
-    NotJoined,
-}
-
-#[derive(Clone)]
-struct DocHandle {
-    tx: mpsc::Sender<DocCommand>,
-    generation: u64,
-}
-
-/// The registry of loaded documents.
-pub struct Docs {
-    loaded: Mutex<HashMap<DocId, DocHandle>>,
-    next_generation: AtomicU64,
-    deps: DocDeps,
-    /// Loads from storage, for observability and the single-flight test.
-    loads: AtomicU64,
-    /// Encoded size of all loaded documents, as their actors report it.
-    resident: AtomicU64,
-}
-
-/// Where a connection's traffic for a document goes.
-#[derive(Clone)]
-pub struct DocLink {
-    tx: mpsc::Sender<DocCommand>,
-}
-
-impl DocLink {
-    /// A link whose commands go to `tx` (a cluster route stands in for the actor).
-    pub(crate) fn from_sender(tx: mpsc::Sender<DocCommand>) -> Self {
-        Self { tx }
-    }
-
-    /// Forwards a command; false when the document actor is gone.
-    pub async fn send(&self, command: DocCommand) -> bool {
-        self.tx.send(command).await.is_ok()
-    }
-
-    /// Forwards a command without waiting: Err(Some(command)) when the mailbox is full,
-    /// Err(None) when the actor is gone.
-    pub fn try_send(&self, command: DocCommand) -> Result<(), Option<DocCommand>> {
-        self.tx.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(command) => Some(command),
-            mpsc::error::TrySendError::Closed(_) => None,
-        })
-    }
-
-    /// Waits for room in the mailbox; None when the actor is gone.
-    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, DocCommand>> {
-        self.tx.reserve().await.ok()
-    }
-}
-
-impl Docs {
-    pub fn new(deps: DocDeps) -> Arc<Self> {
-        Arc::new(Self {
-            loaded: Mutex::new(HashMap::new()),
-            next_generation: AtomicU64::new(1),
-            deps,
-            loads: AtomicU64::new(0),
-            resident: AtomicU64::new(0),
-        })
-    }
-
-    /// What documents run with.
-    pub fn deps(&self) -> &DocDeps {
-        &self.deps
-    }
-
-    /// Whether `doc` is loaded here (someone has it open, or had it lately).
-    pub fn is_loaded(&self, doc: &DocId) -> bool {
-        self.loaded
-            .lock()
-            .map(|m| m.get(doc).is_some_and(|h| !h.tx.is_closed()))
-            .unwrap_or(false)
-    }
-
-    pub fn loaded_count(&self) -> usize {
-        self.loaded.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn load_count(&self) -> u64 {
-        self.loads.load(Ordering::Relaxed)
-    }
-
-    /// The persister documents hand their updates to.
-    pub fn persister(&self) -> &Persister {
-        &self.deps.persister
-    }
-
-    /// Encoded bytes of all loaded documents.
-    pub fn resident_bytes(&self) -> u64 {
-        self.resident.load(Ordering::Relaxed)
-    }
-
-    /// Joins a connection to a document, loading it if needed.
-    pub async fn join(
-        self: &Arc<Self>,
-        doc: &DocId,
-        request: JoinRequest,
-    ) -> Result<DocLink, JoinError> {
-        // Nothing a joiner wrote could be accepted: say so now rather than let it edit in vain.
-        if self.deps.persister.reserve(1).is_none() {
-            return Err(JoinError::StorageUnavailable);
-        }
-        loop {
-            if self.deps.cancel.is_cancelled() {
-                return Err(JoinError::ShuttingDown);
-            }
-            let handle = self.handle(doc)?;
-            let (reply, answer) = oneshot::channel();
-            let join = DocCommand::Join {
-                request: request.clone(),
-                reply,
-            };
-            if handle.tx.send(join).await.is_err() {
-                // The actor is unloading; once it is forgotten the next handle is a new actor.
-                self.forget(doc, handle.generation);
-                continue;
-            }
-            match answer.await {
-                Ok(Ok(())) => return Ok(DocLink { tx: handle.tx }),
-                Ok(Err(e)) => return Err(e),
-                // Dropped unanswered: the actor unloaded with our request in its mailbox.
-                Err(_) if self.deps.cancel.is_cancelled() => return Err(JoinError::ShuttingDown),
-                Err(_) => {}
-            }
-        }
-    }
-
-    /// Sends a REST command to the document's actor (loading it if needed) and awaits the
-    /// answer, for at most [`REQUEST_DEADLINE`] (a change not yet durable then is still
-    /// committed once storage takes it; the caller hears 503 and may send it again).
-    pub async fn request<T>(
-        self: &Arc<Self>,
-        doc: &DocId,
-        make: impl Fn(oneshot::Sender<T>) -> DocCommand,
-    ) -> Result<T, JoinError> {
-        tokio::time::timeout(REQUEST_DEADLINE, self.request_unbounded(doc, make))
-            .await
-            .unwrap_or(Err(JoinError::Timeout))
-    }
-
-    async fn request_unbounded<T>(
-        self: &Arc<Self>,
-        doc: &DocId,
-        make: impl Fn(oneshot::Sender<T>) -> DocCommand,
-    ) -> Result<T, JoinError> {
-        for _ in 0..100 {
-            if self.deps.cancel.is_cancelled() {
-                return Err(JoinError::ShuttingDown);
-            }
-            let handle = self.handle(doc)?;
-            let (reply, answer) = oneshot::channel();
-            if handle.tx.send(make(reply)).await.is_err() {
-                self.forget(doc, handle.generation);
-                continue;
-            }
-            match answer.await {
-                Ok(value) => return Ok(value),
-                // Dropped by a live actor: handling it failed (and the document was rebuilt).
-                // Sending it again could fail the same way.
-                Err(_) if !handle.tx.is_closed() => return Err(JoinError::Busy),
-                // The actor went away with our command (unloaded, deleted or failed to load).
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-        Err(JoinError::Busy)
-    }
-
-    fn handle(self: &Arc<Self>, doc: &DocId) -> Result<DocHandle, JoinError> {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = loaded.get(doc) {
-            if !handle.tx.is_closed() {
-                return Ok(handle.clone());
-            }
-        }
-        // Past the memory bound, documents already loaded carry on; new ones wait.
-        if self.resident_bytes() >= self.deps.memory_max {
-            tracing::warn!(doc_id = %doc, resident = self.resident_bytes(), "memory bound (synchrony.memory.max) reached; refusing to load");
-            return Err(JoinError::Busy);
-        }
-        let (tx, rx) = mpsc::channel(MAILBOX_LEN);
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let handle = DocHandle { tx, generation };
-        loaded.insert(doc.clone(), handle.clone());
-        let actor = DocActor::new(doc.clone(), generation, self.clone());
-        self.deps.tracker.spawn(actor.run(rx));
-        Ok(handle)
-    }
-
-    /// Removes the registry entry of one actor generation (never a newer one).
-    fn forget(&self, doc: &DocId, generation: u64) {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if loaded.get(doc).is_some_and(|h| h.generation == generation) {
-            loaded.remove(doc);
-        }
-    }
-}
-
-struct Conn {
-    out: Outbound,
+pub(super) struct Conn {
+    pub(super) out: Outbound,
     /// Awareness client ids this connection controls; removed when it leaves.
-    awareness_ids: HashSet<ClientID>,
-    wants_ack: bool,
-    read_only: bool,
+    pub(super) awareness_ids: HashSet<ClientID>,
+    pub(super) wants_ack: bool,
+    pub(super) read_only: bool,
     /// A previous owner handing the state over: not refused under a lock.
-    handover: bool,
-    session: Option<serde_json::Value>,
+    pub(super) handover: bool,
+    pub(super) session: Option<serde_json::Value>,
     /// Update-bearing messages received from this connection.
-    received: u64,
+    pub(super) received: u64,
     /// (document sequence that must be durable, received count it acknowledges).
-    pending_acks: VecDeque<(u64, u64)>,
+    pub(super) pending_acks: VecDeque<(u64, u64)>,
     /// The last acknowledgement queued; re-sent on resync since the queue may have dropped it.
-    last_acked: u64,
+    pub(super) last_acked: u64,
     /// The count of the first update refused while the document was locked: no
     /// acknowledgement reaches it (the client would take its edit for stored) until a sync
     /// step 2 from the client, which holds everything it has that the document lacks, is in.
-    acks_held_from: Option<u64>,
-    resyncs: VecDeque<Instant>,
+    pub(super) acks_held_from: Option<u64>,
+    pub(super) resyncs: VecDeque<Instant>,
     /// Receives broadcasts (others' updates and awareness). A cluster route turns it off once
     /// its node's subscription carries them (see `cluster::relay`).
-    broadcasts: bool,
+    pub(super) broadcasts: bool,
     /// Where they go when not to `out` (see [`JoinRequest::broadcast_to`]).
-    broadcast_to: Option<Outbound>,
+    pub(super) broadcast_to: Option<Outbound>,
 }
 
 impl Conn {
     /// Acknowledges, in one message, every update of this connection durable at `durable`.
-    fn ack_through(&mut self, durable: u64) {
+    pub(super) fn ack_through(&mut self, durable: u64) {
         let mut acked = None;
         let held = self.acks_held_from;
         while self
@@ -649,15 +51,15 @@ impl Conn {
 
 /// Frames derived from the current document state, dropped on every change.
 #[derive(Default)]
-struct StateCache {
-    full_state: Option<Bytes>,
-    step1: Option<Bytes>,
+pub(super) struct StateCache {
+    pub(super) full_state: Option<Bytes>,
+    pub(super) step1: Option<Bytes>,
     /// The last diff computed, keyed by the state vector it answered.
-    last_diff: Option<(Vec<u8>, Bytes)>,
+    pub(super) last_diff: Option<(Vec<u8>, Bytes)>,
 }
 
 /// Why an update was not applied.
-enum Rejection {
+pub(super) enum Rejection {
     Invalid(String),
     /// Nested deeper than `synchrony.max.nesting.depth`.
     TooDeep(String),
@@ -684,51 +86,51 @@ impl From<NestingError> for Rejection {
     }
 }
 
-struct DocActor {
-    id: DocId,
-    generation: u64,
-    docs: Arc<Docs>,
-    awareness: Awareness,
-    conns: HashMap<u64, Conn>,
-    cache: StateCache,
+pub(super) struct DocActor {
+    pub(super) id: DocId,
+    pub(super) generation: u64,
+    pub(super) docs: Arc<Docs>,
+    pub(super) awareness: Awareness,
+    pub(super) conns: HashMap<u64, Conn>,
+    pub(super) cache: StateCache,
     /// Approximate encoded size, for the document size limit.
-    approx_bytes: usize,
+    pub(super) approx_bytes: usize,
     /// How deeply the document's types nest; deeper updates are refused before yrs sees them.
-    nesting: NestingIndex,
+    pub(super) nesting: NestingIndex,
     /// Which connection holds each awareness client id: nobody else may change or remove it.
-    awareness_owners: HashMap<ClientID, u64>,
+    pub(super) awareness_owners: HashMap<ClientID, u64>,
     /// Sequence number of the last update handed to the persister.
-    submitted: u64,
-    durable: DurableWatch,
-    durable_rx: watch::Receiver<u64>,
+    pub(super) submitted: u64,
+    pub(super) durable: DurableWatch,
+    pub(super) durable_rx: watch::Receiver<u64>,
     /// Log rows and bytes written since the last compaction.
-    log_rows: u64,
-    log_bytes: u64,
+    pub(super) log_rows: u64,
+    pub(super) log_bytes: u64,
     /// Compact once this sequence number is durable.
-    compact_at: Option<u64>,
-    compacting: Arc<AtomicBool>,
+    pub(super) compact_at: Option<u64>,
+    pub(super) compacting: Arc<AtomicBool>,
     /// REST changes waiting for durability: (sequence, reply).
-    waiting: Vec<(u64, oneshot::Sender<Result<(), DocError>>)>,
+    pub(super) waiting: Vec<(u64, oneshot::Sender<Result<(), DocError>>)>,
     /// Set by a delete or a failed rebuild: the actor stops and handles nothing more.
-    stopped: bool,
+    pub(super) stopped: bool,
     /// This document's share of the registry's resident total.
-    residency: Residency,
+    pub(super) residency: Residency,
     /// Changes to the maintenance locks, watched while `refused_locked` is set.
-    locks_rx: watch::Receiver<u64>,
+    pub(super) locks_rx: watch::Receiver<u64>,
     /// An edit was refused because the document was locked: when the lock ends, every client
     /// is sent a sync step 1 so that what it kept comes in.
-    refused_locked: bool,
+    pub(super) refused_locked: bool,
 }
 
 /// A document's share of the registry's resident total, given back when its actor ends however
 /// it ends: a panicking actor used to leave its size counted against `synchrony.memory.max`.
-struct Residency {
-    docs: Arc<Docs>,
-    reported: u64,
+pub(super) struct Residency {
+    pub(super) docs: Arc<Docs>,
+    pub(super) reported: u64,
 }
 
 impl Residency {
-    fn set(&mut self, bytes: u64) {
+    pub(super) fn set(&mut self, bytes: u64) {
         if bytes > self.reported {
             self.docs
                 .resident
@@ -748,12 +150,12 @@ impl Drop for Residency {
     }
 }
 
-fn frame(message: &Message) -> Bytes {
+pub(super) fn frame(message: &Message) -> Bytes {
     Bytes::from(encode_message(message))
 }
 
 impl DocActor {
-    fn new(id: DocId, generation: u64, docs: Arc<Docs>) -> Self {
+    pub(super) fn new(id: DocId, generation: u64, docs: Arc<Docs>) -> Self {
         let (durable, durable_rx) = watch::channel(0);
         let limit = docs.deps.limits.max_nesting_depth;
         let residency = Residency {
@@ -786,18 +188,18 @@ impl DocActor {
         }
     }
 
-    fn deps(&self) -> &DocDeps {
+    pub(super) fn deps(&self) -> &DocDeps {
         &self.docs.deps
     }
 
     /// Brings the registry's resident total up to date with this document's size.
-    fn account(&mut self) {
+    pub(super) fn account(&mut self) {
         self.residency.set(self.approx_bytes as u64);
     }
 
     /// Handles a command; a panic in it (yrs on client data, most likely) closes the connection
     /// that sent it and rebuilds the document from storage instead of ending the actor.
-    async fn handle_contained(&mut self, command: DocCommand) {
+    pub(super) async fn handle_contained(&mut self, command: DocCommand) {
         use futures_util::FutureExt;
         let conn_id = match &command {
             DocCommand::Message { conn_id, .. }
@@ -825,7 +227,7 @@ impl DocActor {
     /// Whether `extra` more bytes fit under the document size limit. The running estimate only
     /// grows with each update; near the limit it is replaced by the real encoded size, so that
     /// content deleted since makes room again (paste-and-delete cycles ended in a false 4413).
-    fn fits(&mut self, extra: usize) -> bool {
+    pub(super) fn fits(&mut self, extra: usize) -> bool {
         let max = self.deps().limits.max_doc_bytes;
         if self.approx_bytes.saturating_add(extra) <= max {
             return true;
@@ -836,7 +238,7 @@ impl DocActor {
     }
 
     #[tracing::instrument(name = "doc", skip_all, fields(doc_id = %self.id))]
-    async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<DocCommand>) {
         let loading = Instant::now();
         let loaded = self.load().await;
         self.deps()
@@ -971,7 +373,7 @@ impl DocActor {
         tracing::debug!("document unloaded");
     }
 
-    async fn load(&mut self) -> Result<(), StoreError> {
+    pub(super) async fn load(&mut self) -> Result<(), StoreError> {
         let stored = self.deps().store.load(&self.id).await?;
         self.docs.loads.fetch_add(1, Ordering::Relaxed);
         self.log_rows = stored.updates.len() as u64;
@@ -1038,7 +440,7 @@ impl DocActor {
         Ok(())
     }
 
-    async fn handle(&mut self, command: DocCommand) {
+    pub(super) async fn handle(&mut self, command: DocCommand) {
         match command {
             DocCommand::Join { request, reply } => {
                 let conn = Conn {
@@ -1221,7 +623,7 @@ impl DocActor {
     /// Records, broadcasts and persists a change the actor made itself (a reset, a restore),
     /// answering `reply` once it is durable. Its content came from a parser or a stored version
     /// that passed the nesting limit, so recording its nesting cannot fail.
-    fn publish_own_change(
+    pub(super) fn publish_own_change(
         &mut self,
         update: Vec<u8>,
         before: &StateVector,
@@ -1243,7 +645,7 @@ impl DocActor {
     }
 
     /// Publishes a REST change and answers its caller once everything up to it is durable.
-    fn publish_and_answer(
+    pub(super) fn publish_and_answer(
         &mut self,
         outcome: Applied,
         reply: oneshot::Sender<Result<(), DocError>>,
@@ -1255,7 +657,7 @@ impl DocActor {
 
     /// Fans an applied update out to every connection but its origin and hands it to the
     /// persister.
-    fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
+    pub(super) fn publish(&mut self, outcome: Applied, origin: Option<u64>) {
         if let Some(update) = outcome.broadcast {
             let f = frame(&Message::Sync(SyncMessage::Update(update)));
             self.broadcast(&f, if outcome.echo { None } else { origin });
@@ -1265,7 +667,7 @@ impl DocActor {
         }
     }
 
-    fn read(&mut self, text_root: Option<&str>, xml: bool) -> DocRead {
+    pub(super) fn read(&mut self, text_root: Option<&str>, xml: bool) -> DocRead {
         let mut read = read_state(self.awareness.doc(), text_root, xml);
         read.sessions = self
             .conns
@@ -1278,7 +680,7 @@ impl DocActor {
     /// Commits what is queued, removes the stored document, then closes every client with 4404.
     /// Until storage has deleted it, nobody is told it is gone: a failed delete leaves the
     /// document and its editors as they were.
-    async fn delete(&mut self, versions: bool, reason: &str) -> Result<(), DocError> {
+    pub(super) async fn delete(&mut self, versions: bool, reason: &str) -> Result<(), DocError> {
         if !self.flush_within_deadline().await {
             return Err(DocError::Storage);
         }
@@ -1313,7 +715,12 @@ impl DocActor {
         Ok(())
     }
 
-    async fn on_message(&mut self, conn_id: u64, message: Message, received: std::time::Instant) {
+    pub(super) async fn on_message(
+        &mut self,
+        conn_id: u64,
+        message: Message,
+        received: std::time::Instant,
+    ) {
         if !self.conns.contains_key(&conn_id) {
             return;
         }
@@ -1346,7 +753,7 @@ impl DocActor {
         }
     }
 
-    async fn on_update(
+    pub(super) async fn on_update(
         &mut self,
         conn_id: u64,
         raw: Vec<u8>,
@@ -1456,13 +863,13 @@ impl DocActor {
     }
 
     /// Whether a maintenance lock holds the document still.
-    fn locked(&self) -> bool {
+    pub(super) fn locked(&self) -> bool {
         self.deps().locks.is_locked(self.id.as_str())
     }
 
     /// The locks changed after an edit was refused: once none holds the document, ask every
     /// client for what it has that the document lacks (the refused edits).
-    fn on_unlocked(&mut self) {
+    pub(super) fn on_unlocked(&mut self) {
         if self.locked() {
             return;
         }
@@ -1478,7 +885,7 @@ impl DocActor {
     /// document is locked). One that adds nothing (the step 2 every client sends after syncing)
     /// is ignored; anything else gets the permission-denied message with `reason`. Some(true)
     /// when the update held something; None when it was invalid and the client was closed.
-    fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> Option<bool> {
+    pub(super) fn refuse(&mut self, conn_id: u64, raw: &[u8], reason: &str) -> Option<bool> {
         let held = self.awareness.doc().transact().state_vector();
         if let Err(error) = self.nesting.check(raw, &held) {
             let reason = match Rejection::from(error) {
@@ -1525,7 +932,7 @@ impl DocActor {
     /// Applies a client's update. `persist` is what goes to the log: the update this
     /// transaction produced, or the raw bytes when some structs wait for missing predecessors
     /// (the transaction's update would leave them out).
-    fn apply(&mut self, raw: &[u8]) -> Result<Applied, Rejection> {
+    pub(super) fn apply(&mut self, raw: &[u8]) -> Result<Applied, Rejection> {
         if !self.fits(raw.len()) {
             return Err(Rejection::TooLarge);
         }
@@ -1595,7 +1002,7 @@ impl DocActor {
     }
 
     /// Hands an update to the persister, in the room reserved for it: never waits.
-    fn persist(&mut self, update: Vec<u8>, reservation: Reservation) {
+    pub(super) fn persist(&mut self, update: Vec<u8>, reservation: Reservation) {
         self.submitted += 1;
         self.log_rows += 1;
         self.log_bytes += update.len() as u64;
@@ -1608,7 +1015,7 @@ impl DocActor {
 
     /// Waits (at most [`STORAGE_DEADLINE`]) until everything queued so far is committed; false
     /// if it was not.
-    async fn flush_within_deadline(&self) -> bool {
+    pub(super) async fn flush_within_deadline(&self) -> bool {
         match tokio::time::timeout(STORAGE_DEADLINE, self.deps().persister.flush()).await {
             Ok(Ok(())) => true,
             Ok(Err(_)) => {
@@ -1623,7 +1030,7 @@ impl DocActor {
     }
 
     /// Sends acknowledgements that became true and starts a compaction when the log is long.
-    fn on_durable(&mut self) {
+    pub(super) fn on_durable(&mut self) {
         let durable = *self.durable_rx.borrow_and_update();
         for conn in self.conns.values_mut() {
             conn.ack_through(durable);
@@ -1648,7 +1055,7 @@ impl DocActor {
         }
     }
 
-    fn spawn_compaction(&mut self) {
+    pub(super) fn spawn_compaction(&mut self) {
         if self.compacting.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -1668,7 +1075,7 @@ impl DocActor {
         });
     }
 
-    fn on_awareness(&mut self, conn_id: u64, mut update: AwarenessUpdate) {
+    pub(super) fn on_awareness(&mut self, conn_id: u64, mut update: AwarenessUpdate) {
         if let Some((code, reason)) = self.awareness_refusal(conn_id, &update) {
             tracing::warn!(
                 conn_id,
@@ -1727,7 +1134,7 @@ impl DocActor {
     /// Why an awareness update closes its connection, if it does: states that are not JSON
     /// (JavaScript clients JSON.parse every state, so one bad string would break all of them),
     /// nest too deeply, are too large, or would give the connection too many client ids.
-    fn awareness_refusal(
+    pub(super) fn awareness_refusal(
         &self,
         conn_id: u64,
         update: &AwarenessUpdate,
@@ -1759,7 +1166,7 @@ impl DocActor {
         ))
     }
 
-    fn leave(&mut self, conn_id: u64) {
+    pub(super) fn leave(&mut self, conn_id: u64) {
         let Some(conn) = self.conns.remove(&conn_id) else {
             return;
         };
@@ -1784,14 +1191,14 @@ impl DocActor {
         }
     }
 
-    fn close(&mut self, conn_id: u64, code: CloseCode, reason: &str) {
+    pub(super) fn close(&mut self, conn_id: u64, code: CloseCode, reason: &str) {
         if let Some(conn) = self.conns.get(&conn_id) {
             conn.out.state.request_close(code, reason);
         }
         self.leave(conn_id);
     }
 
-    fn broadcast(&mut self, f: &Bytes, except: Option<u64>) {
+    pub(super) fn broadcast(&mut self, f: &Bytes, except: Option<u64>) {
         let mut gone = false;
         for (id, conn) in &self.conns {
             if Some(*id) != except && conn.broadcasts {
@@ -1806,7 +1213,7 @@ impl DocActor {
 
     /// Forgets connections whose session is gone without saying so (a joiner that gave up
     /// waiting just as it was admitted).
-    fn prune_closed(&mut self) {
+    pub(super) fn prune_closed(&mut self) {
         let closed: Vec<u64> = self
             .conns
             .iter()
@@ -1818,7 +1225,7 @@ impl DocActor {
         }
     }
 
-    fn resync(&mut self, conn_id: u64) {
+    pub(super) fn resync(&mut self, conn_id: u64) {
         let limit = self.deps().limits.max_resyncs_per_minute;
         let now = Instant::now();
         let Some(conn) = self.conns.get_mut(&conn_id) else {
@@ -1866,7 +1273,7 @@ impl DocActor {
     /// After yrs failed mid-update the in-memory document is suspect: wait until every accepted
     /// update is durable, then reload from storage. Connected clients keep their state; they
     /// have seen only accepted updates, all of which are in storage.
-    async fn rebuild(&mut self) {
+    pub(super) async fn rebuild(&mut self) {
         // Reloading before everything accepted is durable would drop those updates from the
         // live document (they were broadcast, so nobody would send them again).
         let reason = if !self.flush_within_deadline().await {
@@ -1895,7 +1302,7 @@ impl DocActor {
 
     /// When a document without clients next looks whether to unload: when its idle time runs
     /// out, and in a cluster at least every [`IDLE_RECHECK`].
-    fn next_look(&self, idle_until: Option<Instant>, now: Instant) -> Option<Instant> {
+    pub(super) fn next_look(&self, idle_until: Option<Instant>, now: Instant) -> Option<Instant> {
         let recheck = self.deps().handoff.get().map(|_| now + IDLE_RECHECK);
         match (idle_until, recheck) {
             (Some(idle), Some(recheck)) => Some(idle.min(recheck)),
@@ -1903,14 +1310,14 @@ impl DocActor {
         }
     }
 
-    fn owned_elsewhere(&self) -> bool {
+    pub(super) fn owned_elsewhere(&self) -> bool {
         self.deps()
             .handoff
             .get()
             .is_some_and(|h| h.owned_elsewhere(&self.id))
     }
 
-    fn full_state(&mut self) -> Bytes {
+    pub(super) fn full_state(&mut self) -> Bytes {
         if let Some(f) = &self.cache.full_state {
             return f.clone();
         }
@@ -1925,7 +1332,7 @@ impl DocActor {
         f
     }
 
-    fn step1(&mut self) -> Bytes {
+    pub(super) fn step1(&mut self) -> Bytes {
         if let Some(f) = &self.cache.step1 {
             return f.clone();
         }
@@ -1937,7 +1344,7 @@ impl DocActor {
 
     /// Step 2 for a client at `sv`; the empty state vector (every new joiner) and a repeated
     /// one (a reconnect storm) are answered from the cache.
-    fn diff_for(&mut self, sv: &StateVector) -> Bytes {
+    pub(super) fn diff_for(&mut self, sv: &StateVector) -> Bytes {
         if sv.is_empty() {
             return self.full_state();
         }
@@ -1958,253 +1365,20 @@ impl DocActor {
     }
 }
 
-/// JSON for a root type. Roots that arrived only through updates have no declared type yet;
-/// their content decides (a map if it has keys, else text if it reads as text, else an array).
-/// What the REST API shows of a document (no sessions): its state as an update, its roots as
-/// JSON and, when asked, one root's text or XML (or why it has none).
-pub fn read_state(ydoc: &yrs::Doc, text_root: Option<&str>, xml: bool) -> DocRead {
-    let txn = ydoc.transact();
-    let text = text_root.map(|name| {
-        let found = if xml {
-            crate::roots::xml(&txn, name)
-        } else {
-            crate::roots::plain_text(&txn, name)
-        };
-        found.ok_or_else(|| {
-            let kind = crate::roots::kind(&txn, name).describe();
-            match xml {
-                true => format!("root {name:?} is {kind}, not rich text: it has no XML"),
-                false => format!("root {name:?} is {kind}, not text"),
-            }
-        })
-    });
-    let mut json = serde_json::Map::new();
-    for (name, value) in txn.root_refs() {
-        json.insert(name.to_owned(), root_json(&value, &txn));
-    }
-    DocRead {
-        update: txn.encode_state_as_update_v1(&StateVector::default()),
-        json: serde_json::Value::Object(json),
-        text,
-        sessions: Vec::new(),
-    }
-}
-
-fn root_json<T: ReadTxn>(value: &yrs::Out, txn: &T) -> serde_json::Value {
-    use yrs::types::ToJson;
-    let any = match value {
-        yrs::Out::UndefinedRef(branch) => {
-            let map = yrs::MapRef::from(*branch);
-            let text = yrs::TextRef::from(*branch);
-            let array = yrs::ArrayRef::from(*branch);
-            if map.len(txn) > 0 {
-                map.to_json(txn)
-            } else if !text.get_string(txn).is_empty() || array.len(txn) == 0 {
-                yrs::Any::from(text.get_string(txn))
-            } else {
-                array.to_json(txn)
-            }
-        }
-        other => other.to_json(txn),
-    };
-    serde_json::to_value(&any).unwrap_or(serde_json::Value::Null)
-}
-
 /// Encodes what a document holds pending (structs waiting for predecessors). yrs merges its
 /// pending update into every state it encodes, and for some malformed pending structs (fuzzing
 /// found them) that merge panics: the document could then never be encoded again, for any
 /// joiner, even after a reload from storage. Called under `catch_unwind` right after an update
 /// leaves something pending, so that such an update is refused before it is kept; the encoding
 /// against the full state vector holds little beyond the pending part.
-fn check_pending<T: ReadTxn>(txn: &T) {
+pub(super) fn check_pending<T: ReadTxn>(txn: &T) {
     let _ = txn.encode_state_as_update_v1(&txn.state_vector());
 }
 
-struct Applied {
-    broadcast: Option<Vec<u8>>,
+pub(super) struct Applied {
+    pub(super) broadcast: Option<Vec<u8>>,
     /// Send the broadcast to the origin as well.
-    echo: bool,
+    pub(super) echo: bool,
     /// What goes to the log, with the queue room reserved for it.
-    persist: Option<(Vec<u8>, Reservation)>,
-}
-
-/// A stored version's state as a document of its own, for [`DocCommand::Restore`]: decoded and
-/// applied on a blocking thread, so a large version never holds up the page's own task.
-pub async fn decode_version(state: Vec<u8>) -> Result<yrs::Doc, DocError> {
-    let decoded = tokio::task::spawn_blocking(move || {
-        let version = yrs::Doc::new();
-        let applied = catch_unwind(|| Update::decode_v1(&state))
-            .map_err(|_| "the stored version could not be decoded".to_owned())
-            .and_then(|decoded| decoded.map_err(|e| e.to_string()))
-            .and_then(|update| {
-                version
-                    .transact_mut()
-                    .apply_update(update)
-                    .map_err(|e| e.to_string())
-            });
-        applied.map(|()| version)
-    })
-    .await
-    .unwrap_or_else(|_| Err("the stored version could not be decoded".to_owned()));
-    decoded.map_err(|error| {
-        tracing::error!(%error, "a stored version is unreadable");
-        DocError::InvalidUpdate(error)
-    })
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    async fn docs() -> (tempfile::TempDir, Arc<Docs>) {
-        let (dir, store) = crate::store::temp_sqlite().await;
-        let config = crate::config::ServeConfig::default();
-        (dir, Docs::new(DocDeps::standalone(store, &config)))
-    }
-
-    /// A cluster route pushes into a client's queue beside the document actor. The count of
-    /// queued bytes must never wrap around while the session takes frames: it did when frames
-    /// were counted after they were queued, and the next push overflowed (a panic in the actor,
-    /// the client closed with 1011).
-    #[test]
-    fn two_producers_and_a_consumer_keep_the_queue_count_exact() {
-        let config = crate::config::ServeConfig::default();
-        let (out, mut rx, state) = Outbound::new(&config.limits);
-        let producers: Vec<_> = (0..2)
-            .map(|_| {
-                let out = out.clone();
-                std::thread::spawn(move || {
-                    let frame = Bytes::from(vec![7u8; 100]);
-                    let mut sent = 0;
-                    while sent < 300_000 {
-                        if out.push(&frame) {
-                            sent += 1;
-                        } else {
-                            std::thread::yield_now();
-                            out.state.lagged.store(false, Ordering::Release);
-                        }
-                    }
-                })
-            })
-            .collect();
-        let consumer = std::thread::spawn(move || {
-            let mut taken = 0;
-            while taken < 600_000 {
-                match rx.try_recv() {
-                    Ok(frame) => {
-                        state.taken(frame.len());
-                        taken += 1;
-                    }
-                    Err(_) => std::thread::yield_now(),
-                }
-            }
-            state
-        });
-        for producer in producers {
-            producer.join().expect("no producer panicked");
-        }
-        let state = consumer.join().expect("the consumer finished");
-        assert_eq!(state.queued_bytes.load(Ordering::Acquire), 0);
-    }
-
-    /// A maintenance lock refuses clients' edits, not state moving between owners: a previous
-    /// owner's hand-over (its whole state as a sync step 2) is merged while the page is locked.
-    /// Refused, the new owner would go on without what the old one accepted after it loaded.
-    #[tokio::test]
-    async fn a_locked_document_takes_a_hand_over_and_refuses_a_client() {
-        let (_dir, docs) = docs().await;
-        docs.deps.locks.insert(
-            "maintenance",
-            crate::locks::Held {
-                scope: crate::locks::Scope::All,
-                expires_at: crate::store::now_millis() + 600_000,
-            },
-        );
-        let id = DocId::parse("locked/page").unwrap();
-        let limits = crate::config::ServeConfig::default().limits;
-        let state_with = |client: u64, s: &str| {
-            let doc = yrs::Doc::with_client_id(client);
-            let text = doc.get_or_insert_text("t");
-            text.insert(&mut doc.transact_mut(), 0, s);
-            let update = doc
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default());
-            update
-        };
-        let cases = [
-            (
-                1,
-                false,
-                Message::Sync(SyncMessage::Update(state_with(11, "client "))),
-            ),
-            (
-                2,
-                true,
-                Message::Sync(SyncMessage::SyncStep2(state_with(12, "handed over"))),
-            ),
-        ];
-        for (conn_id, handover, message) in cases {
-            let (out, mut rx, _state) = Outbound::new(&limits);
-            let request = JoinRequest {
-                conn_id,
-                out,
-                wants_persisted_ack: false,
-                read_only: false,
-                session: None,
-                broadcast_to: None,
-                handover,
-            };
-            let handle = docs.join(&id, request).await.expect("joins");
-            let received = std::time::Instant::now();
-            assert!(
-                handle
-                    .send(DocCommand::Message {
-                        conn_id,
-                        message,
-                        received
-                    })
-                    .await
-            );
-            let (reply, answer) = oneshot::channel();
-            let read = DocCommand::Read {
-                text_root: Some("t".into()),
-                xml: false,
-                reply,
-            };
-            assert!(handle.send(read).await);
-            let read = answer.await.expect("the document answers");
-            let expected = if handover { "handed over" } else { "" };
-            assert_eq!(
-                read.text,
-                Some(Ok(expected.to_owned())),
-                "handover: {handover}"
-            );
-            // The client heard why its edit was refused; the hand-over heard nothing of it.
-            let mut refused = false;
-            while let Ok(frame) = rx.try_recv() {
-                refused |= String::from_utf8_lossy(&frame).contains("hub.error/locked");
-            }
-            assert_eq!(refused, !handover, "handover: {handover}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_document_that_ends_in_a_panic_gives_back_its_resident_bytes() {
-        let (_dir, docs) = docs().await;
-        let actor = DocActor::new(DocId::parse("p").unwrap(), 1, docs.clone());
-        let task = tokio::spawn(async move {
-            let mut actor = actor;
-            actor.approx_bytes = 12_345;
-            actor.account();
-            assert_eq!(actor.docs.resident_bytes(), 12_345);
-            panic!("yrs misbehaved");
-        });
-        assert!(task.await.is_err());
-        assert_eq!(
-            docs.resident_bytes(),
-            0,
-            "the panicked actor's size still counts"
-        );
-    }
+    pub(super) persist: Option<(Vec<u8>, Reservation)>,
 }
