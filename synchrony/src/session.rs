@@ -198,9 +198,7 @@ pub async fn run(
                 if state.take_lagged() {
                     engine.metrics.lagged.inc();
                     // Drop the stale queue; the resync brings the full state instead.
-                    while let Ok(f) = out_rx.try_recv() {
-                        state.taken(f.len());
-                    }
+                    state.discard_queued(&mut out_rx);
                     // One resync waiting is enough: it brings the whole state.
                     let waiting = pending.iter().any(|c| matches!(c, DocCommand::Resync { .. }));
                     if !waiting && !forward(&link, &mut pending, DocCommand::Resync { conn_id }) {
@@ -225,8 +223,7 @@ pub async fn run(
                     let (mut frames, mut bytes) = (1, frame.len());
                     feed_binary(&mut sink, frame).await?;
                     while bytes < WRITE_BATCH_BYTES {
-                        let Ok(next) = out_rx.try_recv() else { break };
-                        state.taken(next.len());
+                        let Some(next) = state.try_take(&mut out_rx) else { break };
                         frames += 1;
                         bytes += next.len();
                         feed_binary(&mut sink, next).await?;

@@ -121,9 +121,7 @@ pub(crate) async fn serve(
                     break;
                 }
                 if state.take_lagged() {
-                    while let Ok(frame) = out_rx.try_recv() {
-                        state.taken(frame.len());
-                    }
+                    state.discard_queued(&mut out_rx);
                     if !doc_link.send(DocCommand::Resync { conn_id }).await {
                         link.send(closing(CloseCode::SERVICE_RESTART, "document closed".into())).await;
                         break;
@@ -465,9 +463,7 @@ async fn hear(target: &mut Target) -> Heard {
                         return Heard::Close(code, reason);
                     }
                     if state.take_lagged() {
-                        while let Ok(frame) = rx.try_recv() {
-                            state.taken(frame.len());
-                        }
+                        state.discard_queued(rx);
                         return Heard::Lagged;
                     }
                     // A spurious wake: nothing to do, the caller loops.

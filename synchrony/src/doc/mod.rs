@@ -481,6 +481,23 @@ mod tests {
         }
     }
 
+    /// Every way a session takes frames off its queue gives their bytes back: a lagging
+    /// connection's discarded backlog too (a missed `taken` would shrink its budget for good).
+    #[test]
+    fn frames_taken_or_discarded_give_their_bytes_back() {
+        let config = crate::config::ServeConfig::default();
+        let (out, mut rx, state) = Outbound::new(&config.limits);
+        for _ in 0..3 {
+            assert!(out.push(&Bytes::from(vec![1u8; 1000])));
+        }
+        assert_eq!(state.queued_bytes.load(Ordering::Acquire), 3000);
+        assert_eq!(state.try_take(&mut rx).map(|f| f.len()), Some(1000));
+        assert_eq!(state.queued_bytes.load(Ordering::Acquire), 2000);
+        state.discard_queued(&mut rx);
+        assert_eq!(state.queued_bytes.load(Ordering::Acquire), 0);
+        assert!(state.try_take(&mut rx).is_none());
+    }
+
     #[tokio::test]
     async fn a_document_that_ends_in_a_panic_gives_back_its_resident_bytes() {
         let (_dir, docs) = docs().await;

@@ -30,6 +30,19 @@ impl OutboundState {
         }
     }
 
+    /// The next frame already queued, if any, accounted for as taken.
+    pub fn try_take(&self, rx: &mut mpsc::Receiver<Bytes>) -> Option<Bytes> {
+        let frame = rx.try_recv().ok()?;
+        self.taken(frame.len());
+        Some(frame)
+    }
+
+    /// Empties a lagging connection's queue (the resync that follows brings the whole state),
+    /// giving every frame's bytes back to the budget.
+    pub fn discard_queued(&self, rx: &mut mpsc::Receiver<Bytes>) {
+        while self.try_take(rx).is_some() {}
+    }
+
     /// The close the actor asked for, if any.
     pub fn take_close(&self) -> Option<(CloseCode, String)> {
         self.close.lock().ok().and_then(|mut c| c.take())
