@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 
@@ -77,12 +77,7 @@ pub struct Gate {
 /// How long a token waits for a decryption slot before it is refused.
 const DECRYPTION_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
+pub use crate::util::clock::unix_secs as unix_now;
 
 impl Gate {
     pub fn new(config: &AuthConfig, store: Store) -> Result<Self, ConfigError> {

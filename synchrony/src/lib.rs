@@ -49,6 +49,7 @@ pub mod strangers;
 pub mod supervisor;
 pub mod testing;
 pub mod upgrade;
+pub mod util;
 pub mod versions;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

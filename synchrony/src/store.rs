@@ -13,7 +13,7 @@
 //! fan-out latency at 12,000 updates/s in `loadtest`).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor, Row};
@@ -136,12 +136,7 @@ pub struct StoreIdentity {
     pub created_ms: i64,
 }
 
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub use crate::util::clock::unix_ms as now_millis;
 
 impl Store {
     /// Connects to `url` (`sqlite://path`, `postgres://...`). Does not migrate.

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -90,13 +90,6 @@ pub struct Status {
     pub last_problem: Option<String>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// A running supervisor.
 pub struct Supervisor {
     status: watch::Receiver<Status>,
@@ -109,7 +102,7 @@ impl ExitInfo {
         Self {
             code: exit.and_then(|e| e.code()),
             signal: exit.and_then(|e| std::os::unix::process::ExitStatusExt::signal(&e)),
-            at_ms: now_ms(),
+            at_ms: crate::util::clock::unix_ms().unsigned_abs(),
         }
     }
 
@@ -263,7 +256,7 @@ async fn run(config: SupervisorConfig, status: watch::Sender<Status>, stop: Canc
 fn rand_unit() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
+    h.write_u64(crate::util::clock::unix_ms().unsigned_abs());
     (h.finish() % 10_000) as f64 / 10_000.0
 }
 

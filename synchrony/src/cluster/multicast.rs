@@ -95,10 +95,6 @@ fn decode(secret: &[u8], datagram: &[u8]) -> Option<Announcement> {
     })
 }
 
-fn now_ms() -> u64 {
-    crate::store::now_millis().max(0) as u64
-}
-
 /// Opens the multicast socket: bound to the group's port (shared, so that several nodes of one
 /// machine can listen), joined to the group on the interface, sending with the TTL.
 fn open(settings: &MulticastSettings) -> std::io::Result<tokio::net::UdpSocket> {
@@ -150,7 +146,7 @@ pub(crate) async fn run(cluster: Arc<Cluster>, settings: MulticastSettings) {
                     cluster: cluster.settings.name.clone(),
                     node: cluster.me().to_owned(),
                     peer_addr: cluster.settings.peer_addr.clone(),
-                    sent_ms: now_ms(),
+                    sent_ms: crate::util::clock::unix_ms().unsigned_abs(),
                 });
                 match socket.send_to(&datagram, target).await {
                     Ok(_) => warned = false,
@@ -167,7 +163,7 @@ pub(crate) async fn run(cluster: Arc<Cluster>, settings: MulticastSettings) {
                     tracing::debug!(%from, "multicast datagram that is not a member's announcement ignored");
                     continue;
                 };
-                let age = now_ms().abs_diff(heard.sent_ms);
+                let age = crate::util::clock::unix_ms().unsigned_abs().abs_diff(heard.sent_ms);
                 if heard.cluster != cluster.settings.name || age > MAX_AGE.as_millis() as u64 {
                     continue;
                 }

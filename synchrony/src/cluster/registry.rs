@@ -19,7 +19,7 @@
 //! makes no linked member dead (see [`super::membership`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use redis::aio::ConnectionManager;
@@ -39,11 +39,7 @@ fn keys(cluster: &Cluster) -> (String, String) {
     (format!("{prefix}:members"), format!("{prefix}:addrs"))
 }
 
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+use crate::util::clock::unix_ms;
 
 fn entry_mac(secret: &[u8], cluster: &str, id: &str, addr: &str, expiry: i64) -> Hmac<Sha256> {
     // An HMAC key may have any length: `new_from_slice` cannot fail.

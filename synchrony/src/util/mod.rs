@@ -1,0 +1,3 @@
+//! Small helpers every layer may use; nothing here imports the rest of the engine.
+
+pub mod clock;
