@@ -549,6 +549,24 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
+    /// The Unix-socket URL nodes in other namespaces use, checked by connecting as this test's
+    /// user; None (with the skip recorded, saying why) where there is none or it refuses.
+    pub async fn usable_socket_url(&self) -> Option<String> {
+        let Some(url) = self.socket_url().await else {
+            skip(Lacking::PostgresSocket, "PostgreSQL has no Unix socket");
+            return None;
+        };
+        // The socket may ask for another authentication than TCP does (Debian's `peer`).
+        if let Err(error) = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await {
+            skip(
+                Lacking::PostgresSocket,
+                &format!("it refuses this test's user: {error}"),
+            );
+            return None;
+        }
+        Some(url)
+    }
+
     /// The database URL over PostgreSQL's Unix socket, which a node in another network namespace
     /// reaches as well as the test does; None when the server has no socket.
     pub async fn socket_url(&self) -> Option<String> {
@@ -835,14 +853,7 @@ impl YClient {
     /// ([`YClient::reconnect`] then brings it).
     pub async fn try_append(&mut self, s: &str) -> bool {
         let update = self.append_locally(s);
-        let sent = self
-            .raw
-            .try_send(&Message::Sync(SyncMessage::Update(update)))
-            .await;
-        if sent {
-            self.record_sent();
-        }
-        sent
+        self.try_send_update(update).await
     }
 
     /// Opens a new connection to `doc` on `engine` keeping this client's document, as an editor

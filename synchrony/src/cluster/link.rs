@@ -575,31 +575,21 @@ pub(crate) async fn accept_loop(cluster: Arc<Cluster>, listener: TcpListener) {
             );
             continue;
         };
-        let slot = match handshakes.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) if cluster.is_member_ip(remote.ip()) => {
-                match member_handshakes.clone().try_acquire_owned() {
-                    Ok(slot) => slot,
-                    Err(_) => {
-                        refusals.log(
-                            remote,
-                            &Refusal::from(format!(
-                                "{MAX_HANDSHAKES} handshakes are already in progress"
-                            )),
-                        );
-                        continue;
-                    }
-                }
+        let slot = handshakes.clone().try_acquire_owned().or_else(|full| {
+            if cluster.is_member_ip(remote.ip()) {
+                member_handshakes.clone().try_acquire_owned()
+            } else {
+                Err(full)
             }
-            Err(_) => {
-                refusals.log(
-                    remote,
-                    &Refusal::from(format!(
-                        "{MAX_HANDSHAKES} handshakes are already in progress"
-                    )),
-                );
-                continue;
-            }
+        });
+        let Ok(slot) = slot else {
+            refusals.log(
+                remote,
+                &Refusal::from(format!(
+                    "{MAX_HANDSHAKES} handshakes are already in progress"
+                )),
+            );
+            continue;
         };
         let cluster = cluster.clone();
         let tracker = cluster.tracker.clone();
